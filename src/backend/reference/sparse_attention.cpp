@@ -1,0 +1,151 @@
+// Reference loops for the sparse-attention (MoBA) ops of the contract: KV-cache append with chunk means,
+// top-k chunk attention (spec model.md §5) and the optional official eviction policy (§7.4).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "backend/reference/reference_backend.h"
+
+namespace rwkvx::ref {
+namespace {
+
+// Fills the means of chunks [from, len / chunk).
+void update_chunk_means(KvCache& c, int64_t from) {
+  const int64_t C = c.k.row_size();
+  c.n_chunks = c.len / c.chunk;
+  for (int64_t n = from; n < c.n_chunks; ++n) {
+    for (int64_t ch = 0; ch < C; ++ch) {
+      double sum = 0;
+      for (int64_t s = n * c.chunk; s < (n + 1) * c.chunk; ++s) sum += c.k.f32()[s * C + ch];
+      c.chunk_mean.f32()[n * C + ch] = float(sum / double(c.chunk));
+    }
+  }
+}
+
+}  // namespace
+
+void ReferenceBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) {
+  const int64_t T = k.rows(), C = k.row_size();
+  RWKVX_ASSERT(chunk > 0 && (cache.len == 0 || cache.chunk == chunk), "kv_append: chunk size changed");
+  cache.chunk = chunk;
+  const int64_t need = cache.len + T;
+  const int64_t cap = cache.k.empty() ? 0 : cache.k.rows();
+  if (need > cap) {
+    int64_t new_cap = std::max<int64_t>(need, 2 * cap);
+    new_cap = (new_cap + chunk - 1) / chunk * chunk;
+    Tensor nk = alloc(DType::f32, {new_cap, C}), nv = alloc(DType::f32, {new_cap, C});
+    Tensor nm = alloc(DType::f32, {new_cap / chunk, C});
+    if (cache.len > 0) {
+      std::memcpy(nk.data, cache.k.data, size_t(cache.len * C) * 4);
+      std::memcpy(nv.data, cache.v.data, size_t(cache.len * C) * 4);
+      std::memcpy(nm.data, cache.chunk_mean.data, size_t(cache.n_chunks * C) * 4);
+    }
+    cache.k = nk;
+    cache.v = nv;
+    cache.chunk_mean = nm;
+  }
+  std::memcpy(cache.k.f32() + cache.len * C, k.data, size_t(T * C) * 4);
+  std::memcpy(cache.v.f32() + cache.len * C, v.data, size_t(T * C) * 4);
+  cache.len = need;
+  update_chunk_means(cache, cache.n_chunks);
+}
+
+void ReferenceBackend::sparse_attention(const Tensor& q, const KvCache& cache, const SparseAttnParams& p,
+                                        Tensor& out) {
+  const int64_t T = q.rows(), C = q.row_size(), D = p.head_dim, H = C / D, c = cache.chunk;
+  const int64_t first = cache.len - T;
+  RWKVX_ASSERT(first >= 0 && C % D == 0, "sparse_attention: queries exceed the cache");
+  const double scale = 1.0 / std::sqrt(double(D));
+  std::vector<double> score, logit;
+  std::vector<int64_t> order, keys;
+  std::vector<double> acc(static_cast<size_t>(D));
+  for (int64_t t = first; t < cache.len; ++t) {
+    const int64_t j = t / c;
+    RWKVX_ASSERT(j <= cache.n_chunks, "sparse_attention: chunk means missing");
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q.f32() + (t - first) * C + h * D;
+      // Gate: score every complete past chunk by q · mean(k) in fp32 inputs, double accumulation.
+      score.assign(size_t(j), 0.0);
+      for (int64_t n = 0; n < j; ++n) {
+        const float* m = cache.chunk_mean.f32() + n * C + h * D;
+        double s = 0;
+        for (int64_t d = 0; d < D; ++d) s += double(qh[d]) * m[d];
+        score[size_t(n)] = s;
+      }
+      order.resize(size_t(j));
+      std::iota(order.begin(), order.end(), 0);
+      const int64_t n_sel = std::min<int64_t>(p.top_k - 1, j);
+      std::partial_sort(order.begin(), order.begin() + n_sel, order.end(), [&](int64_t a, int64_t b) {
+        return score[size_t(a)] != score[size_t(b)] ? score[size_t(a)] > score[size_t(b)] : a < b;
+      });
+      keys.clear();
+      for (int64_t i = 0; i < n_sel; ++i)
+        for (int64_t s = order[size_t(i)] * c; s < (order[size_t(i)] + 1) * c; ++s) keys.push_back(s);
+      for (int64_t s = j * c; s <= t; ++s) keys.push_back(s);
+      // One softmax over the union of the selected chunks and the causal own chunk.
+      logit.resize(keys.size());
+      double mx = -INFINITY;
+      for (size_t i = 0; i < keys.size(); ++i) {
+        const float* kr = cache.k.f32() + keys[i] * C + h * D;
+        double s = 0;
+        for (int64_t d = 0; d < D; ++d) s += double(qh[d]) * kr[d];
+        logit[i] = s * scale;
+        mx = std::max(mx, logit[i]);
+      }
+      double denom = 0;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (size_t i = 0; i < keys.size(); ++i) {
+        const double e = std::exp(logit[i] - mx);
+        denom += e;
+        const float* vr = cache.v.f32() + keys[i] * C + h * D;
+        for (int64_t d = 0; d < D; ++d) acc[size_t(d)] += e * vr[d];
+      }
+      float* o = out.f32() + (t - first) * C + h * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = float(acc[size_t(d)] / denom);
+    }
+  }
+}
+
+void ReferenceBackend::kv_evict(KvCache& cache, const Tensor& q, const KvEvictionParams& e,
+                                const SparseAttnParams& p) {
+  const int64_t L = cache.len;
+  if (e.max_len <= 0 || L <= e.max_len || L <= e.min_len || L <= e.window) return;
+  const int64_t C = cache.k.row_size(), D = p.head_dim, H = C / D, T = q.rows();
+  const int64_t past = L - e.window, keep = std::min(e.min_len - e.window, past);
+  const double scale = 1.0 / std::sqrt(double(D));
+  Tensor nk = alloc(DType::f32, {cache.k.rows(), C}), nv = alloc(DType::f32, {cache.k.rows(), C});
+  std::vector<double> votes(static_cast<size_t>(past)), logit(static_cast<size_t>(past));
+  std::vector<int64_t> order(static_cast<size_t>(past));
+  for (int64_t h = 0; h < H; ++h) {
+    std::fill(votes.begin(), votes.end(), 0.0);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* qh = q.f32() + t * C + h * D;
+      double mx = -INFINITY, denom = 0;
+      for (int64_t s = 0; s < past; ++s) {
+        const float* kr = cache.k.f32() + s * C + h * D;
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += double(qh[d]) * kr[d];
+        logit[size_t(s)] = dot * scale;
+        mx = std::max(mx, logit[size_t(s)]);
+      }
+      for (int64_t s = 0; s < past; ++s) denom += (logit[size_t(s)] = std::exp(logit[size_t(s)] - mx));
+      for (int64_t s = 0; s < past; ++s) votes[size_t(s)] += logit[size_t(s)] / denom;
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return votes[size_t(a)] > votes[size_t(b)]; });
+    // This head's columns: the kept rows in descending-vote order, then the recent window in order.
+    for (int64_t r = 0; r < keep + e.window; ++r) {
+      const int64_t src = r < keep ? order[size_t(r)] : past + (r - keep);
+      std::memcpy(nk.f32() + r * C + h * D, cache.k.f32() + src * C + h * D, size_t(D) * 4);
+      std::memcpy(nv.f32() + r * C + h * D, cache.v.f32() + src * C + h * D, size_t(D) * 4);
+    }
+  }
+  cache.k = nk;
+  cache.v = nv;
+  cache.len = keep + e.window;
+  update_chunk_means(cache, 0);
+}
+
+}  // namespace rwkvx::ref

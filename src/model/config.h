@@ -1,0 +1,56 @@
+// The model description: configuration inferred from a checkpoint's tensor names and shapes, the
+// tensors each architecture requires, and the block execution order (spec model.md §1.3–1.4).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backend/ops.h"
+#include "model/formats/tensor_store.h"
+
+namespace rwkvx {
+
+enum class ArchKind { rwkv7, rwkvx };
+
+// Load-time options that are not stored in checkpoints.
+struct ModelOptions {
+  int chunk = 2048;            // sparse-attention chunk size (official default)
+  int top_k = 3;               // chunks per query, own chunk included (official default)
+  KvEvictionParams eviction;   // off unless eviction.max_len > 0
+};
+
+struct BlockRef {
+  enum class Kind { rwkv, sparse } kind;
+  int index;  // RWKV block i or sparse block m
+};
+
+struct ModelConfig {
+  ArchKind arch = ArchKind::rwkv7;
+  std::string prefix;  // "" for plain RWKV-7 names, "rwkv." for RWKV-X
+  int64_t n_vocab = 0, n_embd = 0, n_head = 0, head_size = 0, n_ffn = 0;
+  int64_t n_rwkv = 0, n_sparse = 0;
+  int64_t dim_w = 0, dim_a = 0, dim_v = 0, dim_g = 0;  // low-rank widths
+  SparseAttnParams sparse;
+  KvEvictionParams eviction;
+  std::vector<BlockRef> exec_order;
+  int64_t n_params = 0;
+
+  std::string block_order_str() const;  // e.g. "R0 R1 M0 R2 R3 M1"
+  std::string describe() const;         // multi-line human summary
+};
+
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  bool vector_like = false;  // [1,1,C] coefficients: any shape with numel C and last dim C is accepted
+};
+
+// Infers and validates the configuration: every required tensor present with its shape, no unknown
+// tensors, a block layout the official code would run whole. Throws rwkvx::Error naming the file and
+// tensor at fault.
+ModelConfig infer_config(const TensorStore& store, const ModelOptions& options);
+
+// Every tensor of the architecture with its expected shape, in a stable order.
+std::vector<TensorSpec> expected_tensors(const ModelConfig& cfg);
+
+}  // namespace rwkvx

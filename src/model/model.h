@@ -1,0 +1,53 @@
+// A loaded RWKV-7 or RWKV-X model on one backend: configuration, weights and the forward pass.
+// The RWKV-7 block math is in rwkv7.cpp, the sparse-attention block in sparse_block.cpp, and the
+// layer schedule in model.cpp.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "backend/ops.h"
+#include "model/config.h"
+#include "model/state.h"
+#include "model/weights.h"
+
+namespace rwkvx {
+
+enum class LogitsMode { none, last, all };
+
+class Model {
+ public:
+  // Loads a .pth or .safetensors checkpoint; throws rwkvx::Error naming the file and tensor at fault.
+  static std::unique_ptr<Model> load(const std::string& path, const ModelOptions& options, Backend& backend);
+  static std::unique_ptr<Model> from_store(const TensorStore& store, const ModelOptions& options, Backend& backend);
+
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() const { return *be_; }
+  const ModelWeights& weights() const { return w_; }
+
+  // A zeroed state for `n_slots` sequences.
+  State new_state(int n_slots = 1) const;
+  // Resets one slot to the start of a sequence.
+  void reset_slot(State& state, int slot) const;
+
+  // Runs the rows of `ids` (grouped by `batch`) through the model, advancing each sequence's state.
+  // Returns logits [rows, V] for LogitsMode::all, [n_seq, V] (last row of each sequence) for ::last, or
+  // an empty tensor for ::none. Token ids are checked first: a bad id throws and leaves the state as it was.
+  Tensor forward(const int32_t* ids, const SeqBatch& batch, State& state, LogitsMode mode) const;
+
+ private:
+  Model(ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(&be) {}
+  ModelConfig cfg_;
+  Backend* be_;
+  ModelWeights w_;
+};
+
+// Block bodies (rwkv7.cpp, sparse_block.cpp). `x` is the block input after its LayerNorm, `out` receives
+// the residual update. State tensors are the block's own.
+void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg, const Tensor& x, Tensor& shift,
+                    Tensor& wkv, const SeqBatch& batch, Tensor& v_first, bool first_block, Tensor& out);
+void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x, Tensor& shift,
+                       const SeqBatch& batch, Tensor& out);
+void sparse_attention_block(Backend& be, const SparseBlockWeights& w, const ModelConfig& cfg, const Tensor& x,
+                            std::vector<KvCache>& caches, const SeqBatch& batch, Tensor& out);
+
+}  // namespace rwkvx

@@ -1,0 +1,79 @@
+// RWKV-7 time mix and channel mix: the one place to read the RWKV-7 block math (spec model.md §3–4).
+// Each step is a call on the backend op contract (src/backend/ops.h), so the same code runs on every
+// backend; the step numbers match the spec.
+#include "model/model.h"
+
+namespace rwkvx {
+
+// GroupNorm epsilon of ln_x: 1e-5 · head_size_divisor² with the official divisor 8.
+constexpr float kLnXEps = 64e-5f;
+
+void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg, const Tensor& x, Tensor& shift,
+                    Tensor& wkv, const SeqBatch& batch, Tensor& v_first, bool first_block, Tensor& out) {
+  const int64_t T = x.rows(), C = cfg.n_embd;
+  const int N = int(cfg.head_size);
+  auto act = [&](int64_t cols) { return be.alloc(DType::f32, {T, cols}); };
+
+  // 1. Token shift: each projection sees a lerp between x_t and x_{t-1}.
+  Tensor delta = act(C);
+  be.token_shift(x, shift, batch, delta);
+  Tensor xr = act(C), xw = act(C), xk = act(C), xv = act(C), xa = act(C), xg = act(C);
+  be.shift_mix(x, delta, w.x_r, xr);
+  be.shift_mix(x, delta, w.x_w, xw);
+  be.shift_mix(x, delta, w.x_k, xk);
+  be.shift_mix(x, delta, w.x_v, xv);
+  be.shift_mix(x, delta, w.x_a, xa);
+  be.shift_mix(x, delta, w.x_g, xg);
+
+  // 2. Projections: r, k, v are full Linear layers; decay, learning rate and gate are low-rank.
+  Tensor r = act(C), k = act(C), v = act(C);
+  be.linear(xr, w.receptance, r);
+  be.linear(xk, w.key, k);
+  be.linear(xv, w.value, v);
+  Tensor decay = act(C), lr = act(C), gate = act(C);
+  Tensor hw = act(cfg.dim_w), ha = act(cfg.dim_a), hg = act(cfg.dim_g);
+  be.matmul(xw, w.w1, hw);
+  be.tanh_(hw);
+  be.matmul(hw, w.w2, decay);  // wl; becomes w in step 6
+  be.matmul(xa, w.a1, ha);
+  be.matmul(ha, w.a2, lr);     // becomes a = σ(a0 + ·)
+  be.matmul(xg, w.g1, hg);
+  be.sigmoid_(hg);
+  be.matmul(hg, w.g2, gate);   // g = σ(x_g g1) g2
+
+  // 3, 4, 6. Decay, learning rate, normalised removal key kk (α = -kk, β = kk ⊙ a), modified k.
+  Tensor alpha = act(C), beta = act(C);
+  be.rwkv7_wkv_inputs(decay, lr, k, alpha, beta, w.w0, w.a0, w.k_k, w.k_a, N);
+
+  // 5. Value residual: block 0 publishes its v; later blocks mix towards it.
+  if (first_block) {
+    be.copy(v, v_first);
+  } else {
+    Tensor hv = act(cfg.dim_v), vgate = act(C);
+    be.matmul(xv, w.v1, hv);
+    be.matmul(hv, w.v2, vgate);
+    be.rwkv7_value_residual(v, v_first, vgate, w.v0);
+  }
+
+  // 7. WKV-7 recurrence over the sequence, carrying the fp32 state.
+  Tensor y = act(C);
+  be.wkv7(r, decay, k, v, alpha, beta, wkv, batch, y, N);
+
+  // 8–10. Per-head GroupNorm, bonus (r·k·r_k) v, output gate, output projection.
+  be.rwkv7_output(y, r, k, v, w.r_k, gate, w.ln_x.weight, w.ln_x.bias, kLnXEps, N);
+  be.linear(y, w.output, out);
+}
+
+void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x, Tensor& shift,
+                       const SeqBatch& batch, Tensor& out) {
+  const int64_t T = x.rows(), C = x.row_size(), F = w.key.rows();
+  Tensor delta = be.alloc(DType::f32, {T, C}), kx = be.alloc(DType::f32, {T, C});
+  be.token_shift(x, shift, batch, delta);
+  be.shift_mix(x, delta, w.x_k, kx);
+  Tensor h = be.alloc(DType::f32, {T, F});
+  be.linear(kx, w.key, h);
+  be.relu_square_(h);
+  be.linear(h, w.value, out);
+}
+
+}  // namespace rwkvx

@@ -1,0 +1,13 @@
+// Registration hooks for the rwkvx CLI subcommands: main.cpp calls one register_*_commands per
+// tools/cli/cmd_*.cpp file, each of which adds its subcommands (with descriptions and callbacks) to the app.
+#pragma once
+
+namespace CLI {
+class App;
+}
+
+// tokenize / detokenize (cmd_tokenize.cpp, spec §1).
+void register_tokenize_commands(CLI::App& app);
+
+// logits / info (cmd_model.cpp).
+void register_model_commands(CLI::App& app);
