@@ -1,0 +1,24 @@
+// Random-weight checkpoints with the official tensor names: for tests (fresh models beyond the golden
+// ones) and `rwkvx init`. Values are drawn from a portable generator, so a seed gives the same file on
+// every platform.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/config.h"
+#include "model/formats/safetensors_writer.h"
+
+namespace rwkvx {
+
+struct RandomModelSpec {
+  int64_t n_vocab = 300, n_embd = 128, head_size = 64, n_rwkv = 2, n_sparse = 0;
+  int64_t dim_w = 32, dim_a = 32, dim_v = 32, dim_g = 32;  // n_ffn = 4 * n_embd
+  DType dtype = DType::f32;
+  uint64_t seed = 1;
+};
+
+// Tensors of a model whose activations stay in a realistic range (LayerNorms near 1, decays spread
+// over (0, 1), projections scaled by 1/sqrt(fan_in)).
+std::vector<TensorData> make_random_model(const RandomModelSpec& spec);
+
+}  // namespace rwkvx
