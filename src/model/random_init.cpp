@@ -1,6 +1,9 @@
 #include "model/random_init.h"
 
+#include <algorithm>
 #include <cmath>
+
+#include "core/error.h"
 
 namespace rwkvx {
 namespace {
@@ -78,6 +81,50 @@ std::vector<TensorData> make_random_model(const RandomModelSpec& spec) {
     out.push_back(make_tensor_data(nm, spec.dtype, t.shape, v));
   }
   return out;
+}
+
+}  // namespace rwkvx
+
+namespace rwkvx {
+
+void rwkv7_lora_dims(int64_t C, RandomModelSpec& s) {
+  // BlinkDL RWKV-LM v7: widths are multiples of 32 scaled with sqrt(C) (decay, a, v) or C^0.8 (gate).
+  auto r32 = [](double x) { return std::max<int64_t>(32, int64_t(std::lround(x / 32.0)) * 32); };
+  s.dim_w = r32(1.8 * std::sqrt(double(C)));
+  s.dim_a = r32(1.8 * std::sqrt(double(C)));
+  s.dim_v = r32(1.3 * std::sqrt(double(C)));
+  s.dim_g = r32(0.6 * std::pow(double(C), 0.8));
+}
+
+const std::vector<ModelPreset>& model_presets() {
+  static const std::vector<ModelPreset> presets = [] {
+    auto make = [](int64_t L, int64_t C, int64_t n_sparse, int64_t vocab, bool lora_formula) {
+      RandomModelSpec s;
+      s.n_rwkv = L, s.n_embd = C, s.n_sparse = n_sparse, s.n_vocab = vocab, s.dtype = DType::bf16;
+      if (lora_formula) rwkv7_lora_dims(C, s);
+      return s;
+    };
+    return std::vector<ModelPreset>{
+        {"rwkv7-0.1b", "RWKV-7 World 0.1B shapes: L12 D768, vocab 65536", make(12, 768, 0, 65536, true)},
+        {"rwkv7-0.4b", "RWKV-7 World 0.4B shapes: L24 D1024, vocab 65536", make(24, 1024, 0, 65536, true)},
+        {"rwkv7-1.5b", "RWKV-7 World 1.5B shapes: L24 D2048, vocab 65536", make(24, 2048, 0, 65536, true)},
+        {"rwkvx-0.2b", "RWKV-X 0.2B of the paper: RWKV-7 0.1B + 4 sparse blocks (after R2, R5, R8, R11)",
+         make(12, 768, 4, 65536, true)},
+        {"rwkv7-tiny", "test size: L4 D128, vocab 300 (like the golden rwkv7-tiny)", make(4, 128, 0, 300, false)},
+        {"rwkvx-tiny", "test size: L4 D128 + 2 sparse blocks, vocab 300 (like the golden rwkvx-tiny)",
+         make(4, 128, 2, 300, false)},
+    };
+  }();
+  return presets;
+}
+
+RandomModelSpec find_preset(const std::string& name) {
+  std::string names;
+  for (const ModelPreset& p : model_presets()) {
+    if (name == p.name) return p.spec;
+    names += (names.empty() ? "" : ", ") + std::string(p.name);
+  }
+  throw Error("unknown preset '" + name + "' (choose one of: " + names + ")");
 }
 
 }  // namespace rwkvx

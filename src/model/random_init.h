@@ -22,3 +22,21 @@ struct RandomModelSpec {
 std::vector<TensorData> make_random_model(const RandomModelSpec& spec);
 
 }  // namespace rwkvx
+
+namespace rwkvx {
+
+struct ModelPreset {
+  const char* name;
+  const char* description;
+  RandomModelSpec spec;
+};
+
+// Named shapes of official models (RWKV-7 World 0.1B/0.4B/1.5B, RWKV-X 0.2B of the paper) and tiny test
+// models. Low-rank widths follow the RWKV-7 formulas (rwkv7_lora_dims).
+const std::vector<ModelPreset>& model_presets();
+// Throws rwkvx::Error listing the valid names.
+RandomModelSpec find_preset(const std::string& name);
+// RWKV-7's low-rank widths for width C: decay, in-context rate, value residual, gate.
+void rwkv7_lora_dims(int64_t C, RandomModelSpec& spec);
+
+}  // namespace rwkvx

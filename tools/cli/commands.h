@@ -11,3 +11,6 @@ void register_tokenize_commands(CLI::App& app);
 
 // logits / info (cmd_model.cpp).
 void register_model_commands(CLI::App& app);
+
+// init (cmd_init.cpp).
+void register_init_commands(CLI::App& app);

@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("rwkvx ") + RWKVX_VERSION);
   register_model_commands(app);
   register_tokenize_commands(app);
+  register_init_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

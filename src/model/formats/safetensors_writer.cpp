@@ -9,8 +9,10 @@
 
 namespace rwkvx {
 
-std::vector<uint8_t> serialize_safetensors(const std::vector<TensorData>& tensors) {
-  std::vector<const TensorData*> order;
+namespace {
+
+// Header bytes (length prefix included) and the tensors in file order.
+std::vector<uint8_t> make_header(const std::vector<TensorData>& tensors, std::vector<const TensorData*>& order) {
   for (const TensorData& t : tensors) order.push_back(&t);
   std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->name < b->name; });
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
@@ -26,15 +28,24 @@ std::vector<uint8_t> serialize_safetensors(const std::vector<TensorData>& tensor
   const uint64_t n = h.size();
   for (int i = 0; i < 8; ++i) out[size_t(i)] = uint8_t(n >> (8 * i));
   std::memcpy(out.data() + 8, h.data(), h.size());
-  out.reserve(out.size() + off);
+  return out;
+}
+
+}  // namespace
+
+std::vector<uint8_t> serialize_safetensors(const std::vector<TensorData>& tensors) {
+  std::vector<const TensorData*> order;
+  std::vector<uint8_t> out = make_header(tensors, order);
   for (const TensorData* t : order) out.insert(out.end(), t->bytes.begin(), t->bytes.end());
   return out;
 }
 
 void save_safetensors(const std::string& path, const std::vector<TensorData>& tensors) {
-  std::vector<uint8_t> bytes = serialize_safetensors(tensors);
+  std::vector<const TensorData*> order;
+  std::vector<uint8_t> header = make_header(tensors, order);
   AtomicFile f(path);
-  f.write(bytes.data(), bytes.size());
+  f.write(header.data(), header.size());
+  for (const TensorData* t : order) f.write(t->bytes.data(), t->bytes.size());
   f.commit();
 }
 
