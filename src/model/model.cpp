@@ -110,8 +110,14 @@ Tensor Model::forward(const int32_t* ids, const SeqBatch& batch, State& state, L
     if (ids[t] < 0 || ids[t] >= c.n_vocab)
       throw Error("token id " + std::to_string(ids[t]) + " at position " + std::to_string(t) +
                   " is outside the model's vocabulary [0, " + std::to_string(c.n_vocab) + ")");
-  for (int32_t slot : batch.slot)
-    RWKVX_ASSERT(slot >= 0 && slot < state.n_slots, "forward: slot out of range");
+  RWKVX_ASSERT(batch.row_start.size() == batch.slot.size() + 1 && batch.row_start[0] == 0, "forward: bad SeqBatch");
+  std::vector<bool> used(size_t(state.n_slots), false);
+  for (int64_t s = 0; s < batch.n_seq(); ++s) {
+    const int32_t slot = batch.slot[size_t(s)];
+    RWKVX_ASSERT(slot >= 0 && slot < state.n_slots && !used[size_t(slot)], "forward: slot out of range or repeated");
+    RWKVX_ASSERT(batch.row_start[size_t(s) + 1] >= batch.row_start[size_t(s)], "forward: rows out of order");
+    used[size_t(slot)] = true;
+  }
   if (T == 0) return Tensor{};
 
   Tensor x = be.alloc(DType::f32, {T, C}), xn = be.alloc(DType::f32, {T, C}), dx = be.alloc(DType::f32, {T, C});
