@@ -228,7 +228,7 @@ Tokenizer Tokenizer::parse(std::string_view text, const std::string& name) {
   std::vector<Entry> entries;
   std::string scratch;  // token bytes in file order
   std::string bytes;
-  std::vector<uint32_t> line_of_id(size_t(max_vocab_id) + 1, 0);
+  std::vector<uint32_t> line_of_id;  // 0 = id not seen yet; grown on demand (cheap for small fuzz inputs)
   int32_t max_id = 0;
 
   size_t pos = 0;
@@ -269,6 +269,7 @@ Tokenizer Tokenizer::parse(std::string_view text, const std::string& name) {
                   excerpt(literal) + " is " + std::to_string(bytes.size()) + " bytes");
     }
     if (bytes.empty()) throw Error(where + "empty token " + excerpt(literal));
+    if (size_t(id) >= line_of_id.size()) line_of_id.resize(std::max(size_t(id) + 1, line_of_id.size() * 2), 0);
     if (line_of_id[size_t(id)] != 0) {
       throw Error(where + "duplicate id " + std::to_string(id) + " (first defined on line " +
                   std::to_string(line_of_id[size_t(id)]) + ")");

@@ -3,12 +3,14 @@
 // parser: every malformed line must throw rwkvx::Error naming its line number.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <random>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -167,6 +169,39 @@ TEST(Tokenizer, RandomBytesRoundTrip) {
     ASSERT_EQ(tok.decode_bytes(ids), s) << "iteration " << iter;
     ASSERT_EQ(tok.decode_compat(ids), is_valid_utf8(s) ? s : std::string("\xEF\xBF\xBD"));
   }
+}
+
+TEST(Tokenizer, MatchesBruteForceLongestMatch) {
+  // The §1.2 alternative: a hash of byte strings probed from min(128, remaining) down to 1.
+  const Tokenizer& tok = world();
+  std::unordered_map<std::string_view, int32_t> by_bytes;
+  for (int32_t id = 1; id < int32_t(tok.vocab_size()); ++id) by_bytes.emplace(tok.token_bytes(id), id);
+  auto brute = [&](std::string_view s) {
+    std::vector<int32_t> out;
+    for (size_t i = 0; i < s.size();) {
+      for (size_t len = std::min<size_t>(128, s.size() - i); len > 0; --len) {
+        auto it = by_bytes.find(s.substr(i, len));
+        if (it != by_bytes.end()) {
+          out.push_back(it->second);
+          i += len;
+          break;
+        }
+      }
+    }
+    return out;
+  };
+  const uint32_t seed = test_seed("MatchesBruteForceLongestMatch");
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  // Build text from random token concatenations so that long and multi-byte tokens meet at boundaries.
+  for (int iter = 0; iter < 300; ++iter) {
+    std::string s;
+    const int n = int(rng() % 40);
+    for (int k = 0; k < n; ++k) s += tok.token_bytes(int32_t(1 + rng() % (tok.vocab_size() - 1)));
+    ASSERT_EQ(tok.encode(s), brute(s)) << "iteration " << iter;
+  }
+  std::string spec_text = read_file(shared_dir + "/spec/system.md");
+  EXPECT_EQ(tok.encode(spec_text), brute(spec_text));
 }
 
 TEST(Tokenizer, LongestMatchBeatsShorterPrefixes) {
