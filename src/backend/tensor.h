@@ -21,7 +21,8 @@ struct Tensor {
   int ndim = 0;
   std::array<int64_t, 4> shape{};
   void* data = nullptr;
-  std::shared_ptr<void> storage;  // keeps `data` alive
+  std::shared_ptr<const void> storage;  // keeps `data` alive (backend memory, or a mapped checkpoint)
+  const float* scales = nullptr;        // q8 only: one fp32 scale per row, kept alive by `storage`
 
   bool empty() const { return data == nullptr; }
   int64_t numel() const {

@@ -5,6 +5,8 @@ namespace rwkvx {
 void convert_to_f32(DType t, const void* src, float* dst, size_t n) {
   const auto* p = static_cast<const unsigned char*>(src);
   switch (t) {
+    case DType::q8:
+      break;  // needs per-row scales: not a plain element type
     case DType::f32:
       std::memcpy(dst, p, n * 4);
       return;

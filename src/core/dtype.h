@@ -6,11 +6,13 @@
 
 namespace rwkvx {
 
-enum class DType : uint8_t { f32, f16, bf16 };
+// q8: int8 weights with one fp32 scale per row (value = scale[row] * q), produced by the CPU backend's
+// optional weight quantization; never found in checkpoint files.
+enum class DType : uint8_t { f32, f16, bf16, q8 };
 
-constexpr size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
+constexpr size_t dtype_size(DType t) { return t == DType::f32 ? 4 : t == DType::q8 ? 1 : 2; }
 constexpr std::string_view dtype_name(DType t) {
-  return t == DType::f32 ? "f32" : t == DType::f16 ? "f16" : "bf16";
+  return t == DType::f32 ? "f32" : t == DType::f16 ? "f16" : t == DType::bf16 ? "bf16" : "q8";
 }
 
 // bf16 is the upper half of an fp32: the conversion is exact.

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "backend/cpu/cpu_backend.h"
 #include "model/model.h"
 #include "support/test_util.h"
 
@@ -12,11 +13,27 @@ namespace rwkvx {
 namespace {
 
 struct GoldenParam {
-  std::string name, format, mode;
+  std::string name, format, mode, backend;  // backend: reference | cpu | cpu-int8
 };
 
+std::unique_ptr<Backend> make_backend(const std::string& name) {
+  if (name == "reference") return make_reference_backend();
+  CpuBackendOptions o;
+  o.quantize_int8 = name == "cpu-int8";
+  return make_cpu_backend(o);
+}
+
+// Tolerances (max|Δ| / max|ref|). fp32 compute (fp32 or bf16 weights, which are exact in fp32) must
+// meet the spec's 1e-4 bar with room to spare (measured 1e-6). int8 weights, one scale per output channel:
+// measured 1.8e-2 on rwkv7-tiny and 1.7e-2 on rwkvx-tiny with dense attention, but 1.05e-1 on rwkvx-tiny
+// with top-k 3, because the quantization error flips some top-k chunk choices (a discontinuity, §5.6).
+double tolerance(const std::string& backend, const std::string& name) {
+  if (backend != "cpu-int8") return 2e-5;
+  return name == "rwkvx-tiny" ? 0.15 : 3e-2;
+}
+
 std::string param_name(const testing::TestParamInfo<GoldenParam>& i) {
-  std::string s = i.param.name + "_" + i.param.format + "_" + i.param.mode;
+  std::string s = i.param.name + "_" + i.param.format + "_" + i.param.mode + "_" + i.param.backend;
   for (char& c : s)
     if (!isalnum(static_cast<unsigned char>(c))) c = '_';
   return s;
@@ -32,7 +49,7 @@ TEST_P(GoldenTest, LogitsAndStatesMatch) {
   ModelOptions opt;
   opt.chunk = cas["config"]["chunk"].get<int>();
   opt.top_k = cas["config"]["topk"].get<int>();
-  auto be = make_reference_backend();
+  auto be = make_backend(p.backend);
   auto model = Model::load(dir + "/model." + p.format, opt, *be);
   const ModelConfig& c = model->config();
   EXPECT_EQ(c.n_embd, cas["config"]["n_embd"].get<int64_t>());
@@ -56,9 +73,8 @@ TEST_P(GoldenTest, LogitsAndStatesMatch) {
   ASSERT_EQ(ref.size(), got.size());
   const double err = test::rel_max_err(got, ref);
   RecordProperty("rel_max_err", std::to_string(err));
-  EXPECT_LE(err, 1e-4) << p.name << " " << p.format << " " << p.mode;
-  // A correct fp32 engine lands near 1e-6 (spec §8); report if we drift towards the bar.
-  EXPECT_LE(err, 2e-5) << "exact path should be ~1e-6, got " << err;
+  // A correct fp32 engine lands near 1e-6 (spec §8); the fp32 bar here is tighter than the spec's 1e-4.
+  EXPECT_LE(err, tolerance(p.backend, p.name)) << p.name << " " << p.format << " " << p.mode << " " << p.backend;
 
   int n_states = 0;
   for (int64_t i = 0; i < c.n_rwkv; ++i) {
@@ -68,7 +84,7 @@ TEST_P(GoldenTest, LogitsAndStatesMatch) {
     const std::vector<float> ref_state = test::read_f32_file(f);
     std::vector<float> s(size_t(st.wkv[size_t(i)].numel()));
     be->to_host(st.wkv[size_t(i)], s.data());
-    EXPECT_LE(test::rel_max_err(s, ref_state), 1e-4) << "wkv state of layer " << i;
+    EXPECT_LE(test::rel_max_err(s, ref_state), p.backend == "cpu-int8" ? 0.15 : 1e-4) << "wkv state of layer " << i;
   }
   if (p.name == "rwkv7-tiny") {
     EXPECT_EQ(n_states, 2);
@@ -79,7 +95,8 @@ std::vector<GoldenParam> all_cases() {
   std::vector<GoldenParam> v;
   for (const char* n : {"rwkv7-tiny", "rwkvx-tiny"})
     for (const char* f : {"pth", "safetensors"})
-      for (const char* m : {"prefill", "decode"}) v.push_back({n, f, m});
+      for (const char* m : {"prefill", "decode"})
+        for (const char* b : {"reference", "cpu", "cpu-int8"}) v.push_back({n, f, m, b});
   return v;
 }
 

@@ -8,7 +8,7 @@
 
 namespace rwkvx::ref {
 
-class ReferenceBackend final : public Backend {
+class ReferenceBackend : public Backend {
  public:
   std::string name() const override { return "reference-fp32"; }
   Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) override;

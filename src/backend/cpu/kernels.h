@@ -1,0 +1,55 @@
+// The CPU backend's kernels, one table per instruction set (kernels_scalar.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp all compile kernels_impl.h with their own flags). cpu_backend.cpp picks the table
+// once (core/cpu_features.h) and splits work across threads; kernels themselves are single-threaded.
+#pragma once
+#include <cstdint>
+
+#include "core/cpu_features.h"
+
+namespace rwkvx::cpu {
+
+enum class WFormat : uint8_t { f32, f16, bf16, q8 };
+
+// A weight matrix [rows, cols] as stored: row r starts at data + r * ld elements. q8: int8 values with
+// one fp32 scale per row (value = scale[r] * q).
+struct WeightView {
+  WFormat fmt = WFormat::f32;
+  const void* data = nullptr;
+  const float* scales = nullptr;
+  int64_t rows = 0, cols = 0, ld = 0;
+};
+
+struct Kernels {
+  Isa isa;
+  // C[m, n] = Σ_k A[m, k] · W[n, k] for m < M, n in [n0, n1). A row stride lda, C row stride ldc.
+  // `accumulate` adds to C instead of overwriting it.
+  void (*gemm_nt)(const float* A, int64_t lda, int64_t M, const WeightView& W, int64_t n0, int64_t n1, float* C,
+                  int64_t ldc, bool accumulate);
+  // C[m, n] = Σ_k A[m, k] · W[k, n] for n in [n0, n1) (W used as stored, e.g. low-rank matrices, V rows).
+  void (*gemm_nn)(const float* A, int64_t lda, int64_t M, const WeightView& W, int64_t n0, int64_t n1, float* C,
+                  int64_t ldc, bool accumulate);
+  // Row of W converted to fp32 (embedding lookup).
+  void (*row_to_f32)(const WeightView& W, int64_t row, float* out);
+  // One head of the WKV-7 recurrence over T tokens (spec model.md §3 step 7). Vectors for token t are at
+  // r + t*stride etc.; S [N, N] row-major (i = value, j = key) updated in place; y + t*stride receives N values.
+  void (*wkv7_head)(const float* r, const float* w, const float* k, const float* v, const float* a,
+                    const float* b, int64_t stride, int64_t T, int64_t N, float* S, float* y);
+  // Σ a[i]·b[i] accumulated in fp64 (the sparse-attention gate: top-k selection is discontinuous, so its
+  // scores must not depend on summation order; spec model.md §5.6).
+  double (*dot_f64)(const float* a, const float* b, int64_t n);
+  // One query head attending over key slot ranges [ranges[2i], ranges[2i+1]), i < n_ranges: softmax of
+  // scale·q·k over all those slots, then the weighted sum of v. Key/value slot s starts at k + s·ld.
+  void (*attend)(const float* q, const float* k, const float* v, int64_t ld, const int64_t* ranges, int n_ranges,
+                 int64_t D, float scale, float* out);
+  // Elementwise maths, n values.
+  void (*exp_)(float* x, int64_t n);      // x ← e^x
+  void (*sigmoid_)(float* x, int64_t n);  // x ← 1 / (1 + e^-x)
+  void (*tanh_)(float* x, int64_t n);
+};
+
+const Kernels& kernels_for(Isa isa);
+const Kernels& scalar_kernels();
+const Kernels& avx2_kernels();
+const Kernels& avx512_kernels();
+
+}  // namespace rwkvx::cpu

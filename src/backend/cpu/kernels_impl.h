@@ -1,0 +1,480 @@
+// Kernel bodies shared by every instruction set. Included once per ISA translation unit with
+// RWKVX_KERNEL_ISA = 0 (scalar), 1 (AVX2 + FMA + F16C) or 2 (AVX-512 F/BW/VL/DQ), each compiled with
+// matching -m flags; everything lives in a per-ISA namespace so the copies never collide.
+// The vector layer below (vf, W, vload*, vfma, vhsum, vexp) is all that differs between ISAs.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "backend/cpu/kernels.h"
+#include "core/dtype.h"
+
+#if RWKVX_KERNEL_ISA > 0
+#include <immintrin.h>
+#endif
+
+#if RWKVX_KERNEL_ISA == 2
+#define RWKVX_ISA_NS isa_avx512
+#elif RWKVX_KERNEL_ISA == 1
+#define RWKVX_ISA_NS isa_avx2
+#else
+#define RWKVX_ISA_NS isa_scalar
+#endif
+
+namespace rwkvx::cpu::RWKVX_ISA_NS {
+
+// ---- vector layer ------------------------------------------------------------------------------------
+#if RWKVX_KERNEL_ISA == 2
+using vf = __m512;
+constexpr int W = 16;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vload_bf16(const uint16_t* p) {
+  __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+inline vf vload_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline vf vload_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vpow2i(vf n) {  // 2^n for integral n in [-126, 127]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+#elif RWKVX_KERNEL_ISA == 1
+using vf = __m256;
+constexpr int W = 8;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vload_bf16(const uint16_t* p) {
+  __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+inline vf vload_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline vf vload_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+inline float vhsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vpow2i(vf n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+#else
+using vf = float;
+constexpr int W = 1;
+inline vf vzero() { return 0.f; }
+inline vf vset1(float x) { return x; }
+inline vf vload(const float* p) { return *p; }
+inline void vstore(float* p, vf v) { *p = v; }
+inline vf vload_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
+inline vf vload_f16(const uint16_t* p) { return f16_to_f32(*p); }
+inline vf vload_i8(const int8_t* p) { return float(*p); }
+inline vf vfma(vf a, vf b, vf c) { return std::fma(a, b, c); }
+inline vf vadd(vf a, vf b) { return a + b; }
+inline vf vsub(vf a, vf b) { return a - b; }
+inline vf vmul(vf a, vf b) { return a * b; }
+inline vf vdiv(vf a, vf b) { return a / b; }
+inline vf vmax(vf a, vf b) { return std::max(a, b); }
+inline vf vmin(vf a, vf b) { return std::min(a, b); }
+inline float vhsum(vf v) { return v; }
+inline vf vround(vf x) { return std::nearbyint(x); }
+inline vf vpow2i(vf n) { return std::ldexp(1.0f, int(n)); }
+#endif
+
+// e^x with ~1 ulp error on [-87, 88] (Cephes-style: 2^n · p(r), r = x - n ln2 split in two parts).
+inline vf vexp(vf x) {
+  x = vmin(vmax(x, vset1(-87.3f)), vset1(88.3f));
+  vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+  vf r = vsub(x, vmul(n, vset1(0.693359375f)));
+  r = vsub(r, vmul(n, vset1(-2.12194440e-4f)));
+  vf p = vset1(1.9875691500e-4f);
+  p = vfma(p, r, vset1(1.3981999507e-3f));
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(vmul(p, r), r, vadd(r, vset1(1.0f)));
+  // 2^n for n up to 128 would overflow the exponent field: split as 2^(n/2)·2^(n - n/2) is not needed
+  // because x <= 88.3 gives n <= 127.
+  return vmul(p, vpow2i(n));
+}
+
+// Loads W values [k, k + W) of a row in any stored format, as fp32 (q8 without its scale).
+inline vf load_row(const WeightView& w, const void* row, int64_t k) {
+  switch (w.fmt) {
+    case WFormat::f32: return vload(static_cast<const float*>(row) + k);
+    case WFormat::bf16: return vload_bf16(static_cast<const uint16_t*>(row) + k);
+    case WFormat::f16: return vload_f16(static_cast<const uint16_t*>(row) + k);
+    case WFormat::q8: return vload_i8(static_cast<const int8_t*>(row) + k);
+  }
+  return vzero();
+}
+inline float load_one(const WeightView& w, const void* row, int64_t k) {
+  switch (w.fmt) {
+    case WFormat::f32: return static_cast<const float*>(row)[k];
+    case WFormat::bf16: return bf16_to_f32(static_cast<const uint16_t*>(row)[k]);
+    case WFormat::f16: return f16_to_f32(static_cast<const uint16_t*>(row)[k]);
+    case WFormat::q8: return float(static_cast<const int8_t*>(row)[k]);
+  }
+  return 0.f;
+}
+inline size_t elem_bytes(WFormat f) { return f == WFormat::f32 ? 4 : f == WFormat::q8 ? 1 : 2; }
+inline const void* row_ptr(const WeightView& w, int64_t r) {
+  return static_cast<const char*>(w.data) + size_t(r * w.ld) * elem_bytes(w.fmt);
+}
+inline float row_scale(const WeightView& w, int64_t r) { return w.fmt == WFormat::q8 ? w.scales[r] : 1.0f; }
+
+// ---- GEMM: C = A · Wᵀ ----------------------------------------------------------------------------------
+// Small M (decode): stream each weight row once against up to 4 activation rows. Large M (prefill):
+// pack fp32 panels (converting bf16/f16/q8 once per panel) and run an MR × NR register-blocked kernel.
+constexpr int kGemvMaxM = 4;
+#if RWKVX_KERNEL_ISA == 2
+constexpr int MR = 8;
+#elif RWKVX_KERNEL_ISA == 1
+constexpr int MR = 6;
+#else
+constexpr int MR = 1;
+#endif
+constexpr int NR = 2 * W;
+constexpr int64_t KC = 256, NC = 16 * NR, MC = 16 * MR;
+
+inline void gemv_nt(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                    int64_t ldc, bool accumulate) {
+  const int64_t K = w.cols, Kv = K / (2 * W) * (2 * W);
+  for (int64_t n = n0; n < n1; ++n) {
+    const void* row = row_ptr(w, n);
+    vf acc[kGemvMaxM][2];
+    for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = vzero();
+    for (int64_t k = 0; k < Kv; k += 2 * W) {
+      const vf b0 = load_row(w, row, k), b1 = load_row(w, row, k + W);
+      for (int64_t m = 0; m < M; ++m) {
+        acc[m][0] = vfma(vload(A + m * lda + k), b0, acc[m][0]);
+        acc[m][1] = vfma(vload(A + m * lda + k + W), b1, acc[m][1]);
+      }
+    }
+    const float s = row_scale(w, n);
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = vhsum(vadd(acc[m][0], acc[m][1]));
+      for (int64_t k = Kv; k < K; ++k) sum += A[m * lda + k] * load_one(w, row, k);
+      float& c = C[m * ldc + n];
+      c = (accumulate ? c : 0.f) + sum * s;
+    }
+  }
+}
+
+// Packs rows [n, n + NR) × cols [k0, k0 + kc) of W into [kc][NR] fp32, scaled, zero-padded.
+inline void pack_b(const WeightView& w, int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) {
+  for (int r = 0; r < NR; ++r) {
+    if (n + r >= n_end) {
+      for (int64_t k = 0; k < kc; ++k) out[k * NR + r] = 0.f;
+      continue;
+    }
+    const void* row = row_ptr(w, n + r);
+    const float s = row_scale(w, n + r);
+    for (int64_t k = 0; k < kc; ++k) out[k * NR + r] = load_one(w, row, k0 + k) * s;
+  }
+}
+
+inline void pack_a(const float* A, int64_t lda, int64_t m, int64_t m_end, int64_t k0, int64_t kc, float* out) {
+  for (int i = 0; i < MR; ++i) {
+    const bool valid = m + i < m_end;
+    const float* src = A + (m + i) * lda + k0;
+    for (int64_t k = 0; k < kc; ++k) out[k * MR + i] = valid ? src[k] : 0.f;
+  }
+}
+
+// acc[MR][NR] over kc steps of packed panels, then C (+)= acc for the valid mr × nr corner.
+inline void micro_kernel(int64_t kc, const float* a, const float* b, float* C, int64_t ldc, int mr, int nr, bool add) {
+  vf acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vzero();
+  for (int64_t k = 0; k < kc; ++k) {
+    const vf b0 = vload(b + k * NR), b1 = vload(b + k * NR + W);
+    for (int i = 0; i < MR; ++i) {
+      const vf ai = vset1(a[k * MR + i]);
+      acc[i][0] = vfma(ai, b0, acc[i][0]);
+      acc[i][1] = vfma(ai, b1, acc[i][1]);
+    }
+  }
+  if (mr == MR && nr == NR) {
+    for (int i = 0; i < MR; ++i) {
+      float* c = C + i * ldc;
+      vstore(c, add ? vadd(vload(c), acc[i][0]) : acc[i][0]);
+      vstore(c + W, add ? vadd(vload(c + W), acc[i][1]) : acc[i][1]);
+    }
+    return;
+  }
+  alignas(64) float tmp[MR][NR];
+  for (int i = 0; i < MR; ++i) vstore(tmp[i], acc[i][0]), vstore(tmp[i] + W, acc[i][1]);
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) C[i * ldc + j] = (add ? C[i * ldc + j] : 0.f) + tmp[i][j];
+}
+
+inline void gemm_nt(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                    int64_t ldc, bool accumulate) {
+  if (M <= 0 || n1 <= n0) return;
+  if (M <= kGemvMaxM || RWKVX_KERNEL_ISA == 0) {
+    for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxM)
+      gemv_nt(A + m0 * lda, lda, std::min<int64_t>(kGemvMaxM, M - m0), w, n0, n1, C + m0 * ldc, ldc, accumulate);
+    return;
+  }
+  thread_local std::vector<float> bpack, apack;
+  bpack.resize(size_t(NC * KC));
+  apack.resize(size_t(MC * KC));
+  const int64_t K = w.cols;
+  for (int64_t nb = n0; nb < n1; nb += NC) {
+    const int64_t nb_end = std::min(n1, nb + NC);
+    for (int64_t kb = 0; kb < K; kb += KC) {
+      const int64_t kc = std::min(KC, K - kb);
+      const bool add = accumulate || kb > 0;
+      for (int64_t n = nb; n < nb_end; n += NR) pack_b(w, n, nb_end, kb, kc, bpack.data() + (n - nb) * kc);
+      for (int64_t mb = 0; mb < M; mb += MC) {
+        const int64_t mb_end = std::min(M, mb + MC);
+        for (int64_t m = mb; m < mb_end; m += MR) pack_a(A, lda, m, mb_end, kb, kc, apack.data() + (m - mb) * kc);
+        for (int64_t n = nb; n < nb_end; n += NR) {
+          const int nr = int(std::min<int64_t>(NR, nb_end - n));
+          for (int64_t m = mb; m < mb_end; m += MR) {
+            const int mr = int(std::min<int64_t>(MR, mb_end - m));
+            micro_kernel(kc, apack.data() + (m - mb) * kc, bpack.data() + (n - nb) * kc, C + m * ldc + n, ldc, mr, nr,
+                         add);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- GEMM: C = A · W (W used as stored) ----------------------------------------------------------------
+// Rows of W are contiguous along n, so each k step is an axpy of a W row slice into 4 rows of C.
+inline void gemm_nn(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                    int64_t ldc, bool accumulate) {
+  const int64_t K = w.rows;
+  constexpr int64_t TM = 4, TN = 2 * W;
+  for (int64_t m0 = 0; m0 < M; m0 += TM) {
+    const int64_t mm = std::min(TM, M - m0);
+    int64_t n = n0;
+    for (; n + TN <= n1; n += TN) {
+      vf acc[TM][2];
+      for (int64_t i = 0; i < TM; ++i) acc[i][0] = acc[i][1] = vzero();
+      for (int64_t k = 0; k < K; ++k) {
+        const void* row = row_ptr(w, k);
+        const float s = row_scale(w, k);
+        vf b0 = load_row(w, row, n), b1 = load_row(w, row, n + W);
+        if (w.fmt == WFormat::q8) b0 = vmul(b0, vset1(s)), b1 = vmul(b1, vset1(s));
+        for (int64_t i = 0; i < mm; ++i) {
+          const vf a = vset1(A[(m0 + i) * lda + k]);
+          acc[i][0] = vfma(a, b0, acc[i][0]);
+          acc[i][1] = vfma(a, b1, acc[i][1]);
+        }
+      }
+      for (int64_t i = 0; i < mm; ++i) {
+        float* c = C + (m0 + i) * ldc + n;
+        vstore(c, accumulate ? vadd(vload(c), acc[i][0]) : acc[i][0]);
+        vstore(c + W, accumulate ? vadd(vload(c + W), acc[i][1]) : acc[i][1]);
+      }
+    }
+    for (; n < n1; ++n) {
+      for (int64_t i = 0; i < mm; ++i) {
+        float sum = 0.f;
+        for (int64_t k = 0; k < K; ++k) sum += A[(m0 + i) * lda + k] * load_one(w, row_ptr(w, k), n) * row_scale(w, k);
+        float& c = C[(m0 + i) * ldc + n];
+        c = (accumulate ? c : 0.f) + sum;
+      }
+    }
+  }
+}
+
+inline void row_to_f32(const WeightView& w, int64_t r, float* out) {
+  const void* row = row_ptr(w, r);
+  const float s = row_scale(w, r);
+  for (int64_t k = 0; k < w.cols; ++k) out[k] = load_one(w, row, k) * s;
+}
+
+// ---- WKV-7, one head ---------------------------------------------------------------------------------
+// State row i (one value channel) is updated in registers: sa = S_i·α, S_i = S_i⊙w + sa·β + v_i·k, y_i = S_i·r.
+inline void wkv7_head(const float* r, const float* w, const float* k, const float* v, const float* a, const float* b,
+                      int64_t stride, int64_t T, int64_t N, float* S, float* y) {
+  if (N % W != 0 || N > 256) {  // generic fallback (every known model has N = 64)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t o = t * stride;
+      for (int64_t i = 0; i < N; ++i) {
+        float* Si = S + i * N;
+        float sa = 0.f, yi = 0.f;
+        for (int64_t j = 0; j < N; ++j) sa += Si[j] * a[o + j];
+        for (int64_t j = 0; j < N; ++j) {
+          Si[j] = Si[j] * w[o + j] + sa * b[o + j] + v[o + i] * k[o + j];
+          yi += Si[j] * r[o + j];
+        }
+        y[o + i] = yi;
+      }
+    }
+    return;
+  }
+  const int64_t nv = N / W;
+  constexpr int kMaxNv = 256 / W;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t o = t * stride;
+    vf rv[kMaxNv], wv[kMaxNv], kv[kMaxNv], av[kMaxNv], bv[kMaxNv];
+    for (int64_t c = 0; c < nv; ++c) {
+      rv[c] = vload(r + o + c * W), wv[c] = vload(w + o + c * W), kv[c] = vload(k + o + c * W);
+      av[c] = vload(a + o + c * W), bv[c] = vload(b + o + c * W);
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      float* Si = S + i * N;
+      vf sa = vzero();
+      for (int64_t c = 0; c < nv; ++c) sa = vfma(vload(Si + c * W), av[c], sa);
+      const vf sab = vset1(vhsum(sa)), vi = vset1(v[o + i]);
+      vf yacc = vzero();
+      for (int64_t c = 0; c < nv; ++c) {
+        vf s = vload(Si + c * W);
+        s = vfma(s, wv[c], vfma(sab, bv[c], vmul(vi, kv[c])));
+        vstore(Si + c * W, s);
+        yacc = vfma(s, rv[c], yacc);
+      }
+      y[o + i] = vhsum(yacc);
+    }
+  }
+}
+
+// ---- elementwise -------------------------------------------------------------------------------------
+inline void exp_(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore(x + i, vexp(vload(x + i)));
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+inline void sigmoid_(float* x, int64_t n) {
+  int64_t i = 0;
+  const vf one = vset1(1.0f);
+  for (; i + W <= n; i += W) vstore(x + i, vdiv(one, vadd(one, vexp(vsub(vzero(), vload(x + i))))));
+  for (; i < n; ++i) x[i] = 1.0f / (1.0f + std::exp(-x[i]));
+}
+inline void tanh_(float* x, int64_t n) {
+  // tanh(x) = 1 - 2 / (e^{2x} + 1); saturates correctly at both ends through vexp's clamp.
+  int64_t i = 0;
+  const vf one = vset1(1.0f), two = vset1(2.0f);
+  for (; i + W <= n; i += W) {
+    const vf e = vexp(vmul(two, vload(x + i)));
+    vstore(x + i, vsub(one, vdiv(two, vadd(e, one))));
+  }
+  for (; i < n; ++i) x[i] = std::tanh(x[i]);
+}
+
+// ---- sparse attention ---------------------------------------------------------------------------------
+inline double dot_f64(const float* a, const float* b, int64_t n) {
+#if RWKVX_KERNEL_ISA == 2
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + i)), _mm512_cvtps_pd(_mm256_loadu_ps(b + i)), acc0);
+    acc1 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + i + 8)), _mm512_cvtps_pd(_mm256_loadu_ps(b + i + 8)), acc1);
+  }
+  double s = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+#elif RWKVX_KERNEL_ISA == 1
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i)), _mm256_cvtps_pd(_mm_loadu_ps(b + i)), acc0);
+    acc1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i + 4)), _mm256_cvtps_pd(_mm_loadu_ps(b + i + 4)), acc1);
+  }
+  alignas(32) double t[4];
+  _mm256_store_pd(t, _mm256_add_pd(acc0, acc1));
+  double s = (t[0] + t[1]) + (t[2] + t[3]);
+#else
+  int64_t i = 0;
+  double s = 0;
+#endif
+  for (; i < n; ++i) s += double(a[i]) * b[i];
+  return s;
+}
+
+// Flash-style: keys in blocks of 64; scores, block max, exp, then a rescaled running sum of v.
+inline void attend(const float* q, const float* k, const float* v, int64_t ld, const int64_t* ranges, int n_ranges,
+                   int64_t D, float scale, float* out) {
+  constexpr int64_t B = 64;
+  alignas(64) float s[B];
+  float m = -INFINITY, l = 0.f;
+  thread_local std::vector<float> acc;
+  acc.assign(size_t(D), 0.f);
+  const bool vec = D % W == 0;
+  for (int r = 0; r < n_ranges; ++r) {
+    for (int64_t b0 = ranges[2 * r]; b0 < ranges[2 * r + 1]; b0 += B) {
+      const int64_t nb = std::min(B, ranges[2 * r + 1] - b0);
+      float mb = -INFINITY;
+      for (int64_t i = 0; i < nb; ++i) {
+        const float* kr = k + (b0 + i) * ld;
+        float dot;
+        if (vec) {
+          vf a0 = vzero(), a1 = vzero();
+          int64_t d = 0;
+          for (; d + 2 * W <= D; d += 2 * W) {
+            a0 = vfma(vload(q + d), vload(kr + d), a0);
+            a1 = vfma(vload(q + d + W), vload(kr + d + W), a1);
+          }
+          if (d < D) a0 = vfma(vload(q + d), vload(kr + d), a0);
+          dot = vhsum(vadd(a0, a1));
+        } else {
+          dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += q[d] * kr[d];
+        }
+        s[i] = dot * scale;
+        mb = std::max(mb, s[i]);
+      }
+      const float m_new = std::max(m, mb);
+      const float corr = std::exp(m - m_new);  // 0 on the first block (m = -inf)
+      for (int64_t i = 0; i < nb; ++i) s[i] -= m_new;
+      exp_(s, nb);
+      float lb = 0.f;
+      for (int64_t i = 0; i < nb; ++i) lb += s[i];
+      l = l * corr + lb;
+      m = m_new;
+      if (vec) {
+        for (int64_t d = 0; d < D; d += W) {
+          vf a = vmul(vload(acc.data() + d), vset1(corr));
+          for (int64_t i = 0; i < nb; ++i) a = vfma(vset1(s[i]), vload(v + (b0 + i) * ld + d), a);
+          vstore(acc.data() + d, a);
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          float a = acc[size_t(d)] * corr;
+          for (int64_t i = 0; i < nb; ++i) a += s[i] * v[(b0 + i) * ld + d];
+          acc[size_t(d)] = a;
+        }
+      }
+    }
+  }
+  const float inv = 1.0f / l;
+  for (int64_t d = 0; d < D; ++d) out[d] = acc[size_t(d)] * inv;
+}
+
+inline Kernels make_kernels() {
+  Isa isa = RWKVX_KERNEL_ISA == 2 ? Isa::avx512 : RWKVX_KERNEL_ISA == 1 ? Isa::avx2 : Isa::scalar;
+  return Kernels{isa, gemm_nt, gemm_nn, row_to_f32, wkv7_head, dot_f64, attend, exp_, sigmoid_, tanh_};
+}
+
+}  // namespace rwkvx::cpu::RWKVX_ISA_NS

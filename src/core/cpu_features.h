@@ -1,0 +1,18 @@
+// Instruction sets for the CPU backend's kernels, detected once at start-up (the one dispatch point).
+// RWKVX_ISA=scalar|avx2|avx512 in the environment, or set_forced_isa() in tests, forces a lower path.
+#pragma once
+#include <string>
+
+namespace rwkvx {
+
+enum class Isa { scalar, avx2, avx512 };
+
+const char* isa_name(Isa isa);
+// What this CPU can run (AVX2 needs FMA and F16C too; AVX-512 needs F, BW, VL, DQ).
+bool cpu_supports(Isa isa);
+// The best supported ISA, or the forced one; throws rwkvx::Error if forced to one the CPU lacks.
+Isa active_isa();
+void set_forced_isa(const std::string& name);  // "" clears; throws on unknown or unsupported names
+std::string cpu_description();  // e.g. "avx2 (avx512: no)"
+
+}  // namespace rwkvx

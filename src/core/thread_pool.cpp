@@ -1,0 +1,83 @@
+#include "core/thread_pool.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define RWKVX_PAUSE() _mm_pause()
+#else
+#define RWKVX_PAUSE() ((void)0)
+#endif
+
+namespace rwkvx {
+
+ThreadPool::ThreadPool(int n_threads) {
+  if (n_threads <= 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  n_threads_ = n_threads;
+  for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+    generation_.fetch_add(1);
+  }
+  cv_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void ThreadPool::worker(int index) {
+  uint64_t seen = 0;
+  while (true) {
+    // Spin for a short while (a new job usually follows within microseconds), then sleep.
+    int spins = 0;
+    while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
+      RWKVX_PAUSE();
+      ++spins;
+    }
+    if (generation_.load(std::memory_order_acquire) == seen) {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return generation_.load() != seen; });
+    }
+    seen = generation_.load(std::memory_order_acquire);
+    if (stop_) return;
+    (*job_)(index, n_threads_);
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::run(const std::function<void(int, int)>& fn) {
+  if (n_threads_ == 1) {
+    fn(0, 1);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    job_ = &fn;
+    pending_.store(n_threads_ - 1, std::memory_order_release);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  cv_.notify_all();
+  fn(0, n_threads_);
+  while (pending_.load(std::memory_order_acquire) != 0) RWKVX_PAUSE();
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t units = (n + grain - 1) / grain;
+  const int use = int(std::min<int64_t>(n_threads_, units));
+  if (use <= 1) {
+    fn(0, n);
+    return;
+  }
+  run([&](int t, int) {
+    if (t >= use) return;
+    const int64_t u0 = units * t / use, u1 = units * (t + 1) / use;
+    const int64_t b = u0 * grain, e = std::min(n, u1 * grain);
+    if (b < e) fn(b, e);
+  });
+}
+
+}  // namespace rwkvx

@@ -1,0 +1,226 @@
+// Every fast CPU op against the fp32 reference on fresh random inputs, for each instruction set this
+// machine supports (the dispatch is forced per test; unsupported sets are skipped with the reason).
+// Sizes include ones that are not multiples of the vector width, the register tile or the cache block.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "backend/cpu/cpu_backend.h"
+#include "support/test_util.h"
+
+namespace rwkvx {
+namespace {
+
+class CpuOps : public testing::TestWithParam<Isa> {
+ protected:
+  void SetUp() override {
+    if (!cpu_supports(GetParam())) GTEST_SKIP() << "this CPU lacks " << isa_name(GetParam());
+    CpuBackendOptions o;
+    o.isa = isa_name(GetParam());
+    o.n_threads = 2;
+    fast = make_cpu_backend(o);
+    set_forced_isa("");
+  }
+  // Random fp32 tensor on both backends.
+  std::pair<Tensor, Tensor> rand(std::initializer_list<int64_t> shape, float lo = -1, float hi = 1) {
+    Tensor a = ref->alloc(DType::f32, shape), b = fast->alloc(DType::f32, shape);
+    std::vector<float> v(static_cast<size_t>(a.numel()));
+    std::uniform_real_distribution<float> u(lo, hi);
+    for (float& x : v) x = u(rng);
+    ref->from_host(v.data(), a);
+    fast->from_host(v.data(), b);
+    return {a, b};
+  }
+  std::vector<float> host(Backend& be, const Tensor& t) {
+    std::vector<float> v(static_cast<size_t>(t.numel()));
+    be.to_host(t, v.data());
+    return v;
+  }
+  double err(const Tensor& a, const Tensor& b) { return test::rel_max_err(host(*fast, b), host(*ref, a)); }
+
+  std::mt19937 rng{1234};
+  std::unique_ptr<Backend> ref = make_reference_backend();
+  std::unique_ptr<Backend> fast;
+};
+
+// A checkpoint-like tensor in the given dtype; its fp32 values (as the reference sees them) go to `values`.
+StoredTensor stored(const std::string& name, DType dt, int64_t rows, int64_t cols, std::mt19937& rng,
+                    std::vector<uint8_t>& bytes) {
+  std::normal_distribution<float> nd(0.f, 0.2f);
+  bytes.resize(size_t(rows * cols) * dtype_size(dt));
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    float v = nd(rng);
+    if (dt == DType::f32) std::memcpy(bytes.data() + 4 * i, &v, 4);
+    else {
+      uint16_t h = f32_to_bf16(v);
+      if (dt == DType::f16) {  // small normal values: round through bf16 then encode exactly as f16
+        const float f = bf16_to_f32(h);
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        const int e = int((u >> 23) & 0xff) - 127 + 15;
+        h = e <= 0 ? uint16_t((u >> 16) & 0x8000) : uint16_t(((u >> 16) & 0x8000) | (e << 10) | ((u >> 13) & 0x3ff));
+      }
+      std::memcpy(bytes.data() + 2 * i, &h, 2);
+    }
+  }
+  StoredTensor t;
+  t.name = name;
+  t.dtype = dt;
+  t.shape = {rows, cols};
+  t.data = bytes.data();
+  return t;
+}
+
+TEST_P(CpuOps, LinearAllFormatsAndShapes) {
+  for (DType dt : {DType::f32, DType::bf16, DType::f16}) {
+    for (auto [T, K, N] : {std::tuple{1, 64, 48}, {3, 100, 37}, {4, 768, 129}, {5, 64, 16}, {37, 300, 67},
+                           {130, 520, 200}}) {
+      std::vector<uint8_t> bytes;
+      StoredTensor st = stored("blocks.0.att.key.weight", dt, N, K, rng, bytes);
+      Tensor wr = ref->upload_weight(st, {N, K}), wf = fast->upload_weight(st, {N, K});
+      auto [xr, xf] = rand({T, K});
+      Tensor yr = ref->alloc(DType::f32, {T, N}), yf = fast->alloc(DType::f32, {T, N});
+      ref->linear(xr, wr, yr);
+      fast->linear(xf, wf, yf);
+      EXPECT_LE(err(yr, yf), 2e-6) << dtype_name(dt) << " T=" << T << " K=" << K << " N=" << N;
+    }
+  }
+}
+
+TEST_P(CpuOps, LinearInt8MatchesDequantizedReference) {
+  CpuBackendOptions o;
+  o.isa = isa_name(GetParam());
+  o.quantize_int8 = true;
+  auto q8 = make_cpu_backend(o);
+  set_forced_isa("");
+  for (auto [T, K, N] : {std::tuple{1, 64, 48}, {2, 768, 129}, {33, 300, 70}}) {
+    std::vector<uint8_t> bytes;
+    StoredTensor st = stored("blocks.0.ffn.key.weight", DType::bf16, N, K, rng, bytes);
+    Tensor wq = q8->upload_weight(st, {N, K});
+    ASSERT_EQ(wq.dtype, DType::q8);
+    // Dequantize on the host and run the reference with those exact weights.
+    std::vector<float> deq(size_t(N * K));
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t c = 0; c < K; ++c)
+        deq[size_t(r * K + c)] = float(static_cast<const int8_t*>(wq.data)[r * K + c]) * wq.scales[r];
+    Tensor wr = ref->alloc(DType::f32, {N, K});
+    ref->from_host(deq.data(), wr);
+    auto [xr, xf] = rand({T, K});
+    Tensor yr = ref->alloc(DType::f32, {T, N}), yq = q8->alloc(DType::f32, {T, N});
+    ref->linear(xr, wr, yr);
+    q8->linear(xf, wq, yq);
+    EXPECT_LE(test::rel_max_err(host(*q8, yq), host(*ref, yr)), 2e-6);
+    // And the quantization itself is within half a step of the bf16 weights.
+    std::vector<float> orig = st.to_f32();
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t c = 0; c < K; ++c) ASSERT_LE(std::fabs(deq[size_t(r * K + c)] - orig[size_t(r * K + c)]), 0.5001f * wq.scales[r]);
+  }
+}
+
+TEST_P(CpuOps, MatmulLowRank) {
+  for (auto [T, K, N] : {std::tuple{1, 768, 64}, {7, 64, 768}, {40, 96, 33}, {3, 32, 130}}) {
+    std::vector<uint8_t> bytes;
+    StoredTensor st = stored("blocks.1.att.w1", DType::bf16, K, N, rng, bytes);
+    Tensor wr = ref->upload_weight(st, {K, N}), wf = fast->upload_weight(st, {K, N});
+    auto [xr, xf] = rand({T, K});
+    Tensor yr = ref->alloc(DType::f32, {T, N}), yf = fast->alloc(DType::f32, {T, N});
+    ref->matmul(xr, wr, yr);
+    fast->matmul(xf, wf, yf);
+    EXPECT_LE(err(yr, yf), 2e-6) << "T=" << T << " K=" << K << " N=" << N;
+  }
+}
+
+TEST_P(CpuOps, ElementwiseAndNorms) {
+  for (int64_t T : {1, 3, 70}) {
+    const int64_t C = 192;
+    auto [xr, xf] = rand({T, C}, -9, 9);
+    ref->tanh_(xr), fast->tanh_(xf);
+    EXPECT_LE(err(xr, xf), 1e-6);
+    auto [sr, sf] = rand({T, C}, -30, 30);
+    ref->sigmoid_(sr), fast->sigmoid_(sf);
+    EXPECT_LE(err(sr, sf), 1e-6);
+    auto [rr, rf] = rand({T, C});
+    ref->relu_square_(rr), fast->relu_square_(rf);
+    EXPECT_LE(err(rr, rf), 1e-7);
+    auto [wr, wf] = rand({C}, 0.5f, 1.5f);
+    auto [br, bf] = rand({C});
+    Tensor lr = ref->alloc(DType::f32, {T, C}), lf = fast->alloc(DType::f32, {T, C});
+    ref->layer_norm(sr, wr, br, 1e-5f, lr);
+    fast->layer_norm(sf, wf, bf, 1e-5f, lf);
+    EXPECT_LE(err(lr, lf), 2e-6);
+  }
+}
+
+TEST_P(CpuOps, Rwkv7TimeMixOps) {
+  const int64_t T = 29, C = 192, N = 64;
+  auto [wr, wf] = rand({T, C}, -3, 3);
+  auto [ar, af] = rand({T, C}, -3, 3);
+  auto [kr, kf] = rand({T, C});
+  auto [w0r, w0f] = rand({C}, -4, 1);
+  auto [a0r, a0f] = rand({C});
+  auto [kkr, kkf] = rand({C}, 0.5f, 1);
+  auto [kar, kaf] = rand({C}, 0, 1);
+  Tensor alr = ref->alloc(DType::f32, {T, C}), alf = fast->alloc(DType::f32, {T, C});
+  Tensor ber = ref->alloc(DType::f32, {T, C}), bef = fast->alloc(DType::f32, {T, C});
+  ref->rwkv7_wkv_inputs(wr, ar, kr, alr, ber, w0r, a0r, kkr, kar, int(N));
+  fast->rwkv7_wkv_inputs(wf, af, kf, alf, bef, w0f, a0f, kkf, kaf, int(N));
+  for (auto [x, y] : {std::pair{wr, wf}, {ar, af}, {kr, kf}, {alr, alf}, {ber, bef}}) EXPECT_LE(err(x, y), 2e-6);
+
+  // WKV over two sequences in permuted slots, carrying state.
+  auto [rr, rf] = rand({T, C});
+  auto [vr, vf] = rand({T, C});
+  auto [sr, sf] = rand({3, C / N, N, N}, -0.5f, 0.5f);
+  SeqBatch b{{0, 11, T}, {2, 0}};
+  Tensor yr = ref->alloc(DType::f32, {T, C}), yf = fast->alloc(DType::f32, {T, C});
+  ref->wkv7(rr, wr, kr, vr, alr, ber, sr, b, yr, int(N));
+  fast->wkv7(rf, wf, kf, vf, alf, bef, sf, b, yf, int(N));
+  EXPECT_LE(err(yr, yf), 1e-5);
+  EXPECT_LE(err(sr, sf), 1e-5);
+
+  auto [gr, gf] = rand({T, C});
+  auto [rkr, rkf] = rand({C / N, N});
+  auto [lwr, lwf] = rand({C}, 0.5f, 1.5f);
+  auto [lbr, lbf] = rand({C});
+  ref->rwkv7_output(yr, rr, kr, vr, rkr, gr, lwr, lbr, 64e-5f, int(N));
+  fast->rwkv7_output(yf, rf, kf, vf, rkf, gf, lwf, lbf, 64e-5f, int(N));
+  EXPECT_LE(err(yr, yf), 1e-5);
+
+  auto [vfr, vff] = rand({T, C});
+  auto [vgr, vgf] = rand({T, C});
+  auto [v0r, v0f] = rand({C});
+  ref->rwkv7_value_residual(vr, vfr, vgr, v0r);
+  fast->rwkv7_value_residual(vf, vff, vgf, v0f);
+  EXPECT_LE(err(vr, vf), 2e-6);
+}
+
+TEST_P(CpuOps, SparseAttentionMatchesReference) {
+  for (auto [C, L, chunk, top_k] : {std::tuple{64, 45, 4, 3}, {192, 150, 16, 3}, {128, 77, 5, 2}, {256, 64, 8, 4}}) {
+    auto [kr, kf] = rand({L, C});
+    auto [vr, vf] = rand({L, C});
+    auto [qr, qf] = rand({L, C}, -2, 2);
+    KvCache cr, cf;
+    SparseAttnParams p;
+    p.chunk = chunk;
+    p.top_k = top_k;
+    // Prefill of most rows, then single-token steps.
+    const int64_t split = L - 3;
+    std::vector<float> out_r, out_f;
+    for (auto [r0, n] : {std::pair<int64_t, int64_t>{0, split}, {split, 1}, {split + 1, 1}, {split + 2, 1}}) {
+      ref->kv_append(cr, kr.rows_view(r0, n), vr.rows_view(r0, n), chunk);
+      fast->kv_append(cf, kf.rows_view(r0, n), vf.rows_view(r0, n), chunk);
+      Tensor orr = ref->alloc(DType::f32, {n, C}), off = fast->alloc(DType::f32, {n, C});
+      ref->sparse_attention(qr.rows_view(r0, n), cr, p, orr);
+      fast->sparse_attention(qf.rows_view(r0, n), cf, p, off);
+      auto a = host(*ref, orr), b = host(*fast, off);
+      out_r.insert(out_r.end(), a.begin(), a.end());
+      out_f.insert(out_f.end(), b.begin(), b.end());
+    }
+    EXPECT_LE(test::rel_max_err(out_f, out_r), 2e-6) << "C=" << C << " L=" << L << " chunk=" << chunk;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, CpuOps, testing::Values(Isa::scalar, Isa::avx2, Isa::avx512),
+                         [](const auto& i) { return std::string(isa_name(i.param)); });
+
+}  // namespace
+}  // namespace rwkvx
