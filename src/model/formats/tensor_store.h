@@ -18,6 +18,7 @@ struct StoredTensor {
   DType dtype = DType::f32;
   std::vector<int64_t> shape;
   const uint8_t* data = nullptr;  // contiguous row-major little-endian; alignment not guaranteed
+  std::shared_ptr<const void> owner;  // keeps `data` alive (the mapped file or a materialised copy)
   int64_t numel() const;
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }
   std::string shape_str() const;
