@@ -1,6 +1,9 @@
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+
+#include <sched.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -30,15 +33,23 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   while (true) {
-    // Spin for a short while (a new job usually follows within microseconds), then sleep.
-    int spins = 0;
-    while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
-      RWKVX_PAUSE();
-      ++spins;
+    // Spin while jobs keep coming: pause briefly, then yield (so a loaded machine loses nothing), and
+    // after 5 ms without work, sleep.
+    constexpr auto kSpin = std::chrono::milliseconds(5);
+    const auto spin_start = std::chrono::steady_clock::now();
+    for (int spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+      if (spins < 2000) {
+        RWKVX_PAUSE();
+      } else {
+        sched_yield();
+        if (spins % 64 == 0 && std::chrono::steady_clock::now() - spin_start > kSpin) break;
+      }
     }
     if (generation_.load(std::memory_order_acquire) == seen) {
       std::unique_lock<std::mutex> lk(mu_);
+      sleepers_.fetch_add(1);
       cv_.wait(lk, [&] { return generation_.load() != seen; });
+      sleepers_.fetch_sub(1);
     }
     seen = generation_.load(std::memory_order_acquire);
     if (stop_) return;
@@ -52,15 +63,21 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
     fn(0, 1);
     return;
   }
+  bool wake;
   {
+    // Sleepers register under the mutex before re-checking the generation, so no wake-up is lost.
     std::lock_guard<std::mutex> lk(mu_);
     job_ = &fn;
     pending_.store(n_threads_ - 1, std::memory_order_release);
     generation_.fetch_add(1, std::memory_order_acq_rel);
+    wake = sleepers_.load() > 0;
   }
-  cv_.notify_all();
+  if (wake) cv_.notify_all();
   fn(0, n_threads_);
-  while (pending_.load(std::memory_order_acquire) != 0) RWKVX_PAUSE();
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 2000) RWKVX_PAUSE();
+    else sched_yield();
+  }
 }
 
 void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {

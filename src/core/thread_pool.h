@@ -1,5 +1,6 @@
-// A fixed pool of worker threads for data-parallel loops. Workers spin briefly before sleeping, because
-// decode issues ~100 small parallel loops per token and a condition-variable wake-up alone costs ~10 µs.
+// A fixed pool of worker threads for data-parallel loops. Idle workers spin for a few milliseconds before
+// sleeping: decode issues ~100 small parallel loops per token, and waking a sleeping thread cost ~1.1 ms
+// on the 2-core development VM (futex + hypervisor IPI), which made 2 threads 5x slower than 1.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -34,6 +35,7 @@ class ThreadPool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
   std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};
 };
 
 }  // namespace rwkvx

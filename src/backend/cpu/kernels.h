@@ -45,7 +45,13 @@ struct Kernels {
   void (*exp_)(float* x, int64_t n);      // x ← e^x
   void (*sigmoid_)(float* x, int64_t n);  // x ← 1 / (1 + e^-x)
   void (*tanh_)(float* x, int64_t n);
+  // Register-only FMA loop (the matrix-throughput ceiling of one core); returns a value to keep it alive.
+  // Performs iters · kFmaPeakChains · lanes FMAs.
+  float (*fma_peak)(int64_t iters);
+  int lanes;  // fp32 lanes per vector
 };
+
+constexpr int kFmaPeakChains = 12;
 
 const Kernels& kernels_for(Isa isa);
 const Kernels& scalar_kernels();

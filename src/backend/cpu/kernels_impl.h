@@ -126,30 +126,45 @@ inline vf vexp(vf x) {
   return vmul(p, vpow2i(n));
 }
 
-// Loads W values [k, k + W) of a row in any stored format, as fp32 (q8 without its scale).
-inline vf load_row(const WeightView& w, const void* row, int64_t k) {
-  switch (w.fmt) {
-    case WFormat::f32: return vload(static_cast<const float*>(row) + k);
-    case WFormat::bf16: return vload_bf16(static_cast<const uint16_t*>(row) + k);
-    case WFormat::f16: return vload_f16(static_cast<const uint16_t*>(row) + k);
-    case WFormat::q8: return vload_i8(static_cast<const int8_t*>(row) + k);
-  }
-  return vzero();
-}
-inline float load_one(const WeightView& w, const void* row, int64_t k) {
-  switch (w.fmt) {
-    case WFormat::f32: return static_cast<const float*>(row)[k];
-    case WFormat::bf16: return bf16_to_f32(static_cast<const uint16_t*>(row)[k]);
-    case WFormat::f16: return f16_to_f32(static_cast<const uint16_t*>(row)[k]);
-    case WFormat::q8: return float(static_cast<const int8_t*>(row)[k]);
-  }
-  return 0.f;
-}
-inline size_t elem_bytes(WFormat f) { return f == WFormat::f32 ? 4 : f == WFormat::q8 ? 1 : 2; }
-inline const void* row_ptr(const WeightView& w, int64_t r) {
-  return static_cast<const char*>(w.data) + size_t(r * w.ld) * elem_bytes(w.fmt);
+// Weight formats as compile-time tags, so the inner loops carry no format switch.
+template <WFormat F> struct Fmt;
+template <> struct Fmt<WFormat::f32> {
+  using T = float;
+  static vf load(const T* p) { return vload(p); }
+  static float one(const T* p) { return *p; }
+};
+template <> struct Fmt<WFormat::bf16> {
+  using T = uint16_t;
+  static vf load(const T* p) { return vload_bf16(p); }
+  static float one(const T* p) { return bf16_to_f32(*p); }
+};
+template <> struct Fmt<WFormat::f16> {
+  using T = uint16_t;
+  static vf load(const T* p) { return vload_f16(p); }
+  static float one(const T* p) { return f16_to_f32(*p); }
+};
+template <> struct Fmt<WFormat::q8> {
+  using T = int8_t;
+  static vf load(const T* p) { return vload_i8(p); }
+  static float one(const T* p) { return float(*p); }
+};
+
+template <WFormat F>
+inline const typename Fmt<F>::T* row_of(const WeightView& w, int64_t r) {
+  return static_cast<const typename Fmt<F>::T*>(w.data) + r * w.ld;
 }
 inline float row_scale(const WeightView& w, int64_t r) { return w.fmt == WFormat::q8 ? w.scales[r] : 1.0f; }
+
+// Calls fn.template operator()<F>() with the view's format as a template argument.
+template <class Fn>
+inline void with_format(const WeightView& w, Fn&& fn) {
+  switch (w.fmt) {
+    case WFormat::f32: fn.template operator()<WFormat::f32>(); break;
+    case WFormat::bf16: fn.template operator()<WFormat::bf16>(); break;
+    case WFormat::f16: fn.template operator()<WFormat::f16>(); break;
+    case WFormat::q8: fn.template operator()<WFormat::q8>(); break;
+  }
+}
 
 // ---- GEMM: C = A · Wᵀ ----------------------------------------------------------------------------------
 // Small M (decode): stream each weight row once against up to 4 activation rows. Large M (prefill):
@@ -165,40 +180,67 @@ constexpr int MR = 1;
 constexpr int NR = 2 * W;
 constexpr int64_t KC = 256, NC = 16 * NR, MC = 16 * MR;
 
-inline void gemv_nt(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
-                    int64_t ldc, bool accumulate) {
-  const int64_t K = w.cols, Kv = K / (2 * W) * (2 * W);
+// One weight row against MM activation rows; 4 independent accumulators per row hide FMA latency.
+template <WFormat F, int MM>
+inline void gemv_rows(const float* A, int64_t lda, const WeightView& w, int64_t n0, int64_t n1, float* C, int64_t ldc,
+                      bool accumulate) {
+  using L = Fmt<F>;
+  const int64_t K = w.cols, Kv = K / (4 * W) * (4 * W);
   for (int64_t n = n0; n < n1; ++n) {
-    const void* row = row_ptr(w, n);
-    vf acc[kGemvMaxM][2];
-    for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = vzero();
-    for (int64_t k = 0; k < Kv; k += 2 * W) {
-      const vf b0 = load_row(w, row, k), b1 = load_row(w, row, k + W);
-      for (int64_t m = 0; m < M; ++m) {
-        acc[m][0] = vfma(vload(A + m * lda + k), b0, acc[m][0]);
-        acc[m][1] = vfma(vload(A + m * lda + k + W), b1, acc[m][1]);
+    const auto* row = row_of<F>(w, n);
+    vf acc[MM][4];
+    for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = vzero();
+    for (int64_t k = 0; k < Kv; k += 4 * W) {
+      const vf b0 = L::load(row + k), b1 = L::load(row + k + W), b2 = L::load(row + k + 2 * W),
+               b3 = L::load(row + k + 3 * W);
+      for (int m = 0; m < MM; ++m) {
+        const float* a = A + m * lda + k;
+        acc[m][0] = vfma(vload(a), b0, acc[m][0]);
+        acc[m][1] = vfma(vload(a + W), b1, acc[m][1]);
+        acc[m][2] = vfma(vload(a + 2 * W), b2, acc[m][2]);
+        acc[m][3] = vfma(vload(a + 3 * W), b3, acc[m][3]);
       }
     }
     const float s = row_scale(w, n);
-    for (int64_t m = 0; m < M; ++m) {
-      float sum = vhsum(vadd(acc[m][0], acc[m][1]));
-      for (int64_t k = Kv; k < K; ++k) sum += A[m * lda + k] * load_one(w, row, k);
+    for (int m = 0; m < MM; ++m) {
+      float sum = vhsum(vadd(vadd(acc[m][0], acc[m][1]), vadd(acc[m][2], acc[m][3])));
+      for (int64_t k = Kv; k < K; ++k) sum += A[m * lda + k] * L::one(row + k);
       float& c = C[m * ldc + n];
       c = (accumulate ? c : 0.f) + sum * s;
     }
   }
 }
 
+inline void gemv_nt(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                    int64_t ldc, bool accumulate) {
+  with_format(w, [&]<WFormat F>() {
+    switch (M) {
+      case 1: gemv_rows<F, 1>(A, lda, w, n0, n1, C, ldc, accumulate); break;
+      case 2: gemv_rows<F, 2>(A, lda, w, n0, n1, C, ldc, accumulate); break;
+      case 3: gemv_rows<F, 3>(A, lda, w, n0, n1, C, ldc, accumulate); break;
+      default: gemv_rows<F, 4>(A, lda, w, n0, n1, C, ldc, accumulate); break;
+    }
+  });
+}
+
 // Packs rows [n, n + NR) × cols [k0, k0 + kc) of W into [kc][NR] fp32, scaled, zero-padded.
+template <WFormat F>
 inline void pack_b(const WeightView& w, int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) {
+  // Convert W-wide runs of each row with vector loads, then scatter them into the [kc][NR] panel.
+  alignas(64) float buf[W];
   for (int r = 0; r < NR; ++r) {
     if (n + r >= n_end) {
       for (int64_t k = 0; k < kc; ++k) out[k * NR + r] = 0.f;
       continue;
     }
-    const void* row = row_ptr(w, n + r);
-    const float s = row_scale(w, n + r);
-    for (int64_t k = 0; k < kc; ++k) out[k * NR + r] = load_one(w, row, k0 + k) * s;
+    const auto* row = row_of<F>(w, n + r) + k0;
+    const vf s = vset1(row_scale(w, n + r));
+    int64_t k = 0;
+    for (; k + W <= kc; k += W) {
+      vstore(buf, vmul(Fmt<F>::load(row + k), s));
+      for (int i = 0; i < W; ++i) out[(k + i) * NR + r] = buf[i];
+    }
+    for (; k < kc; ++k) out[k * NR + r] = Fmt<F>::one(row + k) * row_scale(w, n + r);
   }
 }
 
@@ -253,7 +295,9 @@ inline void gemm_nt(const float* A, int64_t lda, int64_t M, const WeightView& w,
     for (int64_t kb = 0; kb < K; kb += KC) {
       const int64_t kc = std::min(KC, K - kb);
       const bool add = accumulate || kb > 0;
-      for (int64_t n = nb; n < nb_end; n += NR) pack_b(w, n, nb_end, kb, kc, bpack.data() + (n - nb) * kc);
+      with_format(w, [&]<WFormat F>() {
+        for (int64_t n = nb; n < nb_end; n += NR) pack_b<F>(w, n, nb_end, kb, kc, bpack.data() + (n - nb) * kc);
+      });
       for (int64_t mb = 0; mb < M; mb += MC) {
         const int64_t mb_end = std::min(M, mb + MC);
         for (int64_t m = mb; m < mb_end; m += MR) pack_a(A, lda, m, mb_end, kb, kc, apack.data() + (m - mb) * kc);
@@ -272,8 +316,10 @@ inline void gemm_nt(const float* A, int64_t lda, int64_t M, const WeightView& w,
 
 // ---- GEMM: C = A · W (W used as stored) ----------------------------------------------------------------
 // Rows of W are contiguous along n, so each k step is an axpy of a W row slice into 4 rows of C.
-inline void gemm_nn(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
-                    int64_t ldc, bool accumulate) {
+template <WFormat F>
+inline void gemm_nn_f(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                      int64_t ldc, bool accumulate) {
+  using L = Fmt<F>;
   const int64_t K = w.rows;
   constexpr int64_t TM = 4, TN = 2 * W;
   for (int64_t m0 = 0; m0 < M; m0 += TM) {
@@ -283,10 +329,9 @@ inline void gemm_nn(const float* A, int64_t lda, int64_t M, const WeightView& w,
       vf acc[TM][2];
       for (int64_t i = 0; i < TM; ++i) acc[i][0] = acc[i][1] = vzero();
       for (int64_t k = 0; k < K; ++k) {
-        const void* row = row_ptr(w, k);
-        const float s = row_scale(w, k);
-        vf b0 = load_row(w, row, n), b1 = load_row(w, row, n + W);
-        if (w.fmt == WFormat::q8) b0 = vmul(b0, vset1(s)), b1 = vmul(b1, vset1(s));
+        const auto* row = row_of<F>(w, k);
+        vf b0 = L::load(row + n), b1 = L::load(row + n + W);
+        if constexpr (F == WFormat::q8) b0 = vmul(b0, vset1(w.scales[k])), b1 = vmul(b1, vset1(w.scales[k]));
         for (int64_t i = 0; i < mm; ++i) {
           const vf a = vset1(A[(m0 + i) * lda + k]);
           acc[i][0] = vfma(a, b0, acc[i][0]);
@@ -302,7 +347,7 @@ inline void gemm_nn(const float* A, int64_t lda, int64_t M, const WeightView& w,
     for (; n < n1; ++n) {
       for (int64_t i = 0; i < mm; ++i) {
         float sum = 0.f;
-        for (int64_t k = 0; k < K; ++k) sum += A[(m0 + i) * lda + k] * load_one(w, row_ptr(w, k), n) * row_scale(w, k);
+        for (int64_t k = 0; k < K; ++k) sum += A[(m0 + i) * lda + k] * L::one(row_of<F>(w, k) + n) * row_scale(w, k);
         float& c = C[(m0 + i) * ldc + n];
         c = (accumulate ? c : 0.f) + sum;
       }
@@ -310,10 +355,17 @@ inline void gemm_nn(const float* A, int64_t lda, int64_t M, const WeightView& w,
   }
 }
 
+inline void gemm_nn(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                    int64_t ldc, bool accumulate) {
+  with_format(w, [&]<WFormat F>() { gemm_nn_f<F>(A, lda, M, w, n0, n1, C, ldc, accumulate); });
+}
+
 inline void row_to_f32(const WeightView& w, int64_t r, float* out) {
-  const void* row = row_ptr(w, r);
   const float s = row_scale(w, r);
-  for (int64_t k = 0; k < w.cols; ++k) out[k] = load_one(w, row, k) * s;
+  with_format(w, [&]<WFormat F>() {
+    const auto* row = row_of<F>(w, r);
+    for (int64_t k = 0; k < w.cols; ++k) out[k] = Fmt<F>::one(row + k) * s;
+  });
 }
 
 // ---- WKV-7, one head ---------------------------------------------------------------------------------
@@ -472,9 +524,20 @@ inline void attend(const float* q, const float* k, const float* v, int64_t ld, c
   for (int64_t d = 0; d < D; ++d) out[d] = acc[size_t(d)] * inv;
 }
 
+inline float fma_peak(int64_t iters) {
+  vf acc[kFmaPeakChains];
+  for (int j = 0; j < kFmaPeakChains; ++j) acc[j] = vset1(float(j) * 1e-3f);
+  const vf b = vset1(0.999999f), c = vset1(1e-6f);
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < kFmaPeakChains; ++j) acc[j] = vfma(acc[j], b, c);
+  vf s = vzero();
+  for (int j = 0; j < kFmaPeakChains; ++j) s = vadd(s, acc[j]);
+  return vhsum(s);
+}
+
 inline Kernels make_kernels() {
   Isa isa = RWKVX_KERNEL_ISA == 2 ? Isa::avx512 : RWKVX_KERNEL_ISA == 1 ? Isa::avx2 : Isa::scalar;
-  return Kernels{isa, gemm_nt, gemm_nn, row_to_f32, wkv7_head, dot_f64, attend, exp_, sigmoid_, tanh_};
+  return Kernels{isa, gemm_nt, gemm_nn, row_to_f32, wkv7_head, dot_f64, attend, exp_, sigmoid_, tanh_, fma_peak, W};
 }
 
 }  // namespace rwkvx::cpu::RWKVX_ISA_NS
