@@ -4,6 +4,7 @@
 // official eviction policy on they hold only until the first eviction, which the last tests pin down.
 #include <gtest/gtest.h>
 
+#include "backend/cpu/cpu_backend.h"
 #include "support/random_model.h"
 
 namespace rwkvx {
@@ -40,17 +41,27 @@ std::vector<InvCase> cases() {
   return v;
 }
 
-class InvariantTest : public testing::TestWithParam<InvCase> {
+// The reference backend is exactly invariant (same loops for every split); the fast CPU backend takes
+// different kernels for decode (GEMV, per-query attention) and prefill (packed GEMM, grouped attention),
+// so its splits agree to fp32 rounding.
+struct InvParam {
+  InvCase c;
+  std::string backend;
+};
+
+class InvariantTest : public testing::TestWithParam<InvParam> {
  protected:
+  double tol() const { return GetParam().backend == "reference" ? 1e-6 : 2e-5; }
   void SetUp() override {
-    const InvCase& c = GetParam();
+    const InvCase& c = GetParam().c;
+    be = GetParam().backend == "reference" ? make_reference_backend() : make_cpu_backend();
     ModelOptions opt;
     opt.chunk = c.chunk;
     opt.top_k = c.top_k;
     model = load_random_model(c.spec, opt, *be);
     ids = random_tokens(c.T, c.spec.n_vocab, c.spec.seed * 7);
   }
-  std::unique_ptr<Backend> be = make_reference_backend();
+  std::unique_ptr<Backend> be;
   std::unique_ptr<Model> model;
   std::vector<int32_t> ids;
 };
@@ -60,19 +71,19 @@ TEST_P(InvariantTest, DecodeEqualsPrefill) {
   State whole = model->new_state(), steps = model->new_state();
   std::vector<float> a = run_pieces(*model, whole, ids, {T});
   std::vector<float> b = run_pieces(*model, steps, ids, std::vector<int64_t>(size_t(T), 1));
-  EXPECT_LE(rel_max_err(b, a), 1e-6);
-  EXPECT_LE(state_diff(*be, steps, whole), 1e-6);
+  EXPECT_LE(rel_max_err(b, a), tol());
+  EXPECT_LE(state_diff(*be, steps, whole), tol());
 }
 
 TEST_P(InvariantTest, SplitPrefillEqualsWhole) {
   const int64_t T = int64_t(ids.size());
   State whole = model->new_state();
   std::vector<float> ref = run_pieces(*model, whole, ids, {T});
-  std::mt19937 rng(unsigned(GetParam().spec.seed));
+  std::mt19937 rng(unsigned(GetParam().c.spec.seed));
   for (int trial = 0; trial < 6; ++trial) {
     // Cut points: random, plus (in odd trials) exactly on a chunk boundary.
     std::vector<int64_t> cuts = {int64_t(rng() % uint32_t(T - 1)) + 1, int64_t(rng() % uint32_t(T - 1)) + 1};
-    if (trial % 2) cuts.push_back(std::min<int64_t>(T - 1, GetParam().chunk * (1 + trial)));
+    if (trial % 2) cuts.push_back(std::min<int64_t>(T - 1, GetParam().c.chunk * (1 + trial)));
     std::sort(cuts.begin(), cuts.end());
     cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
     std::vector<int64_t> pieces;
@@ -82,8 +93,8 @@ TEST_P(InvariantTest, SplitPrefillEqualsWhole) {
     State st = model->new_state();
     std::vector<float> got = run_pieces(*model, st, ids, pieces);
     SCOPED_TRACE("trial " + std::to_string(trial) + ", first cut " + std::to_string(cuts[0]));
-    EXPECT_LE(rel_max_err(got, ref), 1e-6);
-    EXPECT_LE(state_diff(*be, st, whole), 1e-6);
+    EXPECT_LE(rel_max_err(got, ref), tol());
+    EXPECT_LE(state_diff(*be, st, whole), tol());
   }
 }
 
@@ -95,12 +106,25 @@ TEST_P(InvariantTest, OutputRowDependsOnlyOnPrefix) {
   changed[size_t(T / 2)] = (changed[size_t(T / 2)] + 1) % int32_t(V);
   std::vector<float> b = run_pieces(*model, s2, changed, {T});
   std::vector<float> a0(a.begin(), a.begin() + (T / 2) * V), b0(b.begin(), b.begin() + (T / 2) * V);
-  EXPECT_EQ(a0, b0);
-  EXPECT_NE(a, b);
+  // Bit-identical on the reference. On the fast backend the later tokens change how many queries share a
+  // chunk, which picks the GEMV or the packed kernel for earlier rows too: equal up to fp32 rounding.
+  if (GetParam().backend == "reference") {
+    EXPECT_EQ(a0, b0);
+  } else {
+    EXPECT_LE(rel_max_err(b0, a0), 1e-6);
+  }
+  EXPECT_GT(rel_max_err(b, a), 1e-3);
 }
 
-INSTANTIATE_TEST_SUITE_P(Random, InvariantTest, testing::ValuesIn(cases()),
-                         [](const auto& i) { return std::string(i.param.label); });
+std::vector<InvParam> params() {
+  std::vector<InvParam> v;
+  for (const InvCase& c : cases())
+    for (const char* b : {"reference", "cpu"}) v.push_back({c, b});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Random, InvariantTest, testing::ValuesIn(params()),
+                         [](const auto& i) { return std::string(i.param.c.label) + "_" + i.param.backend; });
 
 // Beyond the official KV limit (20000 rows): with eviction off the cache keeps every row and a split
 // prefill still equals the whole.

@@ -194,7 +194,8 @@ TEST_P(CpuOps, Rwkv7TimeMixOps) {
 }
 
 TEST_P(CpuOps, SparseAttentionMatchesReference) {
-  for (auto [C, L, chunk, top_k] : {std::tuple{64, 45, 4, 3}, {192, 150, 16, 3}, {128, 77, 5, 2}, {256, 64, 8, 4}}) {
+  for (auto [C, L, chunk, top_k] :
+       {std::tuple{64, 45, 4, 3}, {192, 150, 16, 3}, {128, 77, 5, 2}, {256, 64, 8, 4}, {128, 300, 24, 3}, {64, 260, 100, 3}}) {
     auto [kr, kf] = rand({L, C});
     auto [vr, vf] = rand({L, C});
     auto [qr, qf] = rand({L, C}, -2, 2);

@@ -1,46 +1,155 @@
-// Sparse attention (spec model.md §5) on the CPU: per query slot and head, an fp64-accumulated gate over
-// the complete past chunks, top-(k-1) selection (ties: lower chunk), then one flash-style pass over the
-// selected chunks and the causal own chunk. Work is split over (query, head) pairs.
+// Sparse attention (spec model.md §5) on the CPU. Every query slot and head gets an fp64-accumulated gate
+// over the complete past chunks and a top-(k-1) selection (ties: lower chunk). Then:
+//  * decode (few queries): one flash-style pass per (query, head) over the selected chunks + own chunk;
+//  * prefill: per (head, tile of 64 queries), the queries that chose a chunk are gathered and attend to it
+//    with two small GEMMs (Q·Kᵀ, P·V) under an online softmax, and the causal own chunk likewise. This
+//    keeps prefill cost per token flat in the context length at GEMM speed (linear-time prefill).
 #include <algorithm>
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
 
 namespace rwkvx::cpu {
+namespace {
+
+constexpr int64_t kTile = 64;           // queries per prefill job
+constexpr int64_t kGroupedMinRows = 16;  // below this, the per-query path is cheaper
+
+// Chooses the top-(k-1) past chunks for query head `qh` (sorted by chunk index).
+void select_chunks(const Kernels& k, const float* qh, const KvCache& cache, int64_t own, int64_t h, int64_t D,
+                   int top_k, std::vector<double>& score, std::vector<int64_t>& chosen) {
+  const int64_t C = cache.k.row_size();
+  score.resize(size_t(own));
+  for (int64_t n = 0; n < own; ++n) score[size_t(n)] = k.dot_f64(qh, cache.chunk_mean.f32() + n * C + h * D, D);
+  const int64_t n_sel = std::min<int64_t>(top_k - 1, own);
+  chosen.clear();
+  for (int64_t i = 0; i < n_sel; ++i) {
+    int64_t best = -1;
+    for (int64_t n = 0; n < own; ++n) {
+      if (std::find(chosen.begin(), chosen.end(), n) != chosen.end()) continue;
+      if (best < 0 || score[size_t(n)] > score[size_t(best)]) best = n;
+    }
+    chosen.push_back(best);
+  }
+  std::sort(chosen.begin(), chosen.end());
+}
+
+// Online-softmax state of a block of queries for one head.
+struct OnlineSoftmax {
+  std::vector<float> m, l, acc;  // per query: running max, running sum, D accumulators
+  void reset(int64_t rows, int64_t D) {
+    m.assign(size_t(rows), -INFINITY);
+    l.assign(size_t(rows), 0.f);
+    acc.assign(size_t(rows * D), 0.f);
+  }
+};
+
+}  // namespace
 
 void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const SparseAttnParams& p, Tensor& out) {
   const int64_t T = q.rows(), C = q.row_size(), D = p.head_dim, H = C / D, c = cache.chunk;
   const int64_t first = cache.len - T;
   RWKVX_ASSERT(first >= 0 && C % D == 0, "sparse_attention: queries exceed the cache");
   const float scale = 1.0f / std::sqrt(float(D));
-  auto run = [&](int64_t j0, int64_t j1) {
-    std::vector<double> score;
-    std::vector<int64_t> chosen, ranges;
-    for (int64_t job = j0; job < j1; ++job) {
-      const int64_t t = first + job / H, h = job % H, own = t / c;
-      const float* qh = q.f32() + (t - first) * C + h * D;
-      score.resize(size_t(own));
-      for (int64_t n = 0; n < own; ++n) score[size_t(n)] = k_->dot_f64(qh, cache.chunk_mean.f32() + n * C + h * D, D);
-      // Top-(k-1) by (score desc, chunk asc): a few linear scans, k is small.
-      const int64_t n_sel = std::min<int64_t>(p.top_k - 1, own);
-      chosen.clear();
-      for (int64_t i = 0; i < n_sel; ++i) {
-        int64_t best = -1;
-        for (int64_t n = 0; n < own; ++n) {
-          if (std::find(chosen.begin(), chosen.end(), n) != chosen.end()) continue;
-          if (best < 0 || score[size_t(n)] > score[size_t(best)]) best = n;
-        }
-        chosen.push_back(best);
-      }
-      std::sort(chosen.begin(), chosen.end());  // visit keys in memory order
-      ranges.clear();
-      for (int64_t n : chosen) ranges.push_back(n * c), ranges.push_back((n + 1) * c);
-      ranges.push_back(own * c), ranges.push_back(t + 1);
-      k_->attend(qh, cache.k.f32() + h * D, cache.v.f32() + h * D, C, ranges.data(), int(ranges.size() / 2), D, scale,
+  const Kernels& k = *k_;
+
+  if (T < kGroupedMinRows) {
+    pool().parallel_for(T * H, 1, [&](int64_t j0, int64_t j1) {
+      std::vector<double> score;
+      std::vector<int64_t> chosen, ranges;
+      for (int64_t job = j0; job < j1; ++job) {
+        const int64_t t = first + job / H, h = job % H, own = t / c;
+        const float* qh = q.f32() + (t - first) * C + h * D;
+        select_chunks(k, qh, cache, own, h, D, p.top_k, score, chosen);
+        ranges.clear();
+        for (int64_t n : chosen) ranges.push_back(n * c), ranges.push_back((n + 1) * c);
+        ranges.push_back(own * c), ranges.push_back(t + 1);
+        k.attend(qh, cache.k.f32() + h * D, cache.v.f32() + h * D, C, ranges.data(), int(ranges.size() / 2), D, scale,
                  out.f32() + (t - first) * C + h * D);
+      }
+    });
+    return;
+  }
+
+  const int64_t n_tiles = (T + kTile - 1) / kTile;
+  pool().parallel_for(n_tiles * H, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<double> score;
+    std::vector<int64_t> chosen;
+    std::vector<std::vector<int64_t>> sel(static_cast<size_t>(kTile));  // chosen chunks per query of the tile
+    std::vector<int64_t> rows, chunks;
+    std::vector<float> qbuf(size_t(kTile * D)), s, pv(size_t(kTile * D));
+    OnlineSoftmax st;
+    for (int64_t job = j0; job < j1; ++job) {
+      const int64_t h = job % H, q0 = first + (job / H) * kTile, q1 = std::min(cache.len, q0 + kTile);
+      const int64_t nq = q1 - q0;
+      auto qrow = [&](int64_t t) { return q.f32() + (t - first) * C + h * D; };
+      st.reset(nq, D);
+      chunks.clear();
+      for (int64_t t = q0; t < q1; ++t) {
+        select_chunks(k, qrow(t), cache, t / c, h, D, p.top_k, score, chosen);
+        sel[size_t(t - q0)] = chosen;
+        chunks.insert(chunks.end(), chosen.begin(), chosen.end());
+      }
+      std::sort(chunks.begin(), chunks.end());
+      chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
+
+      // Attends the gathered queries `rows` (tile-relative) to key slots [k0, k0 + nk); `causal` masks slot
+      // s > t for query slot t.
+      auto attend_block = [&](int64_t k0, int64_t nk, bool causal) {
+        const int64_t m = int64_t(rows.size());
+        for (int64_t i = 0; i < m; ++i) std::copy_n(qrow(q0 + rows[size_t(i)]), D, qbuf.data() + i * D);
+        s.resize(size_t(m * nk));
+        const WeightView keys{WFormat::f32, cache.k.f32() + k0 * C + h * D, nullptr, nk, D, C};
+        k.gemm_nt(qbuf.data(), D, m, keys, 0, nk, s.data(), nk, false);
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t r = rows[size_t(i)];
+          float* si = s.data() + i * nk;
+          const int64_t valid = causal ? std::min(nk, q0 + r - k0 + 1) : nk;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < valid; ++j) mx = std::max(mx, si[j] *= scale);
+          const float m_new = std::max(st.m[size_t(r)], mx);
+          for (int64_t j = 0; j < valid; ++j) si[j] -= m_new;
+          k.exp_(si, valid);
+          std::fill(si + valid, si + nk, 0.f);
+          float sum = 0.f;
+          for (int64_t j = 0; j < valid; ++j) sum += si[j];
+          const float corr = std::exp(st.m[size_t(r)] - m_new);
+          st.m[size_t(r)] = m_new;
+          st.l[size_t(r)] = st.l[size_t(r)] * corr + sum;
+          float* a = st.acc.data() + r * D;
+          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+        }
+        const WeightView vals{WFormat::f32, cache.v.f32() + k0 * C + h * D, nullptr, nk, D, C};
+        k.gemm_nn(s.data(), nk, m, vals, 0, D, pv.data(), D, false);
+        for (int64_t i = 0; i < m; ++i) {
+          float* a = st.acc.data() + rows[size_t(i)] * D;
+          for (int64_t d = 0; d < D; ++d) a[d] += pv[size_t(i * D + d)];
+        }
+      };
+
+      for (int64_t n : chunks) {
+        rows.clear();
+        for (int64_t r = 0; r < nq; ++r)
+          if (std::binary_search(sel[size_t(r)].begin(), sel[size_t(r)].end(), n)) rows.push_back(r);
+        attend_block(n * c, c, false);
+      }
+      // Own chunks: the tile's queries grouped by chunk, each group over its chunk's slots up to its last query.
+      for (int64_t r0 = 0; r0 < nq;) {
+        const int64_t own = (q0 + r0) / c;
+        int64_t r1 = r0;
+        while (r1 < nq && (q0 + r1) / c == own) ++r1;
+        rows.clear();
+        for (int64_t r = r0; r < r1; ++r) rows.push_back(r);
+        attend_block(own * c, q0 + r1 - own * c, true);
+        r0 = r1;
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        float* o = out.f32() + (q0 + r - first) * C + h * D;
+        const float inv = 1.0f / st.l[size_t(r)];
+        for (int64_t d = 0; d < D; ++d) o[d] = st.acc[size_t(r * D + d)] * inv;
+      }
     }
-  };
-  pool().parallel_for(T * H, 1, run);
+  });
 }
 
 }  // namespace rwkvx::cpu
