@@ -78,12 +78,17 @@ void add_tensor(TensorStore& store, const PthContext& c, const std::string& name
   std::vector<int64_t> shape = as_int_tuple(c, name, args[2], "size");
   std::vector<int64_t> stride = as_int_tuple(c, name, args[3], "stride");
   if (stride.size() != shape.size()) c.fail(name, "size and stride have different ranks");
+  // Materialising a strided tensor costs numel x rank: bound the rank (PyTorch itself caps it at 64).
+  if (shape.size() > 64) c.fail(name, "rank " + std::to_string(shape.size()) + " exceeds 64");
   if (offset < 0 || offset > storage_numel) c.fail(name, "storage offset out of range");
   // Extent check: the last element reached must lie inside the storage; also detect contiguity.
-  int64_t numel = 1, last = offset, expect = 1;
+  // `nonzero` (the product of the non-zero sizes) is bounded too: with a 0 in the shape, the other sizes
+  // must not multiply past int64 (StoredTensor::numel, config code).
+  int64_t numel = 1, nonzero = 1, last = offset, expect = 1;
   bool contiguous = true;
   for (size_t d = shape.size(); d-- > 0;) {
-    if (shape[d] != 0 && numel > kMaxElems / shape[d]) c.fail(name, "too many elements");
+    if (shape[d] != 0 && nonzero > kMaxElems / shape[d]) c.fail(name, "too many elements");
+    if (shape[d] != 0) nonzero *= shape[d];
     numel *= shape[d];
     if (shape[d] > 1 && stride[d] != expect) contiguous = false;
     expect *= shape[d];
@@ -96,6 +101,11 @@ void add_tensor(TensorStore& store, const PthContext& c, const std::string& name
     if (last >= storage_numel) c.fail(name, "shape/stride reach element " + std::to_string(last) +
                                                 " of a storage with " + std::to_string(storage_numel));
   }
+  // A strided view with more elements than its storage repeats elements (stride 0, expand); its copy
+  // could be arbitrarily larger than the file, so it is refused.
+  if (!contiguous && numel > storage_numel)
+    c.fail(name, "strided view of " + std::to_string(numel) + " elements overlaps itself in a storage of " +
+                     std::to_string(storage_numel) + " (expanded/overlapping strides are not supported)");
   StoredTensor t;
   t.name = name;
   t.dtype = dt;

@@ -31,7 +31,10 @@ TensorStore parse_safetensors(std::shared_ptr<const MappedFile> file) {
   store.path = path;
   store.format = "safetensors";
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
-  for (const auto& [name, info] : header.items()) {
+  for (const auto& item : header.items()) {
+    // Not a structured binding: clang 14 (the fuzz build) cannot capture one in the lambda below.
+    const std::string& name = item.key();
+    const nlohmann::json& info = item.value();
     if (name == "__metadata__") continue;
     auto fail = [&](const std::string& msg) { throw Error(path + ": tensor '" + name + "': " + msg); };
     if (!info.is_object()) fail("header entry is not an object");
@@ -44,11 +47,15 @@ TensorStore parse_safetensors(std::shared_ptr<const MappedFile> file) {
     else if (dts == "BF16") t.dtype = DType::bf16;
     else fail("unsupported dtype '" + dts + "' (supported: F32, F16, BF16)");
     if (!info.contains("shape") || !info["shape"].is_array()) fail("missing or non-array 'shape'");
-    uint64_t numel = 1;
+    uint64_t numel = 1, nonzero = 1;  // nonzero: product of the non-zero entries, bounded even if one is 0
     for (const auto& d : info["shape"]) {
-      if (!d.is_number_unsigned()) fail("shape entry " + d.dump() + " is not a non-negative integer");
+      // Only scalars are printed: dump() of a deeply nested array recurses and overflows the stack.
+      if (!d.is_number_unsigned())
+        fail("shape entry " + (d.is_primitive() ? d.dump().substr(0, 40) : "of type " + std::string(d.type_name())) +
+             " is not a non-negative integer");
       uint64_t v = d.get<uint64_t>();
-      if (v != 0 && numel > (uint64_t(1) << 40) / v) fail("shape too large");
+      if (v != 0 && nonzero > (uint64_t(1) << 40) / v) fail("shape too large");
+      if (v != 0) nonzero *= v;
       numel *= v;
       t.shape.push_back(int64_t(v));
     }

@@ -20,7 +20,8 @@ std::string StoredTensor::shape_str() const { return shape_to_string(shape); }
 
 std::vector<float> StoredTensor::to_f32() const {
   std::vector<float> out(static_cast<size_t>(numel()));
-  convert_to_f32(dtype, data, out.data(), out.size());
+  // An empty tensor has no buffer: out.data() may be null, and memcpy(nullptr, _, 0) is undefined.
+  if (!out.empty()) convert_to_f32(dtype, data, out.data(), out.size());
   return out;
 }
 
