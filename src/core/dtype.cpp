@@ -3,6 +3,7 @@
 namespace rwkvx {
 
 void convert_to_f32(DType t, const void* src, float* dst, size_t n) {
+  if (n == 0) return;
   const auto* p = static_cast<const unsigned char*>(src);
   switch (t) {
     case DType::q8:

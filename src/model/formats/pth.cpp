@@ -157,6 +157,7 @@ TensorStore parse_pth(std::shared_ptr<const MappedFile> file) {
     add_tensor(store, c, k->s, v);
   }
   store.file = std::move(file);
+  store.share_ownership();
   return store;
 }
 

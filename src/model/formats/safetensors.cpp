@@ -86,6 +86,7 @@ TensorStore parse_safetensors(std::shared_ptr<const MappedFile> file) {
     }
   }
   store.file = std::move(file);
+  store.share_ownership();
   return store;
 }
 

@@ -25,6 +25,15 @@ std::vector<float> StoredTensor::to_f32() const {
   return out;
 }
 
+void TensorStore::share_ownership() {
+  struct KeepAlive {
+    std::shared_ptr<const MappedFile> file;
+    std::vector<std::shared_ptr<std::vector<uint8_t>>> owned;
+  };
+  auto keep = std::make_shared<const KeepAlive>(KeepAlive{file, owned});
+  for (auto& [name, t] : tensors) t.owner = keep;
+}
+
 const StoredTensor* TensorStore::find(const std::string& name) const {
   auto it = tensors.find(name);
   return it == tensors.end() ? nullptr : &it->second;

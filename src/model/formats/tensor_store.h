@@ -39,6 +39,9 @@ class TensorStore {
   // Keeps the bytes alive (mapped file, materialised strided tensors).
   std::shared_ptr<const MappedFile> file;
   std::vector<std::shared_ptr<std::vector<uint8_t>>> owned;
+  // Sets every tensor's `owner` to one handle on the file and the materialised copies, so a backend can
+  // keep zero-copy views after the store is gone. Parsers call it last.
+  void share_ownership();
 };
 
 // Parsers over a whole file's bytes. `file` is kept alive by the returned store.
