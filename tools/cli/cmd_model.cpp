@@ -9,28 +9,11 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "model/model.h"
+#include "model_args.h"
+#include "runtime/engine.h"
 
 namespace rwkvx {
 namespace {
-
-struct ModelArgs {
-  std::string path;
-  ModelOptions options;
-};
-
-void add_model_args(CLI::App* cmd, ModelArgs& a) {
-  cmd->add_option("--model,-m", a.path, "checkpoint (.pth or .safetensors)")->required();
-  cmd->add_option("--chunk-size", a.options.chunk, "sparse-attention chunk size (not stored in checkpoints)")
-      ->default_val(2048);
-  cmd->add_option("--top-k", a.options.top_k, "chunks attended per query, own chunk included")->default_val(3);
-  cmd->add_option("--kv-evict-max", a.options.eviction.max_len,
-                  "official bounded KV cache: evict when a cache exceeds this many rows (0 = off, exact)")
-      ->default_val(0);
-  cmd->add_option("--kv-evict-window", a.options.eviction.window, "eviction: newest rows always kept")
-      ->default_val(2000);
-  cmd->add_option("--kv-evict-keep", a.options.eviction.min_len, "eviction: rows kept after eviction")
-      ->default_val(16000);
-}
 
 std::vector<int32_t> read_token_file(const std::string& path) {
   std::ifstream in(path);
@@ -69,7 +52,7 @@ void run_info(const ModelArgs& a) {
 void run_logits(const ModelArgs& a, const std::string& tokens_file, const std::string& out_path,
                 const std::string& mode, int64_t slice) {
   std::vector<int32_t> ids = read_token_file(tokens_file);
-  auto be = make_reference_backend();
+  auto be = make_backend(a.device);
   auto model = Model::load(a.path, a.options, *be);
   const int64_t V = model->config().n_vocab;
   for (size_t i = 0; i < ids.size(); ++i)
@@ -107,6 +90,7 @@ void register_model_commands(CLI::App& app) {
   CLI::App* logits = app.add_subcommand(
       "logits", "write float32 logits [T, vocab] (little-endian, row-major) for every position of a token file");
   add_model_args(logits, logits_args);
+  add_device_arg(logits, logits_args);
   logits->add_option("--tokens-file", tokens_file, "whitespace-separated token ids")->required();
   logits->add_option("--out", out_path, "output file (written atomically)")->required();
   logits->add_option("--mode", mode, "prefill: whole sequence per call; decode: one token per call")

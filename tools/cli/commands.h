@@ -14,3 +14,11 @@ void register_model_commands(CLI::App& app);
 
 // init (cmd_init.cpp).
 void register_init_commands(CLI::App& app);
+
+// generate (cmd_generate.cpp), chat (cmd_chat.cpp), serve (cmd_serve.cpp).
+void register_generate_commands(CLI::App& app);
+void register_chat_commands(CLI::App& app);
+void register_serve_commands(CLI::App& app);
+
+// bench (cmd_bench.cpp).
+void register_bench_commands(CLI::App& app);

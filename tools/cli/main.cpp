@@ -13,6 +13,10 @@ int main(int argc, char** argv) {
   register_model_commands(app);
   register_tokenize_commands(app);
   register_init_commands(app);
+  register_bench_commands(app);
+  register_generate_commands(app);
+  register_chat_commands(app);
+  register_serve_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,53 @@
+// Backend choice and model loading with a checkpoint fingerprint (see engine.h).
+#include "runtime/engine.h"
+
+#include <algorithm>
+
+#include "backend/cpu/cpu_backend.h"
+#include "runtime/hash64.h"
+
+namespace rwkvx {
+
+std::unique_ptr<Backend> make_backend(const std::string& device) {
+  if (device == "cpu") return make_cpu_backend();
+  if (device == "reference") return make_reference_backend();
+  if (device == "cuda")
+    throw Error("--device cuda: this build has no CUDA backend yet; use --device cpu");
+  throw Error("unknown device '" + device + "': expected cpu, reference or cuda");
+}
+
+std::string fingerprint_checkpoint(const TensorStore& store) {
+  constexpr size_t kWhole = 64 << 10, kWindow = 4 << 10, kWindows = 16;
+  Hash64 h;
+  h.update("rwkvx-checkpoint-fingerprint-v1");
+  for (const auto& [name, t] : store.tensors) {  // std::map: name order
+    h.update(name);
+    h.update(dtype_name(t.dtype));
+    h.update_u64(t.shape.size());
+    for (int64_t d : t.shape) h.update_u64(uint64_t(d));
+    const size_t n = t.nbytes();
+    if (n <= kWhole) {
+      h.update(t.data, n);
+    } else {
+      for (size_t i = 0; i < kWindows; ++i) h.update(t.data + (n - kWindow) / (kWindows - 1) * i, kWindow);
+    }
+  }
+  return h.hex();
+}
+
+LoadedModel load_model(const TensorStore& store, const ModelOptions& options, Backend& backend) {
+  LoadedModel m;
+  m.path = store.path;
+  m.fingerprint = fingerprint_checkpoint(store);
+  m.model = Model::from_store(store, options, backend);
+  return m;
+}
+
+LoadedModel load_model(const std::string& path, const ModelOptions& options, Backend& backend) {
+  TensorStore store = load_checkpoint(path);
+  LoadedModel m = load_model(store, options, backend);
+  m.path = path;
+  return m;
+}
+
+}  // namespace rwkvx

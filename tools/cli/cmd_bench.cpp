@@ -1,0 +1,116 @@
+// `rwkvx bench`: prefill tokens/s and decode ms/token on the fast CPU backend, with this machine's
+// memory bandwidth and FMA peak measured in the same run and every result given as a ratio to its floor.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "backend/cpu/cpu_backend.h"
+#include "commands.h"
+#include "model_args.h"
+#include "runtime/benchmark.h"
+
+namespace rwkvx {
+namespace {
+
+struct BenchArgs {
+  ModelArgs model;
+  std::string prefill = "512,4096";
+  int64_t decode = 64, context = 0, slice = 4096;
+  int threads = 0, repeat = 3;
+  bool json = false, int8 = false;
+  std::string isa;
+};
+
+std::vector<int64_t> parse_lengths(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    int64_t mult = 1;
+    if (item.back() == 'K' || item.back() == 'k') mult = 1024, item.pop_back();
+    else if (item.back() == 'M' || item.back() == 'm') mult = 1024 * 1024, item.pop_back();
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size() || v <= 0) throw Error("--prefill: '" + item + "' is not a positive length (e.g. 4096 or 64K)");
+    out.push_back(v * mult);
+  }
+  return out;
+}
+
+void run_bench(const BenchArgs& a) {
+  CpuBackendOptions o;
+  o.n_threads = a.threads;
+  o.quantize_int8 = a.int8;
+  o.isa = a.isa;
+  auto be = make_cpu_backend(o);
+  const bool tty = isatty(STDERR_FILENO);
+  if (!a.json) std::fprintf(stderr, "measuring machine floors...\n");
+  MachineFloors f = measure_machine_floors(a.threads);
+  auto model = Model::load(a.model.path, a.model.options, *be);
+  ModelCost cost = count_model_cost(*model, *be);
+  nlohmann::json out = {{"model", a.model.path},
+                        {"backend", be->name()},
+                        {"machine", {{"threads", f.threads}, {"isa", f.isa}, {"mem_gbps", f.mem_gbps},
+                                     {"peak_gflops", f.peak_gflops}}},
+                        {"prefill", nlohmann::json::array()},
+                        {"decode", nlohmann::json::array()}};
+  if (!a.json) {
+    std::printf("backend %s | machine: %d threads, %s, memory %.1f GB/s, fp32 FMA peak %.1f GFLOP/s\n",
+                be->name().c_str(), f.threads, f.isa.c_str(), f.mem_gbps, f.peak_gflops);
+    std::printf("model: %s, %.1f M body params, decode reads %.1f MB/token\n\n", a.model.path.c_str(),
+                cost.matrix_flops_per_token / 2e6, cost.decode_weight_bytes / 1e6);
+    std::printf("%-22s %12s %12s %12s %10s %10s\n", "run", "tokens/s", "ms/token", "GFLOP/s|GB/s", "of floor", "RSS MB");
+  }
+  for (int64_t n : parse_lengths(a.prefill)) {
+    auto progress = [&](int64_t done, int64_t total) {
+      if (tty && !a.json) std::fprintf(stderr, "\rprefill %lld: %lld / %lld", (long long)n, (long long)done, (long long)total);
+    };
+    PrefillResult r = bench_prefill(*model, cost, f, n, a.slice, n >= 32768 ? 1 : a.repeat, progress);
+    if (tty && !a.json) std::fprintf(stderr, "\r%60s\r", "");
+    out["prefill"].push_back({{"tokens", n}, {"seconds", r.seconds}, {"tokens_per_s", r.tokens_per_s},
+                              {"gflops", r.gflops}, {"ratio_to_peak", r.ratio_to_peak}, {"peak_rss_mb", r.peak_rss_mb}});
+    if (!a.json)
+      std::printf("%-22s %12.1f %12.3f %12.1f %9.0f%% %10lld\n", ("prefill " + std::to_string(n)).c_str(),
+                  r.tokens_per_s, 1e3 / r.tokens_per_s, r.gflops, 100 * r.ratio_to_peak, (long long)r.peak_rss_mb);
+  }
+  if (a.decode > 0) {
+    DecodeResult d = bench_decode(*model, cost, f, a.context, a.decode);
+    out["decode"].push_back({{"context", d.context}, {"steps", d.tokens}, {"ms_per_token", d.ms_per_token},
+                             {"gbps", d.gbps}, {"floor_ms", d.floor_ms}, {"ratio_to_floor", d.ratio_to_floor}});
+    if (!a.json)
+      std::printf("%-22s %12.1f %12.3f %12.1f %9.2fx %10lld   (floor %.3f ms)\n",
+                  ("decode @" + std::to_string(d.context)).c_str(), 1e3 / d.ms_per_token, d.ms_per_token, d.gbps,
+                  d.ratio_to_floor, (long long)peak_rss_mb(), d.floor_ms);
+  }
+  if (a.json) std::printf("%s\n", out.dump(2).c_str());
+}
+
+}  // namespace
+}  // namespace rwkvx
+
+void register_bench_commands(CLI::App& app) {
+  using namespace rwkvx;
+  static BenchArgs a;
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "time prefill and decode on the fast CPU backend against this machine's measured floors");
+  add_model_args(cmd, a.model);
+  cmd->add_option("--prefill", a.prefill, "comma-separated prefill lengths (K/M suffixes allowed)")->default_val("512,4096");
+  cmd->add_option("--decode", a.decode, "decode steps to time (0: none)")->default_val(64);
+  cmd->add_option("--context", a.context, "tokens prefilled before the timed decode steps")->default_val(0);
+  cmd->add_option("--threads", a.threads, "worker threads (0: all hardware threads)")->default_val(0);
+  cmd->add_option("--repeat", a.repeat, "prefill repetitions (median reported; runs >= 32K tokens once)")->default_val(3);
+  cmd->add_option("--slice", a.slice, "prefill tokens per call")->check(CLI::PositiveNumber)->default_val(4096);
+  cmd->add_flag("--int8", a.int8, "quantize Linear weights to int8 (one scale per output channel)");
+  cmd->add_option("--isa", a.isa, "force an instruction set: scalar, avx2, avx512");
+  cmd->add_flag("--json", a.json, "print one JSON object instead of the table");
+  cmd->callback([] { run_bench(a); });
+}

@@ -1,0 +1,27 @@
+// The shared model options of the CLI (see model_args.h).
+#include "model_args.h"
+
+#include <CLI/CLI.hpp>
+
+namespace rwkvx {
+
+void add_model_args(CLI::App* cmd, ModelArgs& a) {
+  cmd->add_option("--model,-m", a.path, "checkpoint (.pth or .safetensors)")->required();
+  cmd->add_option("--chunk-size", a.options.chunk, "sparse-attention chunk size (not stored in checkpoints)")
+      ->default_val(2048);
+  cmd->add_option("--top-k", a.options.top_k, "chunks attended per query, own chunk included")->default_val(3);
+  cmd->add_option("--kv-evict-max", a.options.eviction.max_len,
+                  "official bounded KV cache: evict when a cache exceeds this many rows (0 = off, exact)")
+      ->default_val(0);
+  cmd->add_option("--kv-evict-window", a.options.eviction.window, "eviction: newest rows always kept")
+      ->default_val(2000);
+  cmd->add_option("--kv-evict-keep", a.options.eviction.min_len, "eviction: rows kept after eviction")
+      ->default_val(16000);
+}
+
+void add_device_arg(CLI::App* cmd, ModelArgs& a) {
+  cmd->add_option("--device", a.device, "cpu (fast CPU backend) or reference (fp32 oracle loops, slow)")
+      ->default_val("cpu");
+}
+
+}  // namespace rwkvx

@@ -1,0 +1,26 @@
+// Model options shared by every command that loads a model (info, logits, generate, chat, serve):
+// the checkpoint path and the load-time options that checkpoints do not store (chunk size, top-k,
+// KV eviction), plus --device where a command runs the model.
+#pragma once
+#include <string>
+
+#include "model/config.h"
+
+namespace CLI {
+class App;
+}
+
+namespace rwkvx {
+
+struct ModelArgs {
+  std::string path;
+  ModelOptions options;
+  std::string device = "cpu";
+};
+
+// --model, --chunk-size, --top-k, --kv-evict-max, --kv-evict-window, --kv-evict-keep.
+void add_model_args(CLI::App* cmd, ModelArgs& a);
+// --device cpu|cuda (commands that run the model for generation).
+void add_device_arg(CLI::App* cmd, ModelArgs& a);
+
+}  // namespace rwkvx
