@@ -13,13 +13,14 @@ cmake --build "$build" -j"$(nproc)" --target rwkvx load_test >/dev/null
 work=$(mktemp -d)
 trap 'kill "${server_pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 "$build/bench/load_test" --write-model "$work/tiny.safetensors"
+: >"$work/server.log"  # exists before the server's own redirect opens it, for the polling below
 "$build/rwkvx" serve --model "$work/tiny.safetensors" --model-name tiny --host 127.0.0.1 --port 0 \
   --chunk-size 64 --max-concurrency "$clients" --max-tokens-limit 256 --prefix-cache-mib 64 \
   2>"$work/server.log" &
 server_pid=$!
 port=""
 for _ in $(seq 1 200); do
-  port=$(sed -n 's|.*http://127.0.0.1:\([0-9]*\)/v1.*|\1|p' "$work/server.log")
+  port=$(sed -n 's|.*http://127.0.0.1:\([0-9]*\)/v1.*|\1|p' "$work/server.log" || true)
   [[ -n "$port" ]] && break
   sleep 0.1
 done
