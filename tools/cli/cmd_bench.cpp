@@ -81,6 +81,7 @@ void run_bench(const BenchArgs& a) {
     if (!a.json)
       std::printf("%-22s %12.1f %12.3f %12.1f %9.0f%% %10lld\n", ("prefill " + std::to_string(n)).c_str(),
                   r.tokens_per_s, 1e3 / r.tokens_per_s, r.gflops, 100 * r.ratio_to_peak, (long long)r.peak_rss_mb);
+    std::fflush(stdout);  // rows appear as they finish, also when stdout is a file
   }
   if (a.decode > 0) {
     DecodeResult d = bench_decode(*model, cost, f, a.context, a.decode);
