@@ -36,26 +36,6 @@ std::string read_file(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-std::vector<int32_t> parse_token_ids(const std::string& path) {
-  std::vector<int32_t> ids;
-  std::istringstream in(read_file(path));
-  std::string word;
-  while (in >> word) {
-    size_t used = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(word, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != word.size() || v < 0 || v > INT32_MAX)
-      throw Error(path + ": token " + std::to_string(ids.size()) + " ('" + word.substr(0, 32) +
-                  "') is not a non-negative integer id");
-    ids.push_back(int32_t(v));
-  }
-  return ids;
-}
-
 void write_out(const std::string& s) {
   if (std::fwrite(s.data(), 1, s.size(), stdout) != s.size() || std::fflush(stdout) != 0)
     throw Error("stdout: write failed");
@@ -78,7 +58,7 @@ void run_generate(GenerateArgs& a) {
   Session session(*lm.model, lm.fingerprint, &tok);
   if (!a.state_in.empty()) session.load(a.state_in);
   if (!a.prompt_tokens_file.empty()) {
-    session.append(parse_token_ids(a.prompt_tokens_file));
+    session.append(read_token_ids(a.prompt_tokens_file));
   } else if (n_prompts) {
     session.append(tok.encode(a.prompt_file.empty() ? a.prompt : read_file(a.prompt_file)));
   }

@@ -16,23 +16,7 @@ namespace rwkvx {
 namespace {
 
 std::vector<int32_t> read_token_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error(path + ": cannot open token file");
-  std::vector<int32_t> ids;
-  std::string word;
-  while (in >> word) {
-    size_t used = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(word, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != word.size() || v < 0 || v > INT32_MAX)
-      throw Error(path + ": token " + std::to_string(ids.size()) + " ('" + word.substr(0, 32) +
-                  "') is not a non-negative integer id");
-    ids.push_back(int32_t(v));
-  }
+  std::vector<int32_t> ids = read_token_ids(path);
   if (ids.empty()) throw Error(path + ": token file is empty");
   return ids;
 }

@@ -2,6 +2,10 @@
 #include "model_args.h"
 
 #include <CLI/CLI.hpp>
+#include <climits>
+#include <fstream>
+
+#include "core/error.h"
 
 namespace rwkvx {
 
@@ -22,6 +26,29 @@ void add_model_args(CLI::App* cmd, ModelArgs& a) {
 void add_device_arg(CLI::App* cmd, ModelArgs& a) {
   cmd->add_option("--device", a.device, "cpu (fast CPU backend) or reference (fp32 oracle loops, slow)")
       ->default_val("cpu");
+}
+
+
+
+std::vector<int32_t> read_token_ids(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(path + ": cannot open token file");
+  std::vector<int32_t> ids;
+  std::string word;
+  while (in >> word) {
+    size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(word, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != word.size() || v < 0 || v > INT32_MAX)
+      throw Error(path + ": token " + std::to_string(ids.size()) + " ('" + word.substr(0, 32) +
+                  "') is not a non-negative integer id");
+    ids.push_back(int32_t(v));
+  }
+  return ids;
 }
 
 }  // namespace rwkvx

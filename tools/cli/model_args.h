@@ -2,7 +2,9 @@
 // the checkpoint path and the load-time options that checkpoints do not store (chunk size, top-k,
 // KV eviction), plus --device where a command runs the model.
 #pragma once
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "model/config.h"
 
@@ -20,6 +22,9 @@ struct ModelArgs {
 
 // --model, --chunk-size, --top-k, --kv-evict-max, --kv-evict-window, --kv-evict-keep.
 void add_model_args(CLI::App* cmd, ModelArgs& a);
+// Whitespace-separated token ids from a file (--tokens-file, --prompt-tokens); a non-integer or negative
+// entry is an rwkvx::Error naming the file and the entry's index.
+std::vector<int32_t> read_token_ids(const std::string& path);
 // --device cpu|cuda (commands that run the model for generation).
 void add_device_arg(CLI::App* cmd, ModelArgs& a);
 
