@@ -91,7 +91,7 @@ double ModelCost::attention_flops(int64_t t0, int64_t t1) const {
   return keys * 4.0 * double(n_embd) * double(n_sparse);
 }
 
-ModelCost count_model_cost(const Model& model, const Backend& backend) {
+ModelCost count_model_cost(const Model& model) {
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
   ModelCost cost;
@@ -114,7 +114,6 @@ ModelCost count_model_cost(const Model& model, const Backend& backend) {
   cost.decode_weight_bytes = body_bytes + double(weight_bytes(w.head)) + double(weight_bytes(w.emb)) / double(c.n_vocab);
   cost.state_bytes = 2.0 * 4.0 * double(c.n_rwkv) * double(c.n_head) * double(c.head_size * c.head_size);
   cost.n_sparse = c.n_sparse, cost.n_embd = c.n_embd, cost.chunk = c.sparse.chunk, cost.top_k = c.sparse.top_k;
-  (void)backend;
   return cost;
 }
 

@@ -42,7 +42,7 @@ struct DecodeResult {
 
 // Measures the floors with `threads` workers on the CPU backend's kernels (the best ISA unless forced).
 MachineFloors measure_machine_floors(int threads);
-ModelCost count_model_cost(const Model& model, const Backend& backend);
+ModelCost count_model_cost(const Model& model);
 
 using ProgressFn = std::function<void(int64_t done, int64_t total)>;
 // Prefill of `tokens` pseudo-random ids from a fresh state in calls of `slice` tokens; median of `repeat`.

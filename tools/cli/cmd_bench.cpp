@@ -56,7 +56,7 @@ void run_bench(const BenchArgs& a) {
   if (!a.json) std::fprintf(stderr, "measuring machine floors...\n");
   MachineFloors f = measure_machine_floors(a.threads);
   auto model = Model::load(a.model.path, a.model.options, *be);
-  ModelCost cost = count_model_cost(*model, *be);
+  ModelCost cost = count_model_cost(*model);
   nlohmann::json out = {{"model", a.model.path},
                         {"backend", be->name()},
                         {"machine", {{"threads", f.threads}, {"isa", f.isa}, {"mem_gbps", f.mem_gbps},
