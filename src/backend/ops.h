@@ -28,8 +28,10 @@ struct SeqBatch {
 // Keys and values of one sparse-attention layer for one sequence, in cache-slot order. Without eviction
 // the slot of a token is its absolute position, so chunk n = slots [n·chunk, (n+1)·chunk) (spec §5.1).
 struct KvCache {
-  Tensor k, v;            // [capacity, C] fp32; rows [0, len) valid
-  Tensor chunk_mean;      // [capacity / chunk, C] fp32; rows [0, n_chunks) = mean of k over each complete chunk
+  DType dtype = DType::f32;  // storage precision of k and v (f32 or bf16: rounded once at kv_append);
+                             // chosen before the first append, all reads widen to fp32
+  Tensor k, v;            // [capacity, C] of `dtype`; rows [0, len) valid
+  Tensor chunk_mean;      // [capacity / chunk, C] fp32; rows [0, n_chunks) = mean of the stored k over each complete chunk
   int64_t len = 0;
   int64_t n_chunks = 0;
   int64_t chunk = 0;      // chunk size the means were computed with
