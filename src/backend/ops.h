@@ -59,8 +59,8 @@ class Backend {
   virtual Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) = 0;  // zero-filled
   // A checkpoint tensor in the backend's weight format; `shape` reinterprets it (same numel).
   virtual Tensor upload_weight(const StoredTensor& src, std::initializer_list<int64_t> shape) = 0;
-  virtual void to_host(const Tensor& src, float* dst) = 0;          // src fp32
-  virtual void from_host(const float* src, Tensor& dst) = 0;        // dst fp32
+  virtual void to_host(const Tensor& src, float* dst) = 0;    // src fp32, or bf16 (widened exactly)
+  virtual void from_host(const float* src, Tensor& dst) = 0;  // dst fp32, or bf16 (rounded to nearest even)
   virtual void copy(const Tensor& src, Tensor& dst) = 0;            // same dtype and numel
   virtual void fill_zero(Tensor& t) = 0;
 

@@ -67,6 +67,7 @@ std::string ModelConfig::describe() const {
                                      std::to_string(eviction.window) + ", keep " + std::to_string(eviction.min_len)
                                : std::string("off (exact; cache grows with the context)")) +
          "\n";
+    s += "kv cache:       " + std::string(dtype_name(kv_dtype)) + "\n";
   }
   s += "parameters:     " + std::to_string(n_params) + "\n";
   return s;
@@ -170,6 +171,12 @@ ModelConfig infer_config(const TensorStore& s, const ModelOptions& opt) {
   c.sparse.top_k = opt.top_k;
   c.sparse.head_dim = 64;
   c.eviction = opt.eviction;
+  if (opt.kv_dtype != DType::f32 && opt.kv_dtype != DType::bf16)
+    throw Error("KV cache precision must be f32 or bf16 (got " + std::string(dtype_name(opt.kv_dtype)) + ")");
+  c.kv_dtype = opt.kv_dtype;
+  if (opt.max_rows_per_call < 1)
+    throw Error("rows per forward call must be >= 1 (got " + std::to_string(opt.max_rows_per_call) + ")");
+  c.max_rows_per_call = opt.max_rows_per_call;
 
   // Execution order (official get_block_exe_order).
   auto rwkv = [&](int64_t i) { c.exec_order.push_back({BlockRef::Kind::rwkv, int(i)}); };

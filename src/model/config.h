@@ -17,6 +17,10 @@ struct ModelOptions {
   int chunk = 2048;            // sparse-attention chunk size (official default)
   int top_k = 3;               // chunks per query, own chunk included (official default)
   KvEvictionParams eviction;   // off unless eviction.max_len > 0
+  DType kv_dtype = DType::f32;  // KV-cache storage: f32 (exact) or bf16 (half the memory, keys/values rounded)
+  // Rows per internal forward call: longer inputs run in pieces of this many rows (split prefill equals the
+  // whole), so activations stay cache-sized and bounded at any context length.
+  int64_t max_rows_per_call = 512;
 };
 
 struct BlockRef {
@@ -32,6 +36,8 @@ struct ModelConfig {
   int64_t dim_w = 0, dim_a = 0, dim_v = 0, dim_g = 0;  // low-rank widths
   SparseAttnParams sparse;
   KvEvictionParams eviction;
+  DType kv_dtype = DType::f32;
+  int64_t max_rows_per_call = 512;
   std::vector<BlockRef> exec_order;
   int64_t n_params = 0;
 

@@ -2,6 +2,7 @@
 // (spec model.md §2): embedding + ln0, blocks in execution order, ln_out + head.
 #include "model/model.h"
 
+#include <algorithm>
 #include <string>
 
 namespace rwkvx {
@@ -85,7 +86,9 @@ State Model::new_state(int n_slots) const {
     s.wkv.push_back(be_->alloc(DType::f32, {n_slots, c.n_head, c.head_size, c.head_size}));
   }
   for (int64_t i = 0; i < c.n_rwkv + c.n_sparse; ++i) s.ffn_shift.push_back(be_->alloc(DType::f32, {n_slots, c.n_embd}));
-  s.kv.assign(size_t(c.n_sparse), std::vector<KvCache>(size_t(n_slots)));
+  KvCache empty;
+  empty.dtype = c.kv_dtype;
+  s.kv.assign(size_t(c.n_sparse), std::vector<KvCache>(size_t(n_slots), empty));
   s.pos.assign(size_t(n_slots), 0);
   return s;
 }
@@ -98,14 +101,17 @@ void Model::reset_slot(State& s, int slot) const {
   for (Tensor& t : s.att_shift) zero_row(t);
   for (Tensor& t : s.wkv) zero_row(t);
   for (Tensor& t : s.ffn_shift) zero_row(t);
-  for (auto& caches : s.kv) caches[size_t(slot)] = KvCache{};
+  for (auto& caches : s.kv) {
+    caches[size_t(slot)] = KvCache{};
+    caches[size_t(slot)].dtype = cfg_.kv_dtype;
+  }
   s.pos[size_t(slot)] = 0;
 }
 
 Tensor Model::forward(const int32_t* ids, const SeqBatch& batch, State& state, LogitsMode mode) const {
   const ModelConfig& c = cfg_;
   Backend& be = *be_;
-  const int64_t T = batch.n_rows(), C = c.n_embd;
+  const int64_t T = batch.n_rows();
   for (int64_t t = 0; t < T; ++t)
     if (ids[t] < 0 || ids[t] >= c.n_vocab)
       throw Error("token id " + std::to_string(ids[t]) + " at position " + std::to_string(t) +
@@ -119,7 +125,45 @@ Tensor Model::forward(const int32_t* ids, const SeqBatch& batch, State& state, L
     used[size_t(slot)] = true;
   }
   if (T == 0) return Tensor{};
+  if (T <= c.max_rows_per_call) return forward_rows(ids, batch, state, mode);
 
+  // Long input: consecutive windows of rows, each a SeqBatch of the sequence parts it covers. Logits of a
+  // window land in the rows (::all) or sequences (::last, where the sequence ends inside it) they belong to.
+  Tensor logits;
+  if (mode == LogitsMode::all) logits = be.alloc(DType::f32, {T, c.n_vocab});
+  if (mode == LogitsMode::last) logits = be.alloc(DType::f32, {batch.n_seq(), c.n_vocab});
+  for (int64_t w0 = 0; w0 < T; w0 += c.max_rows_per_call) {
+    const int64_t w1 = std::min(T, w0 + c.max_rows_per_call);
+    SeqBatch part{{0}, {}};
+    std::vector<int64_t> ending;  // original sequence index of each part sequence that ends in this window
+    for (int64_t s = 0; s < batch.n_seq(); ++s) {
+      const int64_t r0 = std::max(w0, batch.row_start[size_t(s)]), r1 = std::min(w1, batch.row_start[size_t(s) + 1]);
+      if (r1 <= r0) continue;
+      part.slot.push_back(batch.slot[size_t(s)]);
+      part.row_start.push_back(part.row_start.back() + (r1 - r0));
+      ending.push_back(r1 == batch.row_start[size_t(s) + 1] ? s : -1);
+    }
+    const bool any_end = std::any_of(ending.begin(), ending.end(), [](int64_t s) { return s >= 0; });
+    const LogitsMode m = mode == LogitsMode::last && !any_end ? LogitsMode::none : mode;
+    Tensor lw = forward_rows(ids + w0, part, state, m);
+    if (m == LogitsMode::all) {
+      Tensor dst = logits.rows_view(w0, w1 - w0);
+      be.copy(lw, dst);
+    } else if (m == LogitsMode::last) {
+      for (size_t i = 0; i < ending.size(); ++i) {
+        if (ending[i] < 0) continue;
+        Tensor dst = logits.rows_view(ending[i], 1);
+        be.copy(lw.rows_view(int64_t(i), 1), dst);
+      }
+    }
+  }
+  return logits;
+}
+
+Tensor Model::forward_rows(const int32_t* ids, const SeqBatch& batch, State& state, LogitsMode mode) const {
+  const ModelConfig& c = cfg_;
+  Backend& be = *be_;
+  const int64_t T = batch.n_rows(), C = c.n_embd;
   Tensor x = be.alloc(DType::f32, {T, C}), xn = be.alloc(DType::f32, {T, C}), dx = be.alloc(DType::f32, {T, C});
   be.embedding(w_.emb, ids, T, x);
   be.layer_norm(x, w_.ln0.weight, w_.ln0.bias, 1e-5f, x);

@@ -36,6 +36,8 @@ class Model {
 
  private:
   Model(ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(&be) {}
+  // One backend pass over all rows of `batch` (already validated).
+  Tensor forward_rows(const int32_t* ids, const SeqBatch& batch, State& state, LogitsMode mode) const;
   ModelConfig cfg_;
   Backend* be_;
   ModelWeights w_;

@@ -29,7 +29,8 @@ nlohmann::json options_json(const ModelConfig& c) {
           {"top_k", c.sparse.top_k},
           {"kv_evict_max", c.eviction.max_len},
           {"kv_evict_window", c.eviction.window},
-          {"kv_evict_keep", c.eviction.min_len}};
+          {"kv_evict_keep", c.eviction.min_len},
+          {"kv_dtype", std::string(dtype_name(c.kv_dtype))}};
 }
 
 // Writes and hashes at once, so the checksum covers exactly the bytes written.
@@ -65,6 +66,13 @@ class HeaderReader {
     if (it == obj.end() || !it->is_number_integer())
       throw Error(path_ + ": corrupt state file: header field '" + where + key + "' is missing or not an integer");
     return it->get<int64_t>();
+  }
+  // A string field; `fallback` when absent (fields added after format version 1 was first written).
+  std::string string_or(const nlohmann::json& obj, const char* key, const char* where, const char* fallback) const {
+    auto it = obj.find(key);
+    if (it == obj.end()) return fallback;
+    if (!it->is_string()) throw Error(path_ + ": corrupt state file: header field '" + where + key + "' is not a string");
+    return it->get<std::string>();
   }
   const nlohmann::json& object(const char* key) const {
     auto it = j_.find(key);
@@ -108,6 +116,10 @@ void check_options(const std::string& path, const ModelConfig& c, const HeaderRe
                   ", but the model now runs with " + op.flag + " " + std::to_string(op.mine) +
                   "; options that shape the state must match");
   }
+  const std::string theirs_kv = hr.string_or(o, "kv_dtype", "options.", "f32");
+  if (theirs_kv != dtype_name(c.kv_dtype))
+    throw Error(path + ": state was saved with --kv-dtype " + theirs_kv + ", but the model now runs with --kv-dtype " +
+                std::string(dtype_name(c.kv_dtype)) + "; options that shape the state must match");
 }
 
 }  // namespace
@@ -280,12 +292,13 @@ SessionTokens load_state_file(const std::string& path, const Model& model, const
   for (Tensor& t : state.ffn_shift) read_into(t.rows_view(slot, 1));
   for (size_t j = 0; j < state.kv.size(); ++j) {
     KvCache cache;
+    cache.dtype = c.kv_dtype;
     const auto [len, n_chunks] = kv_sizes[j];
     if (len > 0) {
       const int64_t chunk = c.sparse.chunk;
       const int64_t cap = (len + chunk - 1) / chunk * chunk;
-      cache.k = be.alloc(DType::f32, {cap, c.n_embd});
-      cache.v = be.alloc(DType::f32, {cap, c.n_embd});
+      cache.k = be.alloc(c.kv_dtype, {cap, c.n_embd});
+      cache.v = be.alloc(c.kv_dtype, {cap, c.n_embd});
       cache.chunk_mean = be.alloc(DType::f32, {cap / chunk, c.n_embd});
       read_into(cache.k.rows_view(0, len));
       read_into(cache.v.rows_view(0, len));

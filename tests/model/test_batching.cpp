@@ -56,6 +56,30 @@ TEST(Batching, MixedSequencesEqualSeparateRuns) {
   }
 }
 
+// A call longer than max_rows_per_call runs as consecutive windows of rows; the windows cut sequences
+// anywhere, so logits (all rows, or the last of each sequence) and states equal one big call.
+TEST(Batching, LongCallsRunInWindowsLikeOneCall) {
+  auto be = make_reference_backend();
+  RandomModelSpec s;
+  s.n_embd = 128, s.n_rwkv = 2, s.n_sparse = 1, s.seed = 43;
+  ModelOptions whole, windows;
+  whole.chunk = windows.chunk = 4;
+  windows.max_rows_per_call = 5;
+  auto a = test::load_random_model(s, whole, *be), b = test::load_random_model(s, windows, *be);
+  const SeqBatch batch{{0, 13, 13, 14, 36}, {2, 3, 0, 1}};  // an empty sequence, a one-token one, long ones
+  const std::vector<int32_t> ids = test::random_tokens(batch.n_rows(), s.n_vocab, 7);
+  for (LogitsMode mode : {LogitsMode::all, LogitsMode::last}) {
+    State sa = a->new_state(4), sb = b->new_state(4);
+    std::vector<float> la = test::host(*be, a->forward(ids.data(), batch, sa, mode));
+    std::vector<float> lb = test::host(*be, b->forward(ids.data(), batch, sb, mode));
+    ASSERT_EQ(la.size(), lb.size());
+    EXPECT_LE(test::rel_max_err(lb, la), 1e-6);
+    EXPECT_EQ(sa.pos, sb.pos);
+    for (size_t m = 0; m < sa.kv.size(); ++m)
+      for (int slot = 0; slot < 4; ++slot) EXPECT_EQ(sa.kv[m][size_t(slot)].len, sb.kv[m][size_t(slot)].len);
+  }
+}
+
 TEST(Batching, LastLogitsPerSequenceAndSlotReset) {
   auto be = make_reference_backend();
   RandomModelSpec s;

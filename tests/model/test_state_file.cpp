@@ -19,6 +19,7 @@ struct RoundTripCase {
   const char* label;
   RandomModelSpec spec;
   KvEvictionParams eviction;
+  DType kv = DType::f32;
 };
 
 std::vector<RoundTripCase> cases() {
@@ -26,7 +27,7 @@ std::vector<RoundTripCase> cases() {
   r7.n_embd = 64, r7.n_rwkv = 3, r7.seed = 51;
   rx.n_embd = 128, rx.n_rwkv = 2, rx.n_sparse = 2, rx.seed = 52;
   const KvEvictionParams off{}, on{40, 8, 32};  // max, window, keep
-  return {{"rwkv7", r7, off}, {"rwkvx_exact", rx, off}, {"rwkvx_evicting", rx, on}};
+  return {{"rwkv7", r7, off}, {"rwkvx_exact", rx, off}, {"rwkvx_evicting", rx, on}, {"rwkvx_kv_bf16", rx, off, DType::bf16}};
 }
 
 LoadedModel load(const RoundTripCase& c, Backend& be, int chunk = 8) {
@@ -34,6 +35,7 @@ LoadedModel load(const RoundTripCase& c, Backend& be, int chunk = 8) {
   opt.chunk = chunk;
   opt.top_k = 3;
   opt.eviction = c.eviction;
+  opt.kv_dtype = c.kv;
   auto file = MappedFile::from_bytes("random.safetensors", serialize_safetensors(make_random_model(c.spec)));
   return load_model(parse_safetensors(file), opt, be);
 }
@@ -197,6 +199,10 @@ TEST_F(BadStateFile, AnotherModelOrOtherOptions) {
   // Same model, eviction switched on.
   LoadedModel ev = load(cases()[2], *be);
   EXPECT_NE(load_error(good, &ev).find("--kv-evict-max 0, but the model now runs with --kv-evict-max 40"),
+            std::string::npos);
+  // Same model, bf16 KV cache.
+  LoadedModel half = load(cases()[3], *be);
+  EXPECT_NE(load_error(good, &half).find("--kv-dtype f32, but the model now runs with --kv-dtype bf16"),
             std::string::npos);
 }
 

@@ -194,30 +194,70 @@ TEST_P(CpuOps, Rwkv7TimeMixOps) {
 }
 
 TEST_P(CpuOps, SparseAttentionMatchesReference) {
-  for (auto [C, L, chunk, top_k] :
-       {std::tuple{64, 45, 4, 3}, {192, 150, 16, 3}, {128, 77, 5, 2}, {256, 64, 8, 4}, {128, 300, 24, 3}, {64, 260, 100, 3}}) {
-    auto [kr, kf] = rand({L, C});
-    auto [vr, vf] = rand({L, C});
-    auto [qr, qf] = rand({L, C}, -2, 2);
-    KvCache cr, cf;
-    SparseAttnParams p;
-    p.chunk = chunk;
-    p.top_k = top_k;
-    // Prefill of most rows, then single-token steps.
-    const int64_t split = L - 3;
-    std::vector<float> out_r, out_f;
-    for (auto [r0, n] : {std::pair<int64_t, int64_t>{0, split}, {split, 1}, {split + 1, 1}, {split + 2, 1}}) {
-      ref->kv_append(cr, kr.rows_view(r0, n), vr.rows_view(r0, n), chunk);
-      fast->kv_append(cf, kf.rows_view(r0, n), vf.rows_view(r0, n), chunk);
-      Tensor orr = ref->alloc(DType::f32, {n, C}), off = fast->alloc(DType::f32, {n, C});
-      ref->sparse_attention(qr.rows_view(r0, n), cr, p, orr);
-      fast->sparse_attention(qf.rows_view(r0, n), cf, p, off);
-      auto a = host(*ref, orr), b = host(*fast, off);
-      out_r.insert(out_r.end(), a.begin(), a.end());
-      out_f.insert(out_f.end(), b.begin(), b.end());
+  for (DType kv : {DType::f32, DType::bf16}) {
+    for (auto [C, L, chunk, top_k] : {std::tuple{64, 45, 4, 3}, {192, 150, 16, 3}, {128, 77, 5, 2}, {256, 64, 8, 4},
+                                      {128, 300, 24, 3}, {64, 260, 100, 3}}) {
+      auto [kr, kf] = rand({L, C});
+      auto [vr, vf] = rand({L, C});
+      auto [qr, qf] = rand({L, C}, -2, 2);
+      KvCache cr, cf;
+      cr.dtype = cf.dtype = kv;
+      SparseAttnParams p;
+      p.chunk = chunk;
+      p.top_k = top_k;
+      // Prefill of most rows, then single-token steps.
+      const int64_t split = L - 3;
+      std::vector<float> out_r, out_f;
+      for (auto [r0, n] : {std::pair<int64_t, int64_t>{0, split}, {split, 1}, {split + 1, 1}, {split + 2, 1}}) {
+        ref->kv_append(cr, kr.rows_view(r0, n), vr.rows_view(r0, n), chunk);
+        fast->kv_append(cf, kf.rows_view(r0, n), vf.rows_view(r0, n), chunk);
+        Tensor orr = ref->alloc(DType::f32, {n, C}), off = fast->alloc(DType::f32, {n, C});
+        ref->sparse_attention(qr.rows_view(r0, n), cr, p, orr);
+        fast->sparse_attention(qf.rows_view(r0, n), cf, p, off);
+        auto a = host(*ref, orr), b = host(*fast, off);
+        out_r.insert(out_r.end(), a.begin(), a.end());
+        out_f.insert(out_f.end(), b.begin(), b.end());
+      }
+      EXPECT_EQ(cf.k.dtype, kv);
+      EXPECT_LE(test::rel_max_err(out_f, out_r), 2e-6)
+          << "kv=" << dtype_name(kv) << " C=" << C << " L=" << L << " chunk=" << chunk;
     }
-    EXPECT_LE(test::rel_max_err(out_f, out_r), 2e-6) << "C=" << C << " L=" << L << " chunk=" << chunk;
   }
+}
+
+// A bf16 cache means: keys and values rounded to bf16 once, at append; everything after is fp32. So it
+// must equal an f32 cache that was fed the rounded values.
+TEST_P(CpuOps, Bf16KvCacheEqualsRoundedF32Cache) {
+  const int64_t C = 128, L = 90, chunk = 8;
+  auto [k, k_unused] = rand({L, C});
+  auto [v, v_unused] = rand({L, C});
+  auto [q, q_unused] = rand({L, C}, -2, 2);
+  std::vector<float> kh = host(*ref, k), vh = host(*ref, v);
+  for (float& x : kh) x = bf16_to_f32(f32_to_bf16(x));
+  for (float& x : vh) x = bf16_to_f32(f32_to_bf16(x));
+  Tensor k_rounded = fast->alloc(DType::f32, {L, C}), v_rounded = fast->alloc(DType::f32, {L, C});
+  fast->from_host(kh.data(), k_rounded);
+  fast->from_host(vh.data(), v_rounded);
+  Tensor qf = fast->alloc(DType::f32, {L, C});
+  fast->from_host(host(*ref, q).data(), qf);
+  KvCache half, full;
+  half.dtype = DType::bf16;
+  SparseAttnParams p;
+  p.chunk = chunk;
+  Tensor kf = fast->alloc(DType::f32, {L, C}), vf = fast->alloc(DType::f32, {L, C});
+  fast->from_host(host(*ref, k).data(), kf);
+  fast->from_host(host(*ref, v).data(), vf);
+  fast->kv_append(half, kf, vf, chunk);
+  fast->kv_append(full, k_rounded, v_rounded, chunk);
+  EXPECT_EQ(half.k.nbytes() * 2, full.k.nbytes());
+  Tensor oh = fast->alloc(DType::f32, {L, C}), of = fast->alloc(DType::f32, {L, C});
+  fast->sparse_attention(qf, half, p, oh);
+  fast->sparse_attention(qf, full, p, of);
+  EXPECT_LE(test::rel_max_err(host(*fast, oh), host(*fast, of)), 1e-6);
+  // Widening the stored keys gives back exactly the rounded values.
+  std::vector<float> back(size_t(L * C));
+  fast->to_host(half.k.rows_view(0, L), back.data());
+  EXPECT_EQ(back, kh);
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, CpuOps, testing::Values(Isa::scalar, Isa::avx2, Isa::avx512),

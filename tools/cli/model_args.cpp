@@ -21,6 +21,15 @@ void add_model_args(CLI::App* cmd, ModelArgs& a) {
       ->default_val(2000);
   cmd->add_option("--kv-evict-keep", a.options.eviction.min_len, "eviction: rows kept after eviction")
       ->default_val(16000);
+  cmd->add_option_function<std::string>(
+         "--kv-dtype",
+         [&a](const std::string& v) {
+           if (v == "f32") a.options.kv_dtype = DType::f32;
+           else if (v == "bf16") a.options.kv_dtype = DType::bf16;
+           else throw CLI::ValidationError("--kv-dtype", "expected f32 or bf16, got '" + v + "'");
+         },
+         "sparse-attention KV cache precision: f32 (exact, default) or bf16 (half the memory)")
+      ->default_str("f32");
 }
 
 void add_device_arg(CLI::App* cmd, ModelArgs& a) {

@@ -52,6 +52,11 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
   RWKVX_ASSERT(first >= 0 && C % D == 0, "sparse_attention: queries exceed the cache");
   const float scale = 1.0f / std::sqrt(float(D));
   const Kernels& k = *k_;
+  RWKVX_ASSERT(cache.dtype == DType::f32 || cache.dtype == DType::bf16, "sparse_attention: KV cache must be f32 or bf16");
+  const WFormat kv_fmt = cache.dtype == DType::bf16 ? WFormat::bf16 : WFormat::f32;
+  const size_t kv_es = dtype_size(cache.dtype);
+  // Element offset `e` into the cache's k or v storage.
+  auto kv_ptr = [&](const Tensor& t, int64_t e) { return static_cast<const char*>(t.data) + size_t(e) * kv_es; };
 
   if (T < kGroupedMinRows) {
     pool().parallel_for(T * H, 1, [&](int64_t j0, int64_t j1) {
@@ -64,8 +69,8 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
         ranges.clear();
         for (int64_t n : chosen) ranges.push_back(n * c), ranges.push_back((n + 1) * c);
         ranges.push_back(own * c), ranges.push_back(t + 1);
-        k.attend(qh, cache.k.f32() + h * D, cache.v.f32() + h * D, C, ranges.data(), int(ranges.size() / 2), D, scale,
-                 out.f32() + (t - first) * C + h * D);
+        k.attend(qh, kv_ptr(cache.k, h * D), kv_ptr(cache.v, h * D), kv_fmt, C, ranges.data(), int(ranges.size() / 2),
+                 D, scale, out.f32() + (t - first) * C + h * D);
       }
     });
     return;
@@ -99,7 +104,7 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
         const int64_t m = int64_t(rows.size());
         for (int64_t i = 0; i < m; ++i) std::copy_n(qrow(q0 + rows[size_t(i)]), D, qbuf.data() + i * D);
         s.resize(size_t(m * nk));
-        const WeightView keys{WFormat::f32, cache.k.f32() + k0 * C + h * D, nullptr, nk, D, C};
+        const WeightView keys{kv_fmt, kv_ptr(cache.k, k0 * C + h * D), nullptr, nk, D, C};
         k.gemm_nt(qbuf.data(), D, m, keys, 0, nk, s.data(), nk, false);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t r = rows[size_t(i)];
@@ -119,7 +124,7 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
           float* a = st.acc.data() + r * D;
           for (int64_t d = 0; d < D; ++d) a[d] *= corr;
         }
-        const WeightView vals{WFormat::f32, cache.v.f32() + k0 * C + h * D, nullptr, nk, D, C};
+        const WeightView vals{kv_fmt, kv_ptr(cache.v, k0 * C + h * D), nullptr, nk, D, C};
         k.gemm_nn(s.data(), nk, m, vals, 0, D, pv.data(), D, false);
         for (int64_t i = 0; i < m; ++i) {
           float* a = st.acc.data() + rows[size_t(i)] * D;

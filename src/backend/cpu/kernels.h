@@ -38,9 +38,10 @@ struct Kernels {
   // scores must not depend on summation order; spec model.md §5.6).
   double (*dot_f64)(const float* a, const float* b, int64_t n);
   // One query head attending over key slot ranges [ranges[2i], ranges[2i+1]), i < n_ranges: softmax of
-  // scale·q·k over all those slots, then the weighted sum of v. Key/value slot s starts at k + s·ld.
-  void (*attend)(const float* q, const float* k, const float* v, int64_t ld, const int64_t* ranges, int n_ranges,
-                 int64_t D, float scale, float* out);
+  // scale·q·k over all those slots, then the weighted sum of v. Key/value slot s starts at element s·ld of
+  // k and v, which hold `kv` values (f32 or bf16).
+  void (*attend)(const float* q, const void* k, const void* v, WFormat kv, int64_t ld, const int64_t* ranges,
+                 int n_ranges, int64_t D, float scale, float* out);
   // Elementwise maths, n values.
   void (*exp_)(float* x, int64_t n);      // x ← e^x
   void (*sigmoid_)(float* x, int64_t n);  // x ← 1 / (1 + e^-x)

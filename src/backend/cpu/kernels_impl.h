@@ -466,8 +466,14 @@ inline double dot_f64(const float* a, const float* b, int64_t n) {
 }
 
 // Flash-style: keys in blocks of 64; scores, block max, exp, then a rescaled running sum of v.
-inline void attend(const float* q, const float* k, const float* v, int64_t ld, const int64_t* ranges, int n_ranges,
-                   int64_t D, float scale, float* out) {
+inline vf vload_kv(const float* p) { return vload(p); }
+inline vf vload_kv(const uint16_t* p) { return vload_bf16(p); }
+inline float kv_scalar(const float* p) { return *p; }
+inline float kv_scalar(const uint16_t* p) { return bf16_to_f32(*p); }
+
+template <class KV>
+void attend_t(const float* q, const KV* k, const KV* v, int64_t ld, const int64_t* ranges, int n_ranges, int64_t D,
+              float scale, float* out) {
   constexpr int64_t B = 64;
   alignas(64) float s[B];
   float m = -INFINITY, l = 0.f;
@@ -479,20 +485,20 @@ inline void attend(const float* q, const float* k, const float* v, int64_t ld, c
       const int64_t nb = std::min(B, ranges[2 * r + 1] - b0);
       float mb = -INFINITY;
       for (int64_t i = 0; i < nb; ++i) {
-        const float* kr = k + (b0 + i) * ld;
+        const KV* kr = k + (b0 + i) * ld;
         float dot;
         if (vec) {
           vf a0 = vzero(), a1 = vzero();
           int64_t d = 0;
           for (; d + 2 * W <= D; d += 2 * W) {
-            a0 = vfma(vload(q + d), vload(kr + d), a0);
-            a1 = vfma(vload(q + d + W), vload(kr + d + W), a1);
+            a0 = vfma(vload(q + d), vload_kv(kr + d), a0);
+            a1 = vfma(vload(q + d + W), vload_kv(kr + d + W), a1);
           }
-          if (d < D) a0 = vfma(vload(q + d), vload(kr + d), a0);
+          if (d < D) a0 = vfma(vload(q + d), vload_kv(kr + d), a0);
           dot = vhsum(vadd(a0, a1));
         } else {
           dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += q[d] * kr[d];
+          for (int64_t d = 0; d < D; ++d) dot += q[d] * kv_scalar(kr + d);
         }
         s[i] = dot * scale;
         mb = std::max(mb, s[i]);
@@ -508,13 +514,13 @@ inline void attend(const float* q, const float* k, const float* v, int64_t ld, c
       if (vec) {
         for (int64_t d = 0; d < D; d += W) {
           vf a = vmul(vload(acc.data() + d), vset1(corr));
-          for (int64_t i = 0; i < nb; ++i) a = vfma(vset1(s[i]), vload(v + (b0 + i) * ld + d), a);
+          for (int64_t i = 0; i < nb; ++i) a = vfma(vset1(s[i]), vload_kv(v + (b0 + i) * ld + d), a);
           vstore(acc.data() + d, a);
         }
       } else {
         for (int64_t d = 0; d < D; ++d) {
           float a = acc[size_t(d)] * corr;
-          for (int64_t i = 0; i < nb; ++i) a += s[i] * v[(b0 + i) * ld + d];
+          for (int64_t i = 0; i < nb; ++i) a += s[i] * kv_scalar(v + (b0 + i) * ld + d);
           acc[size_t(d)] = a;
         }
       }
@@ -522,6 +528,14 @@ inline void attend(const float* q, const float* k, const float* v, int64_t ld, c
   }
   const float inv = 1.0f / l;
   for (int64_t d = 0; d < D; ++d) out[d] = acc[size_t(d)] * inv;
+}
+
+inline void attend(const float* q, const void* k, const void* v, WFormat kv, int64_t ld, const int64_t* ranges,
+                   int n_ranges, int64_t D, float scale, float* out) {
+  if (kv == WFormat::bf16)
+    attend_t(q, static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v), ld, ranges, n_ranges, D, scale, out);
+  else
+    attend_t(q, static_cast<const float*>(k), static_cast<const float*>(v), ld, ranges, n_ranges, D, scale, out);
 }
 
 inline float fma_peak(int64_t iters) {

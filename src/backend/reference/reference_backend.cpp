@@ -41,8 +41,18 @@ Tensor ReferenceBackend::upload_weight(const StoredTensor& src, std::initializer
   return t;
 }
 
-void ReferenceBackend::to_host(const Tensor& src, float* dst) { std::memcpy(dst, src.f32(), src.nbytes()); }
-void ReferenceBackend::from_host(const float* src, Tensor& dst) { std::memcpy(dst.f32(), src, dst.nbytes()); }
+void ReferenceBackend::to_host(const Tensor& src, float* dst) {
+  RWKVX_ASSERT(src.dtype == DType::f32 || src.dtype == DType::bf16, "to_host: f32 or bf16 tensors only");
+  convert_to_f32(src.dtype, src.data, dst, size_t(src.numel()));
+}
+void ReferenceBackend::from_host(const float* src, Tensor& dst) {
+  if (dst.dtype == DType::bf16) {
+    auto* d = static_cast<uint16_t*>(dst.data);
+    for (int64_t i = 0; i < dst.numel(); ++i) d[i] = f32_to_bf16(src[i]);
+    return;
+  }
+  std::memcpy(dst.f32(), src, dst.nbytes());
+}
 void ReferenceBackend::copy(const Tensor& src, Tensor& dst) {
   RWKVX_ASSERT(src.dtype == dst.dtype && src.numel() == dst.numel(), "copy: mismatched tensors");
   std::memcpy(dst.data, src.data, src.nbytes());

@@ -10,6 +10,21 @@
 namespace rwkvx::ref {
 namespace {
 
+// Cache rows are f32 or bf16 (KvCache::dtype); the reference reads one element at a time, widened.
+float kv_at(const Tensor& t, int64_t i) {
+  return t.dtype == DType::bf16 ? bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]) : static_cast<const float*>(t.data)[i];
+}
+
+// Writes n fp32 values into cache rows starting at element i, rounding to the cache's precision.
+void kv_store(Tensor& t, int64_t i, const float* src, int64_t n) {
+  if (t.dtype == DType::bf16) {
+    auto* d = static_cast<uint16_t*>(t.data) + i;
+    for (int64_t j = 0; j < n; ++j) d[j] = f32_to_bf16(src[j]);
+  } else {
+    std::memcpy(static_cast<float*>(t.data) + i, src, size_t(n) * 4);
+  }
+}
+
 // Fills the means of chunks [from, len / chunk).
 void update_chunk_means(KvCache& c, int64_t from) {
   const int64_t C = c.k.row_size();
@@ -17,7 +32,7 @@ void update_chunk_means(KvCache& c, int64_t from) {
   for (int64_t n = from; n < c.n_chunks; ++n) {
     for (int64_t ch = 0; ch < C; ++ch) {
       double sum = 0;
-      for (int64_t s = n * c.chunk; s < (n + 1) * c.chunk; ++s) sum += c.k.f32()[s * C + ch];
+      for (int64_t s = n * c.chunk; s < (n + 1) * c.chunk; ++s) sum += kv_at(c.k, s * C + ch);
       c.chunk_mean.f32()[n * C + ch] = float(sum / double(c.chunk));
     }
   }
@@ -28,25 +43,27 @@ void update_chunk_means(KvCache& c, int64_t from) {
 void ReferenceBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) {
   const int64_t T = k.rows(), C = k.row_size();
   RWKVX_ASSERT(chunk > 0 && (cache.len == 0 || cache.chunk == chunk), "kv_append: chunk size changed");
+  RWKVX_ASSERT(cache.dtype == DType::f32 || cache.dtype == DType::bf16, "kv_append: KV cache must be f32 or bf16");
+  const size_t es = dtype_size(cache.dtype);
   cache.chunk = chunk;
   const int64_t need = cache.len + T;
   const int64_t cap = cache.k.empty() ? 0 : cache.k.rows();
   if (need > cap) {
     int64_t new_cap = std::max<int64_t>(need, 2 * cap);
     new_cap = (new_cap + chunk - 1) / chunk * chunk;
-    Tensor nk = alloc(DType::f32, {new_cap, C}), nv = alloc(DType::f32, {new_cap, C});
+    Tensor nk = alloc(cache.dtype, {new_cap, C}), nv = alloc(cache.dtype, {new_cap, C});
     Tensor nm = alloc(DType::f32, {new_cap / chunk, C});
     if (cache.len > 0) {
-      std::memcpy(nk.data, cache.k.data, size_t(cache.len * C) * 4);
-      std::memcpy(nv.data, cache.v.data, size_t(cache.len * C) * 4);
+      std::memcpy(nk.data, cache.k.data, size_t(cache.len * C) * es);
+      std::memcpy(nv.data, cache.v.data, size_t(cache.len * C) * es);
       std::memcpy(nm.data, cache.chunk_mean.data, size_t(cache.n_chunks * C) * 4);
     }
     cache.k = nk;
     cache.v = nv;
     cache.chunk_mean = nm;
   }
-  std::memcpy(cache.k.f32() + cache.len * C, k.data, size_t(T * C) * 4);
-  std::memcpy(cache.v.f32() + cache.len * C, v.data, size_t(T * C) * 4);
+  kv_store(cache.k, cache.len * C, k.f32(), T * C);
+  kv_store(cache.v, cache.len * C, v.f32(), T * C);
   cache.len = need;
   update_chunk_means(cache, cache.n_chunks);
 }
@@ -87,9 +104,8 @@ void ReferenceBackend::sparse_attention(const Tensor& q, const KvCache& cache, c
       logit.resize(keys.size());
       double mx = -INFINITY;
       for (size_t i = 0; i < keys.size(); ++i) {
-        const float* kr = cache.k.f32() + keys[i] * C + h * D;
         double s = 0;
-        for (int64_t d = 0; d < D; ++d) s += double(qh[d]) * kr[d];
+        for (int64_t d = 0; d < D; ++d) s += double(qh[d]) * kv_at(cache.k, keys[i] * C + h * D + d);
         logit[i] = s * scale;
         mx = std::max(mx, logit[i]);
       }
@@ -98,8 +114,7 @@ void ReferenceBackend::sparse_attention(const Tensor& q, const KvCache& cache, c
       for (size_t i = 0; i < keys.size(); ++i) {
         const double e = std::exp(logit[i] - mx);
         denom += e;
-        const float* vr = cache.v.f32() + keys[i] * C + h * D;
-        for (int64_t d = 0; d < D; ++d) acc[size_t(d)] += e * vr[d];
+        for (int64_t d = 0; d < D; ++d) acc[size_t(d)] += e * kv_at(cache.v, keys[i] * C + h * D + d);
       }
       float* o = out.f32() + (t - first) * C + h * D;
       for (int64_t d = 0; d < D; ++d) o[d] = float(acc[size_t(d)] / denom);
@@ -114,7 +129,8 @@ void ReferenceBackend::kv_evict(KvCache& cache, const Tensor& q, const KvEvictio
   const int64_t C = cache.k.row_size(), D = p.head_dim, H = C / D, T = q.rows();
   const int64_t past = L - e.window, keep = std::min(e.min_len - e.window, past);
   const double scale = 1.0 / std::sqrt(double(D));
-  Tensor nk = alloc(DType::f32, {cache.k.rows(), C}), nv = alloc(DType::f32, {cache.k.rows(), C});
+  const size_t es = dtype_size(cache.dtype);
+  Tensor nk = alloc(cache.dtype, {cache.k.rows(), C}), nv = alloc(cache.dtype, {cache.k.rows(), C});
   std::vector<double> votes(static_cast<size_t>(past)), logit(static_cast<size_t>(past));
   std::vector<int64_t> order(static_cast<size_t>(past));
   for (int64_t h = 0; h < H; ++h) {
@@ -123,9 +139,8 @@ void ReferenceBackend::kv_evict(KvCache& cache, const Tensor& q, const KvEvictio
       const float* qh = q.f32() + t * C + h * D;
       double mx = -INFINITY, denom = 0;
       for (int64_t s = 0; s < past; ++s) {
-        const float* kr = cache.k.f32() + s * C + h * D;
         double dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += double(qh[d]) * kr[d];
+        for (int64_t d = 0; d < D; ++d) dot += double(qh[d]) * kv_at(cache.k, s * C + h * D + d);
         logit[size_t(s)] = dot * scale;
         mx = std::max(mx, logit[size_t(s)]);
       }
@@ -138,8 +153,9 @@ void ReferenceBackend::kv_evict(KvCache& cache, const Tensor& q, const KvEvictio
     // This head's columns: the kept rows in descending-vote order, then the recent window in order.
     for (int64_t r = 0; r < keep + e.window; ++r) {
       const int64_t src = r < keep ? order[size_t(r)] : past + (r - keep);
-      std::memcpy(nk.f32() + r * C + h * D, cache.k.f32() + src * C + h * D, size_t(D) * 4);
-      std::memcpy(nv.f32() + r * C + h * D, cache.v.f32() + src * C + h * D, size_t(D) * 4);
+      const size_t to = size_t(r * C + h * D) * es, from = size_t(src * C + h * D) * es;
+      std::memcpy(static_cast<char*>(nk.data) + to, static_cast<const char*>(cache.k.data) + from, size_t(D) * es);
+      std::memcpy(static_cast<char*>(nv.data) + to, static_cast<const char*>(cache.v.data) + from, size_t(D) * es);
     }
   }
   cache.k = nk;
