@@ -1,10 +1,12 @@
-// Op benchmarks on a backend (today: the fp32 reference). Each reports items/s and FLOP/s so a run can
-// be compared with the machine's floor; see BENCHMARKS.md.
-//   build/bench/bench_ops --benchmark_filter=wkv7
+// Op benchmarks: the fp32 reference (BM_*) and the fast CPU backend on one thread (BM_cpu_*). Each
+// reports items/s and FLOP/s or bytes/s so a run can be compared with the machine's floor; see BENCHMARKS.md.
+//   build/bench/bench_ops --benchmark_filter=cpu_
 #include <benchmark/benchmark.h>
 
+#include <cstring>
 #include <random>
 
+#include "backend/cpu/cpu_backend.h"
 #include "backend/ops.h"
 
 namespace rwkvx {
@@ -54,6 +56,51 @@ void BM_sparse_attention_decode(benchmark::State& st) {
   st.SetItemsProcessed(st.iterations());
 }
 BENCHMARK(BM_sparse_attention_decode)->Arg(8192)->Arg(65536);
+
+// ---- fast CPU backend, one thread ---------------------------------------------------------------------
+std::unique_ptr<Backend> cpu_backend(bool int8) {
+  CpuBackendOptions o;
+  o.n_threads = 1;
+  o.quantize_int8 = int8;
+  return make_cpu_backend(o);
+}
+
+// x [T, 768] · Wᵀ with W [3072, 768] (the channel-mix key shape) stored bf16, or quantized to int8.
+void BM_cpu_linear(benchmark::State& st) {
+  const int64_t T = st.range(0), K = 768, N = 3072;
+  const bool int8 = st.range(1) != 0;
+  auto be = cpu_backend(int8);
+  std::vector<uint16_t> bits(static_cast<size_t>(N * K));
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0.f, 0.03f);
+  for (auto& b : bits) b = f32_to_bf16(nd(rng));
+  StoredTensor src;
+  src.name = "blocks.0.ffn.key.weight";
+  src.dtype = DType::bf16;
+  src.shape = {N, K};
+  src.data = reinterpret_cast<const uint8_t*>(bits.data());
+  Tensor W = be->upload_weight(src, {N, K});
+  Tensor x = random_tensor(*be, {T, K}, 1, 2), y = be->alloc(DType::f32, {T, N});
+  for (auto _ : st) be->linear(x, W, y);
+  st.counters["FLOP/s"] = benchmark::Counter(double(2 * T * K * N), benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["weight B/s"] =
+      benchmark::Counter(double(N * K * (int8 ? 1 : 2)), benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_cpu_linear)->ArgNames({"T", "int8"})->Args({1, 0})->Args({1, 1})->Args({512, 0})->Args({512, 1});
+
+// The last 512 queries of a prefill of `context` tokens through one sparse-attention layer (C = 768,
+// chunk 2048, top-k 3): per-query cost should level off once every query has 2 past chunks to choose.
+void BM_cpu_sparse_attention_prefill(benchmark::State& st) {
+  const int64_t L = st.range(0), C = 768, T = 512;
+  auto be = cpu_backend(false);
+  SparseAttnParams p;
+  KvCache cache;
+  be->kv_append(cache, random_tensor(*be, {L, C}, 1, 1), random_tensor(*be, {L, C}, 1, 2), p.chunk);
+  Tensor q = random_tensor(*be, {T, C}, 1, 3), out = be->alloc(DType::f32, {T, C});
+  for (auto _ : st) be->sparse_attention(q, cache, p, out);
+  st.SetItemsProcessed(st.iterations() * T);
+}
+BENCHMARK(BM_cpu_sparse_attention_prefill)->ArgName("context")->Arg(4096)->Arg(16384)->Arg(65536);
 
 }  // namespace
 }  // namespace rwkvx

@@ -1,9 +1,9 @@
 // Sparse attention (spec model.md §5) on the CPU. Every query slot and head gets an fp64-accumulated gate
 // over the complete past chunks and a top-(k-1) selection (ties: lower chunk). Then:
 //  * decode (few queries): one flash-style pass per (query, head) over the selected chunks + own chunk;
-//  * prefill: per (head, tile of 64 queries), the queries that chose a chunk are gathered and attend to it
-//    with two small GEMMs (Q·Kᵀ, P·V) under an online softmax, and the causal own chunk likewise. This
-//    keeps prefill cost per token flat in the context length at GEMM speed (linear-time prefill).
+//  * prefill: per (head, block of queries), the queries that chose a chunk are gathered and attend to
+//    it with two small GEMMs (Q·Kᵀ, P·V) per block of 256 keys under an online softmax, and the causal own
+//    chunk likewise. Prefill cost per token is then flat in the context length, at GEMM speed.
 #include <algorithm>
 #include <cmath>
 
@@ -12,7 +12,8 @@
 namespace rwkvx::cpu {
 namespace {
 
-constexpr int64_t kTile = 64;           // queries per prefill job
+constexpr int64_t kRowBlock = 64;        // queries per score GEMM
+constexpr int64_t kKeyBlock = 256;       // keys per score GEMM: a 64 × 256 score tile is 64 KB
 constexpr int64_t kGroupedMinRows = 16;  // below this, the per-query path is cheaper
 
 // Chooses the top-(k-1) past chunks for query head `qh` (sorted by chunk index).
@@ -76,76 +77,72 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
     return;
   }
 
-  const int64_t n_tiles = (T + kTile - 1) / kTile;
-  pool().parallel_for(n_tiles * H, 1, [&](int64_t j0, int64_t j1) {
+  // Prefill. A job is one head and a block of up to kQueryBlock queries. Its queries are grouped by the
+  // chunks they chose, so each chosen chunk is read once for all of them; the causal own chunks likewise.
+  // Scores are computed kKeyBlock keys at a time (two small GEMMs per block under an online softmax), so
+  // the working set stays in L2 at any context length.
+  // Larger query blocks put more queries on each chosen chunk (bigger GEMMs); split only as far as needed
+  // to give every thread two jobs.
+  const int64_t min_blocks = (2 * int64_t(pool().size()) + H - 1) / H;
+  const int64_t block = std::max<int64_t>(kRowBlock, (T + min_blocks - 1) / min_blocks);
+  const int64_t n_blocks = (T + block - 1) / block;
+  pool().parallel_for(n_blocks * H, 1, [&](int64_t j0, int64_t j1) {
     std::vector<double> score;
-    std::vector<int64_t> chosen;
-    std::vector<std::vector<int64_t>> sel(static_cast<size_t>(kTile));  // chosen chunks per query of the tile
-    std::vector<int64_t> rows, chunks;
-    std::vector<float> qbuf(size_t(kTile * D)), s, pv(size_t(kTile * D));
+    std::vector<int64_t> chosen, rows;
+    std::vector<std::vector<int64_t>> by_chunk;
+    std::vector<float> qbuf(size_t(kRowBlock * D)), sbuf(size_t(kRowBlock * kKeyBlock)), pv(size_t(kRowBlock * D));
+    std::vector<float> corr(static_cast<size_t>(kRowBlock));
     OnlineSoftmax st;
     for (int64_t job = j0; job < j1; ++job) {
-      const int64_t h = job % H, q0 = first + (job / H) * kTile, q1 = std::min(cache.len, q0 + kTile);
+      const int64_t h = job % H, q0 = first + (job / H) * block, q1 = std::min(cache.len, q0 + block);
       const int64_t nq = q1 - q0;
       auto qrow = [&](int64_t t) { return q.f32() + (t - first) * C + h * D; };
       st.reset(nq, D);
-      chunks.clear();
+      by_chunk.assign(size_t(q1 / c), {});
       for (int64_t t = q0; t < q1; ++t) {
         select_chunks(k, qrow(t), cache, t / c, h, D, p.top_k, score, chosen);
-        sel[size_t(t - q0)] = chosen;
-        chunks.insert(chunks.end(), chosen.begin(), chosen.end());
+        for (int64_t n : chosen) by_chunk[size_t(n)].push_back(t - q0);
       }
-      std::sort(chunks.begin(), chunks.end());
-      chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
 
-      // Attends the gathered queries `rows` (tile-relative) to key slots [k0, k0 + nk); `causal` masks slot
-      // s > t for query slot t.
-      auto attend_block = [&](int64_t k0, int64_t nk, bool causal) {
-        const int64_t m = int64_t(rows.size());
-        for (int64_t i = 0; i < m; ++i) std::copy_n(qrow(q0 + rows[size_t(i)]), D, qbuf.data() + i * D);
-        s.resize(size_t(m * nk));
-        const WeightView keys{kv_fmt, kv_ptr(cache.k, k0 * C + h * D), nullptr, nk, D, C};
-        k.gemm_nt(qbuf.data(), D, m, keys, 0, nk, s.data(), nk, false);
-        for (int64_t i = 0; i < m; ++i) {
-          const int64_t r = rows[size_t(i)];
-          float* si = s.data() + i * nk;
-          const int64_t valid = causal ? std::min(nk, q0 + r - k0 + 1) : nk;
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < valid; ++j) mx = std::max(mx, si[j] *= scale);
-          const float m_new = std::max(st.m[size_t(r)], mx);
-          for (int64_t j = 0; j < valid; ++j) si[j] -= m_new;
-          k.exp_(si, valid);
-          std::fill(si + valid, si + nk, 0.f);
-          float sum = 0.f;
-          for (int64_t j = 0; j < valid; ++j) sum += si[j];
-          const float corr = std::exp(st.m[size_t(r)] - m_new);
-          st.m[size_t(r)] = m_new;
-          st.l[size_t(r)] = st.l[size_t(r)] * corr + sum;
-          float* a = st.acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-        }
-        const WeightView vals{kv_fmt, kv_ptr(cache.v, k0 * C + h * D), nullptr, nk, D, C};
-        k.gemm_nn(s.data(), nk, m, vals, 0, D, pv.data(), D, false);
-        for (int64_t i = 0; i < m; ++i) {
-          float* a = st.acc.data() + rows[size_t(i)] * D;
-          for (int64_t d = 0; d < D; ++d) a[d] += pv[size_t(i * D + d)];
+      // Queries `rows` (block-relative, at most kRowBlock, ascending) attend to key slots [k0, k1); with
+      // `causal`, query slot t sees only slots ≤ t.
+      auto attend_rows = [&](const int64_t* rows_p, int64_t m, int64_t k0, int64_t k1, bool causal) {
+        for (int64_t i = 0; i < m; ++i) std::copy_n(qrow(q0 + rows_p[i]), D, qbuf.data() + i * D);
+        const int64_t last_slot = q0 + rows_p[m - 1];
+        for (int64_t b0 = k0; b0 < k1; b0 += kKeyBlock) {
+          if (causal && b0 > last_slot) break;
+          const int64_t nk = std::min(kKeyBlock, k1 - b0);
+          const WeightView keys{kv_fmt, kv_ptr(cache.k, b0 * C + h * D), nullptr, nk, D, C};
+          k.gemm_nt(qbuf.data(), D, m, keys, 0, nk, sbuf.data(), nk, false);
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t r = rows_p[i];
+            const int64_t valid = causal ? std::clamp<int64_t>(q0 + r - b0 + 1, 0, nk) : nk;
+            corr[size_t(i)] = k.online_softmax(sbuf.data() + i * nk, valid, nk, scale, &st.m[size_t(r)], &st.l[size_t(r)]);
+          }
+          const WeightView vals{kv_fmt, kv_ptr(cache.v, b0 * C + h * D), nullptr, nk, D, C};
+          k.gemm_nn(sbuf.data(), nk, m, vals, 0, D, pv.data(), D, false);
+          for (int64_t i = 0; i < m; ++i) {
+            float* a = st.acc.data() + rows_p[i] * D;
+            const float f = corr[size_t(i)];
+            for (int64_t d = 0; d < D; ++d) a[d] = a[d] * f + pv[size_t(i * D + d)];
+          }
         }
       };
+      auto attend_all = [&](const std::vector<int64_t>& rs, int64_t k0, int64_t k1, bool causal) {
+        for (size_t i = 0; i < rs.size(); i += size_t(kRowBlock))
+          attend_rows(rs.data() + i, std::min<int64_t>(kRowBlock, int64_t(rs.size() - i)), k0, k1, causal);
+      };
 
-      for (int64_t n : chunks) {
-        rows.clear();
-        for (int64_t r = 0; r < nq; ++r)
-          if (std::binary_search(sel[size_t(r)].begin(), sel[size_t(r)].end(), n)) rows.push_back(r);
-        attend_block(n * c, c, false);
-      }
-      // Own chunks: the tile's queries grouped by chunk, each group over its chunk's slots up to its last query.
+      for (size_t n = 0; n < by_chunk.size(); ++n)
+        if (!by_chunk[n].empty()) attend_all(by_chunk[n], int64_t(n) * c, int64_t(n + 1) * c, false);
+      // Own chunks: the block's queries grouped by chunk, each group over its chunk's slots up to its last query.
       for (int64_t r0 = 0; r0 < nq;) {
         const int64_t own = (q0 + r0) / c;
         int64_t r1 = r0;
         while (r1 < nq && (q0 + r1) / c == own) ++r1;
         rows.clear();
         for (int64_t r = r0; r < r1; ++r) rows.push_back(r);
-        attend_block(own * c, q0 + r1 - own * c, true);
+        attend_all(rows, own * c, q0 + r1, true);
         r0 = r1;
       }
       for (int64_t r = 0; r < nq; ++r) {

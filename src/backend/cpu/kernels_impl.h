@@ -211,8 +211,110 @@ inline void gemv_rows(const float* A, int64_t lda, const WeightView& w, int64_t 
   }
 }
 
+#if RWKVX_KERNEL_ISA > 0
+// int8 weights × int8 activations (decode). Widening int8 weights to fp32 in registers costs ~4 µops per
+// 8 multiply-adds and makes int8 decode compute-bound; integer dot products do 32 (AVX2) or 64
+// (AVX-512BW) per 4 µops. Activation rows are quantized here, symmetric per block of kQBlock values
+// (q = round(a / d), d = max|a| / 127), so the result is Σ_blocks d_block · Σ q_a q_w, times the weight
+// row's scale. maddubs needs one unsigned operand: |q_a| times q_w carrying q_a's sign; both are ≤ 127
+// in magnitude, so its pairwise int16 sums (≤ 2·127²) cannot saturate.
+constexpr int64_t kQBlock = 64;
+
+inline void quantize_blocks(const float* a, int64_t K, int8_t* q, uint8_t* mag, float* d) {
+  for (int64_t b = 0; b < K / kQBlock; ++b) {
+    const float* x = a + b * kQBlock;
+    vf mx = vzero();
+    for (int64_t i = 0; i < kQBlock; i += W) mx = vmax(mx, vmax(vload(x + i), vsub(vzero(), vload(x + i))));
+    alignas(64) float lanes[W];
+    vstore(lanes, mx);
+    float amax = 0.f;
+    for (int i = 0; i < W; ++i) amax = std::max(amax, lanes[i]);
+    d[b] = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t i = 0; i < kQBlock; ++i) {
+      const int v = int(std::lrint(x[i] * inv));
+      q[b * kQBlock + i] = int8_t(v);
+      mag[b * kQBlock + i] = uint8_t(v < 0 ? -v : v);
+    }
+  }
+}
+
+// Σ over one block of kQBlock: |q_a| · sign(q_a)·q_w, as int32 lanes.
+#if RWKVX_KERNEL_ISA == 2
+using vi = __m512i;
+inline vi block_dot(const int8_t* w, const int8_t* q, const uint8_t* mag) {
+  const __m512i wv = _mm512_loadu_si512(w), qv = _mm512_loadu_si512(q);
+  const __m512i ws = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(qv), _mm512_setzero_si512(), wv);
+  const __m512i p = _mm512_maddubs_epi16(_mm512_loadu_si512(mag), ws);
+  return _mm512_madd_epi16(p, _mm512_set1_epi16(1));
+}
+inline vf vcvt_i32(vi x) { return _mm512_cvtepi32_ps(x); }
+#else
+using vi = __m256i;
+inline vi block_dot(const int8_t* w, const int8_t* q, const uint8_t* mag) {
+  auto ld = [](const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); };
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i p0 = _mm256_maddubs_epi16(ld(mag), _mm256_sign_epi8(ld(w), ld(q)));
+  const __m256i p1 = _mm256_maddubs_epi16(ld(mag + 32), _mm256_sign_epi8(ld(w + 32), ld(q + 32)));
+  return _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+}
+inline vf vcvt_i32(vi x) { return _mm256_cvtepi32_ps(x); }
+#endif
+
+template <int MM>
+inline void gemv_q8_int(const float* A, int64_t lda, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                        int64_t ldc, bool accumulate) {
+  const int64_t K = w.cols, nb = K / kQBlock;
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<uint8_t> mag;
+  thread_local std::vector<float> d;
+  q.resize(size_t(MM * K));
+  mag.resize(size_t(MM * K));
+  d.resize(size_t(MM * nb));
+  for (int m = 0; m < MM; ++m)
+    quantize_blocks(A + m * lda, K, q.data() + m * K, mag.data() + m * K, d.data() + m * nb);
+  // Two weight rows at a time: independent accumulation chains, activation blocks loaded once per pair.
+  for (int64_t n = n0; n < n1; n += 2) {
+    const bool pair = n + 1 < n1;
+    const int8_t* r0 = static_cast<const int8_t*>(w.data) + n * w.ld;
+    const int8_t* r1 = pair ? r0 + w.ld : r0;
+    vf acc[MM][2];
+    for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = vzero();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k = b * kQBlock;
+      for (int m = 0; m < MM; ++m) {
+        const int8_t* qm = q.data() + m * K + k;
+        const uint8_t* am = mag.data() + m * K + k;
+        const vf db = vset1(d[size_t(m * nb + b)]);
+        acc[m][0] = vfma(vcvt_i32(block_dot(r0 + k, qm, am)), db, acc[m][0]);
+        acc[m][1] = vfma(vcvt_i32(block_dot(r1 + k, qm, am)), db, acc[m][1]);
+      }
+    }
+    for (int m = 0; m < MM; ++m) {
+      float& c0 = C[m * ldc + n];
+      c0 = (accumulate ? c0 : 0.f) + vhsum(acc[m][0]) * w.scales[n];
+      if (pair) {
+        float& c1 = C[m * ldc + n + 1];
+        c1 = (accumulate ? c1 : 0.f) + vhsum(acc[m][1]) * w.scales[n + 1];
+      }
+    }
+  }
+}
+#endif
+
 inline void gemv_nt(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
                     int64_t ldc, bool accumulate) {
+#if RWKVX_KERNEL_ISA > 0
+  if (w.fmt == WFormat::q8 && w.cols % kQBlock == 0) {
+    switch (M) {
+      case 1: gemv_q8_int<1>(A, lda, w, n0, n1, C, ldc, accumulate); break;
+      case 2: gemv_q8_int<2>(A, lda, w, n0, n1, C, ldc, accumulate); break;
+      case 3: gemv_q8_int<3>(A, lda, w, n0, n1, C, ldc, accumulate); break;
+      default: gemv_q8_int<4>(A, lda, w, n0, n1, C, ldc, accumulate); break;
+    }
+    return;
+  }
+#endif
   with_format(w, [&]<WFormat F>() {
     switch (M) {
       case 1: gemv_rows<F, 1>(A, lda, w, n0, n1, C, ldc, accumulate); break;
@@ -224,8 +326,49 @@ inline void gemv_nt(const float* A, int64_t lda, int64_t M, const WeightView& w,
 }
 
 // Packs rows [n, n + NR) × cols [k0, k0 + kc) of W into [kc][NR] fp32, scaled, zero-padded.
+#if RWKVX_KERNEL_ISA == 1
+// Columns of an 8 × 8 block: r[j] ← (r0[j], ..., r7[j]).
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
 template <WFormat F>
 inline void pack_b(const WeightView& w, int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) {
+#if RWKVX_KERNEL_ISA == 1
+  // 8 rows × 8 columns at a time: convert with vector loads, transpose in registers, store 8 panel rows.
+  // (Short panels such as attention keys, K = 64, are repacked for every GEMM, so this must be cheap.)
+  const int64_t kv = kc / 8 * 8;
+  for (int g = 0; g < NR; g += 8) {
+    const typename Fmt<F>::T* rows[8];
+    float sc[8];
+    for (int i = 0; i < 8; ++i) {
+      const bool valid = n + g + i < n_end;
+      rows[i] = valid ? row_of<F>(w, n + g + i) + k0 : nullptr;
+      sc[i] = valid ? row_scale(w, n + g + i) : 0.f;
+    }
+    for (int64_t k = 0; k < kv; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = rows[i] ? vmul(Fmt<F>::load(rows[i] + k), vset1(sc[i])) : vzero();
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) vstore(out + (k + j) * NR + g, r[j]);
+    }
+    for (int64_t k = kv; k < kc; ++k)
+      for (int i = 0; i < 8; ++i) out[k * NR + g + i] = rows[i] ? Fmt<F>::one(rows[i] + k) * sc[i] : 0.f;
+  }
+  return;
+#endif
   // Convert W-wide runs of each row with vector loads, then scatter them into the [kc][NR] panel.
   alignas(64) float buf[W];
   for (int r = 0; r < NR; ++r) {
@@ -420,6 +563,40 @@ inline void exp_(float* x, int64_t n) {
   for (; i + W <= n; i += W) vstore(x + i, vexp(vload(x + i)));
   for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
+inline float online_softmax(float* s, int64_t valid, int64_t n, float scale, float* m, float* l) {
+  if (valid <= 0) {
+    std::fill(s, s + n, 0.f);
+    return 1.f;
+  }
+  const vf sc = vset1(scale);
+  vf mx = vset1(-INFINITY);
+  int64_t j = 0;
+  for (; j + W <= valid; j += W) {
+    const vf x = vmul(vload(s + j), sc);
+    vstore(s + j, x);
+    mx = vmax(mx, x);
+  }
+  alignas(64) float lanes[W];
+  vstore(lanes, mx);
+  float mb = -INFINITY;
+  for (int i = 0; i < W; ++i) mb = std::max(mb, lanes[i]);
+  for (; j < valid; ++j) mb = std::max(mb, s[j] *= scale);
+  const float m_new = std::max(*m, mb);
+  const float corr = std::exp(*m - m_new);  // 0 when m was -inf
+  const vf mv = vset1(m_new);
+  vf sum = vzero();
+  for (j = 0; j + W <= valid; j += W) {
+    const vf e = vexp(vsub(vload(s + j), mv));
+    vstore(s + j, e);
+    sum = vadd(sum, e);
+  }
+  float total = vhsum(sum);
+  for (; j < valid; ++j) total += (s[j] = std::exp(s[j] - m_new));
+  std::fill(s + valid, s + n, 0.f);
+  *m = m_new;
+  *l = *l * corr + total;
+  return corr;
+}
 inline void sigmoid_(float* x, int64_t n) {
   int64_t i = 0;
   const vf one = vset1(1.0f);
@@ -551,7 +728,8 @@ inline float fma_peak(int64_t iters) {
 
 inline Kernels make_kernels() {
   Isa isa = RWKVX_KERNEL_ISA == 2 ? Isa::avx512 : RWKVX_KERNEL_ISA == 1 ? Isa::avx2 : Isa::scalar;
-  return Kernels{isa, gemm_nt, gemm_nn, row_to_f32, wkv7_head, dot_f64, attend, exp_, sigmoid_, tanh_, fma_peak, W};
+  return Kernels{isa,           gemm_nt, gemm_nn, row_to_f32, wkv7_head, dot_f64, attend, online_softmax,
+                 exp_,          sigmoid_, tanh_,  fma_peak,   W};
 }
 
 }  // namespace rwkvx::cpu::RWKVX_ISA_NS
