@@ -22,3 +22,6 @@ void register_serve_commands(CLI::App& app);
 
 // bench (cmd_bench.cpp).
 void register_bench_commands(CLI::App& app);
+
+// expand, data (cmd_train_data.cpp).
+void register_train_data_commands(CLI::App& app);

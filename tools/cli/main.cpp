@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   register_generate_commands(app);
   register_chat_commands(app);
   register_serve_commands(app);
+  register_train_data_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
