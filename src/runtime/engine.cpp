@@ -8,8 +8,13 @@
 
 namespace rwkvx {
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return make_cpu_backend();
+std::unique_ptr<Backend> make_backend(const std::string& device, bool int8) {
+  if (int8 && device != "cpu") throw Error("--int8 is a fast CPU backend option (--device cpu), not " + device);
+  if (device == "cpu") {
+    CpuBackendOptions o;
+    o.quantize_int8 = int8;
+    return make_cpu_backend(o);
+  }
   if (device == "reference") return make_reference_backend();
   if (device == "cuda")
     throw Error("--device cuda: this build has no CUDA backend yet; use --device cpu");

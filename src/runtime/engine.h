@@ -9,9 +9,10 @@
 
 namespace rwkvx {
 
-// "cpu": the fast CPU backend (SIMD, threads, weights in stored precision); "reference": the fp32
-// reference loops (the oracle; slow); "cuda" and anything else throw rwkvx::Error saying what exists.
-std::unique_ptr<Backend> make_backend(const std::string& device);
+// "cpu": the fast CPU backend (SIMD, threads, weights in stored precision, or int8 with `int8`);
+// "reference": the fp32 reference loops (the oracle; slow); "cuda" and anything else throw rwkvx::Error
+// saying what exists. `int8` on a device without int8 weights is an error, not silently ignored.
+std::unique_ptr<Backend> make_backend(const std::string& device, bool int8 = false);
 
 struct LoadedModel {
   std::unique_ptr<Model> model;

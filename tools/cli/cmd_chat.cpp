@@ -165,7 +165,7 @@ class Chat {
 
 void run_chat(const ModelArgs& m, const SamplingArgs& sampling) {
   Tokenizer tok = Tokenizer::load(sampling.vocab.empty() ? default_vocab_path() : sampling.vocab);
-  auto backend = make_backend(m.device);
+  auto backend = make_backend(m.device, m.int8);
   LoadedModel lm = load_model(m.path, m.options, *backend);
   Session session(*lm.model, lm.fingerprint, &tok);
   Chat chat(session, tok, sampling);

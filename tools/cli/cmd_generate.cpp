@@ -49,7 +49,7 @@ void run_generate(GenerateArgs& a) {
   const bool tty = isatty(STDERR_FILENO);
 
   Tokenizer tok = Tokenizer::load(a.sampling.vocab.empty() ? default_vocab_path() : a.sampling.vocab);
-  auto backend = make_backend(a.model.device);
+  auto backend = make_backend(a.model.device, a.model.int8);
   LoadedModel lm = load_model(a.model.path, a.model.options, *backend);
   SamplingParams params = a.sampling.params;
   params.seed = resolve_seed(a.sampling);

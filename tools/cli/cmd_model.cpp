@@ -36,7 +36,7 @@ void run_info(const ModelArgs& a) {
 void run_logits(const ModelArgs& a, const std::string& tokens_file, const std::string& out_path,
                 const std::string& mode, int64_t slice) {
   std::vector<int32_t> ids = read_token_file(tokens_file);
-  auto be = make_backend(a.device);
+  auto be = make_backend(a.device, a.int8);
   auto model = Model::load(a.path, a.options, *be);
   const int64_t V = model->config().n_vocab;
   for (size_t i = 0; i < ids.size(); ++i)

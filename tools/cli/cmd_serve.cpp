@@ -38,7 +38,7 @@ void run_serve(ServeArgs& a) {
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
   Tokenizer tok = Tokenizer::load(a.vocab.empty() ? default_vocab_path() : a.vocab);
-  auto backend = make_backend(a.model.device);
+  auto backend = make_backend(a.model.device, a.model.int8);
   LoadedModel lm = load_model(a.model.path, a.model.options, *backend);
   ServerOptions opt = a.server;
   opt.model_name = a.model_name.empty() ? std::filesystem::path(a.model.path).stem().string() : a.model_name;

@@ -18,6 +18,7 @@ struct ModelArgs {
   std::string path;
   ModelOptions options;
   std::string device = "cpu";
+  bool int8 = false;  // --int8: Linear weights quantized to int8 at load (fast CPU backend)
 };
 
 // --model, --chunk-size, --top-k, --kv-evict-max, --kv-evict-window, --kv-evict-keep.
@@ -25,7 +26,7 @@ void add_model_args(CLI::App* cmd, ModelArgs& a);
 // Whitespace-separated token ids from a file (--tokens-file, --prompt-tokens); a non-integer or negative
 // entry is an rwkvx::Error naming the file and the entry's index.
 std::vector<int32_t> read_token_ids(const std::string& path);
-// --device cpu|cuda (commands that run the model for generation).
+// --device cpu|reference|cuda and --int8 (commands that run the model).
 void add_device_arg(CLI::App* cmd, ModelArgs& a);
 
 }  // namespace rwkvx
