@@ -89,16 +89,24 @@ Sequence random_sequence(int64_t T, int64_t V, uint64_t seed) {
 
 // Checks 2 random entries of every tensor (all 80 of them: embedding, every block's parameters, ln_out,
 // head) against fourth-order central differences of model.objective (fp64). Criterion per entry:
-// |analytic - numeric| / max(|analytic|, |numeric|, 1e-5) ≤ 1e-5 (measured worst ≈ 1e-8).
+// |analytic - numeric| / max(|analytic|, |numeric|, 1e-5) ≤ 1e-5 (measured worst 1.5e-6).
+// Step of the difference quotients: the model has kinks (relu² in the channel mixes, the argmax of L2Wrap)
+// where the fourth-order stencil's error grows like h when a perturbation straddles one; measured worst
+// error 4.5e-6 at h = 1e-4 and 1.5e-6 at h = 3e-5 (then rounding dominates).
+constexpr double kModelH = 3e-5;
 void check_model_gradients(TrainModelT<double>& m, const Sequence& s, const double* weights, const LossOptions& opt) {
   const int64_t T = int64_t(s.ids.size());
   test::GradCheckResult res;
   for (size_t i = 0; i < m.n_params(); ++i) {
     const std::vector<double> analytic = m.grad(i);
     test::grad_check(m.param(i).name, m.value(i), analytic,
-                     [&] { return m.objective(s.ids.data(), s.targets.data(), weights, T, opt); }, res, 2, 1e-5);
+                     [&] { return m.objective(s.ids.data(), s.targets.data(), weights, T, opt); }, res, 2, 1e-5,
+                     kModelH);
   }
-  testing::Test::RecordProperty("worst_rel_err", std::to_string(res.worst));
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g", res.worst);
+  testing::Test::RecordProperty("worst_rel_err", buf);
+  testing::Test::RecordProperty("worst_at", res.where);
   testing::Test::RecordProperty("entries_checked", res.checked);
   EXPECT_GE(res.checked, 150);
   EXPECT_LE(res.worst, 1e-5) << res.where;
