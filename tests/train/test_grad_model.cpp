@@ -41,7 +41,9 @@ TEST_P(TrainForwardGolden, LogitsMatchReferenceBackend) {
     TrainModel tm = TrainModel::load(dir + "/model." + fmt, opt);
     const std::vector<float> got = tm.logits(ids.data(), T);
     const double err = test::rel_max_err(got, ref);
-    RecordProperty(std::string("rel_err_") + fmt, std::to_string(err));
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.3g", err);
+    RecordProperty(std::string("rel_err_") + fmt, buf);
     EXPECT_LE(err, 1e-5) << GetParam() << " " << fmt;
     // And the golden logits of the official implementation (spec model.md §8 bar 1e-4; fp32 engines ~1e-6).
     EXPECT_LE(test::rel_max_err(got, test::read_f32_file(dir + "/logits.f32")), 2e-5) << GetParam() << " " << fmt;
@@ -198,7 +200,9 @@ TEST(GradModel, FloatGradientsMatchDouble) {
     EXPECT_LE(e, 1e-3) << mf.param(i).name;
     worst = std::max(worst, e);
   }
-  RecordProperty("worst_rel_err", std::to_string(worst));
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g", worst);
+  RecordProperty("worst_rel_err", buf);
 }
 
 // Parameters written to .safetensors load back bit-identical, and the inference engine accepts the file.
