@@ -34,8 +34,9 @@ ScheduleValue pretrain_schedule(const PretrainSchedule& s, int64_t global_step) 
   // 3. Warmup on global_step (not real_step).
   if (double(global_step) < w) lr *= 0.01 + 0.99 * double(global_step) / w;
   // 4. Weight decay.
-  out.wd = s.weight_decay_final > 0 ? s.weight_decay * std::exp(std::log(s.weight_decay_final / s.weight_decay) * progress)
-                                    : s.weight_decay;
+  out.wd = s.weight_decay;
+  if (s.weight_decay_final > 0)
+    out.wd = s.weight_decay * std::exp(std::log(s.weight_decay_final / s.weight_decay) * progress);
   out.lr = lr;
   out.progress = progress;
   return out;

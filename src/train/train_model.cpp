@@ -49,6 +49,12 @@ struct TrainModelT<S>::Pass {
 
 namespace {
 
+// "rwkv.blocks.3." / "blocks.3." / "moba.1.": the checkpoint name prefix of a block.
+std::string block_prefix(const ModelConfig& c, const BlockRef& b) {
+  return b.kind == BlockRef::Kind::rwkv ? c.prefix + "blocks." + std::to_string(b.index) + "."
+                                        : "moba." + std::to_string(b.index) + ".";
+}
+
 template <class Get>
 auto time_mix_tensors(Get get, const std::string& b, bool first) {
   using P = decltype(get(b));
@@ -160,7 +166,7 @@ void TrainModelT<S>::block_forward(size_t b, std::vector<S>& x, std::vector<S>& 
   const BlockRef& br = cfg_.exec_order[b];
   const bool rwkv = br.kind == BlockRef::Kind::rwkv;
   const int64_t C = cfg_.n_embd, F = cfg_.n_ffn, TC = T * C;
-  const std::string name = rwkv ? cfg_.prefix + "blocks." + std::to_string(br.index) + "." : "moba." + std::to_string(br.index) + ".";
+  const std::string name = block_prefix(cfg_, br);
   auto get = [&](const std::string& n) -> const S* { return w(n); };
   s.x_in = x;
   s.xn1.assign(size_t(TC), S(0)), s.ln1_mean.assign(size_t(T), S(0)), s.ln1_rstd.assign(size_t(T), S(0));
@@ -192,7 +198,7 @@ void TrainModelT<S>::block_backward(size_t b, BlockSaved& s, const std::vector<S
   const BlockRef& br = cfg_.exec_order[b];
   const bool rwkv = br.kind == BlockRef::Kind::rwkv;
   const int64_t C = cfg_.n_embd, F = cfg_.n_ffn, TC = T * C;
-  const std::string name = rwkv ? cfg_.prefix + "blocks." + std::to_string(br.index) + "." : "moba." + std::to_string(br.index) + ".";
+  const std::string name = block_prefix(cfg_, br);
   if (recompute) {
     std::vector<S> x = s.x_in, vf = v_first;
     block_forward(b, x, vf, s, T);

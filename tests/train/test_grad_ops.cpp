@@ -325,7 +325,9 @@ TEST(GradOps, TimeMix) {
         if (prm[i].first == n) return i;
       return size_t(0);
     };
-    auto pw = [&] { return tensors([&](const std::string& n) -> const double* { return prm[find(n)].second.data(); }); };
+    auto pw = [&] {
+      return tensors([&](const std::string& n) -> const double* { return prm[find(n)].second.data(); });
+    };
     auto pg = tensors([&](const std::string& n) -> double* { return grads[find(n)].data(); });
     const TimeMixShape sh{T, C, N, D, D, D, D, first};
     auto f = [&] {
@@ -471,7 +473,8 @@ TEST(GradOps, CrossEntropyAndL2Wrap) {
   l2wrap_backward(logits.data(), T, V, scale, only.data());
   for (int64_t t = 0; t < T; ++t) {
     const int64_t am = std::max_element(logits.begin() + t * V, logits.begin() + (t + 1) * V) - logits.begin();
-    for (int64_t i = t * V; i < (t + 1) * V; ++i) EXPECT_EQ(only[size_t(i)], i == am ? logits[size_t(am)] * scale : 0.0);
+    for (int64_t i = t * V; i < (t + 1) * V; ++i)
+      EXPECT_EQ(only[size_t(i)], i == am ? logits[size_t(am)] * scale : 0.0);
   }
 }
 

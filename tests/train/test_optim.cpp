@@ -80,7 +80,8 @@ TEST(OptimAdamW, MatchesHandComputedUpdate) {
         for (size_t k = 0; k < m.grad(j).size(); ++k) m.grad(j)[k] = float(grad_of(k, step));
       opt.step(step == 1 ? lr1 : lr2, 0.1);
     }
-    for (size_t k = 0; k < p0.size(); ++k) ASSERT_NEAR(m.value(i)[k], expect[k], 1e-6 * std::fabs(expect[k]) + 1e-7) << k;
+    for (size_t k = 0; k < p0.size(); ++k)
+      ASSERT_NEAR(m.value(i)[k], expect[k], 1e-6 * std::fabs(expect[k]) + 1e-7) << k;
     m = tiny(1);
     opt = AdamW(m, o);
   }

@@ -53,7 +53,7 @@ TEST(OptimTraining, TinyModelLearnsRepetitiveSequence) {
   const std::vector<int32_t> held = pattern(61, 7);
   const double before = heldout_loss(m, held);
   const auto t0 = std::chrono::steady_clock::now();
-  const int steps = 120;
+  const int steps = 200;
   double last = 0;
   for (int step = 0; step < steps; ++step) {
     const std::vector<int32_t> seq = pattern(33, step % 12);
@@ -67,11 +67,10 @@ TEST(OptimTraining, TinyModelLearnsRepetitiveSequence) {
   RecordProperty("heldout_after", std::to_string(after));
   RecordProperty("train_last", std::to_string(last));
   RecordProperty("seconds", std::to_string(secs));
-  // Start near ln 16 = 2.77 (random weights); stated margin: held-out loss falls below 0.5 nats and
-  // below a fifth of its start (measured: see the properties).
+  // Stated margin: from above 2 nats (random weights; measured 3.31) the held-out loss falls below 0.05
+  // nats (measured 0.0012 after 200 steps, ~2.5 s on one core).
   EXPECT_GT(before, 2.0);
-  EXPECT_LT(after, 0.5);
-  EXPECT_LT(after, before / 5);
+  EXPECT_LT(after, 0.05);
 }
 
 }  // namespace

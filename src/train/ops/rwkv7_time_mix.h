@@ -182,7 +182,8 @@ struct TimeMixShape {
 template <class S>
 struct TimeMixSaved {
   std::vector<S> delta, xr, xw, xk, xv, xa, xg;
-  std::vector<S> r, k, v, hw, wl, ha, al, hg, gate;  // hw [T, dim_w] (after tanh), ha [T, dim_a], hg [T, dim_g] (after σ)
+  // hw [T, dim_w] (after tanh), ha [T, dim_a], hg [T, dim_g] (after σ)
+  std::vector<S> r, k, v, hw, wl, ha, al, hg, gate;
   std::vector<S> decay, a, alpha, beta, k_out;
   std::vector<S> hv, vg, v_mixed;  // hv [T, dim_v]; empty in block 0
   Wkv7Saved<S> wkv;
