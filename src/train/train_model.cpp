@@ -10,6 +10,7 @@
 #include "core/mapped_file.h"
 #include "train/ops/channel_mix.h"
 #include "train/ops/elementwise.h"
+#include "train/ops/embedding.h"
 #include "train/ops/linear.h"
 #include "train/ops/norm.h"
 #include "train/ops/rwkv7_time_mix.h"
@@ -41,7 +42,8 @@ struct TrainModelT<S>::Pass {
   std::vector<int32_t> ids, targets;         // padded; pad targets are -1
   std::vector<S> e, ln0_mean, ln0_rstd;      // embedding rows before ln0
   std::vector<S> v_first;                    // [Tp, C], written by RWKV block 0
-  std::vector<S> x_final, xo, lno_mean, lno_rstd;
+  std::vector<S> x_final;                    // input of the head
+  HeadSaved<S> head;
   std::vector<BlockSaved> blocks;
   std::vector<S> logits;                     // [Tp, V]
   std::vector<double> loss, lse;             // [Tp] CE per position (0 where not scored)
@@ -70,6 +72,12 @@ auto time_mix_tensors(Get get, const std::string& b, bool first) {
   t.value = get(a + "value.weight"), t.output = get(a + "output.weight");
   t.ln_w = get(a + "ln_x.weight"), t.ln_b = get(a + "ln_x.bias");
   return t;
+}
+
+template <class Get>
+auto head_tensors(Get get, const std::string& prefix) {
+  using P = decltype(get(prefix));
+  return HeadTensors<P>{get(prefix + "ln_out.weight"), get(prefix + "ln_out.bias"), get(prefix + "head.weight")};
 }
 
 template <class Get>
@@ -264,12 +272,10 @@ void TrainModelT<S>::forward_pass(const int32_t* ids, const int32_t* targets, in
     if (!keep) p.blocks[b] = BlockSaved{};
     else if (recompute) p.blocks[b].release();
   }
-  p.xo.assign(size_t(TC), S(0)), p.lno_mean.assign(size_t(Tp), S(0)), p.lno_rstd.assign(size_t(Tp), S(0));
-  group_norm_forward(x.data(), w(cfg_.prefix + "ln_out.weight"), w(cfg_.prefix + "ln_out.bias"), p.xo.data(),
-                     p.lno_mean.data(), p.lno_rstd.data(), Tp, C, C, kLnEps);
-  p.x_final = std::move(x);
   p.logits.assign(size_t(Tp * V), S(0));
-  linear_forward(p.xo.data(), w(cfg_.prefix + "head.weight"), p.logits.data(), Tp, C, V);
+  head_forward(head_tensors([&](const std::string& n) -> const S* { return w(n); }, cfg_.prefix), x.data(),
+               p.logits.data(), p.head, Tp, C, V);
+  p.x_final = std::move(x);
   p.loss.assign(size_t(Tp), 0.0), p.lse.assign(size_t(Tp), 0.0);
   cross_entropy_forward(p.logits.data(), p.targets.data(), Tp, V, p.loss.data(), p.lse.data());
 }
@@ -317,13 +323,11 @@ void TrainModelT<S>::backward_pass(Pass& p, const std::vector<double>& coef, con
     l2wrap_backward(p.logits.data() + P * V, T, V, kL2WrapCoef / (double(opt.batch_size) * double(T)),
                     dlogits.data() + P * V);
   p.logits = {};
-  std::vector<S> dxo(size_t(TC), S(0)), dx(size_t(TC), S(0));
-  linear_backward(dlogits.data(), p.xo.data(), w(cfg_.prefix + "head.weight"), dxo.data(),
-                  g(cfg_.prefix + "head.weight"), Tp, C, V);
+  std::vector<S> dx(size_t(TC), S(0));
+  head_backward(head_tensors([&](const std::string& n) -> const S* { return w(n); }, cfg_.prefix),
+                head_tensors([&](const std::string& n) -> S* { return g(n); }, cfg_.prefix), p.x_final.data(),
+                p.head, dlogits.data(), dx.data(), Tp, C, V);
   dlogits = {};
-  group_norm_backward(dxo.data(), p.x_final.data(), w(cfg_.prefix + "ln_out.weight"), p.lno_mean.data(),
-                      p.lno_rstd.data(), dx.data(), g(cfg_.prefix + "ln_out.weight"), g(cfg_.prefix + "ln_out.bias"),
-                      Tp, C, C);
   std::vector<S> dv_first(size_t(TC), S(0));
   for (size_t b = p.blocks.size(); b-- > 0;) block_backward(b, p.blocks[b], p.v_first, dx, dv_first, Tp);
   std::vector<S> de(size_t(TC), S(0));

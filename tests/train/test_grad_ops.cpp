@@ -11,6 +11,7 @@
 #include "support/grad_check.h"
 #include "train/ops/channel_mix.h"
 #include "train/ops/elementwise.h"
+#include "train/ops/embedding.h"
 #include "train/ops/linear.h"
 #include "train/ops/loss.h"
 #include "train/ops/norm.h"
@@ -151,6 +152,32 @@ TEST(GradOps, Embedding) {
   embedding_backward(r.data(), ids.data(), dE.data(), T, C);
   GradCheckResult res;
   grad_check("E", E, dE, f, res);
+  expect_ok(res);
+}
+
+TEST(GradOps, Head) {
+  std::mt19937_64 rng(16);
+  const int64_t T = 3, C = 6, V = 5;
+  Vec x, lw, lb, W, r;
+  fill_uniform(x, T * C, -2, 2, rng), fill_uniform(lw, C, 0.5, 1.5, rng), fill_uniform(lb, C, -0.5, 0.5, rng);
+  fill_uniform(W, V * C, -1, 1, rng), fill_uniform(r, T * V, -1, 1, rng);
+  auto p = [&] { return HeadTensors<const double*>{lw.data(), lb.data(), W.data()}; };
+  auto f = [&] {
+    HeadSaved<double> s;
+    Vec logits(T * V);
+    head_forward(p(), x.data(), logits.data(), s, T, C, V);
+    return dot(r, logits);
+  };
+  HeadSaved<double> s;
+  Vec logits(T * V), dx = zeros(T * C), dlw = zeros(C), dlb = zeros(C), dW = zeros(V * C);
+  head_forward(p(), x.data(), logits.data(), s, T, C, V);
+  head_backward(p(), HeadTensors<double*>{dlw.data(), dlb.data(), dW.data()}, x.data(), s, r.data(), dx.data(), T, C,
+                V);
+  GradCheckResult res;
+  grad_check("x", x, dx, f, res);
+  grad_check("ln_out.weight", lw, dlw, f, res);
+  grad_check("ln_out.bias", lb, dlb, f, res);
+  grad_check("head", W, dW, f, res);
   expect_ok(res);
 }
 

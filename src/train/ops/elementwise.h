@@ -1,11 +1,10 @@
-// Training ops: elementwise activations, the token shift and its lerp (spec model.md §3 step 1, §4),
-// embedding lookup; forward and backward side by side. Backward functions ADD into their outputs.
+// Training ops: elementwise activations, the token shift and its lerp (spec model.md §3 step 1, §4);
+// forward and backward side by side. Backward functions ADD into their outputs.
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-#include "core/error.h"
 
 namespace rwkvx::train {
 
@@ -88,21 +87,6 @@ void shift_mix_backward(const S* dout, const S* delta, const S* mu, S* dx, S* dd
     }
     if (dmu) dmu[c] += S(acc);
   }
-}
-
-// out[t] = E[ids[t]]; E [V, C].
-template <class S>
-void embedding_forward(const S* E, const int32_t* ids, S* out, int64_t T, int64_t V, int64_t C) {
-  for (int64_t t = 0; t < T; ++t) {
-    RWKVX_ASSERT(ids[t] >= 0 && ids[t] < V, "embedding: id out of range");
-    std::copy(E + int64_t(ids[t]) * C, E + int64_t(ids[t] + 1) * C, out + t * C);
-  }
-}
-// dE[ids[t]] += dout[t].
-template <class S>
-void embedding_backward(const S* dout, const int32_t* ids, S* dE, int64_t T, int64_t C) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t c = 0; c < C; ++c) dE[int64_t(ids[t]) * C + c] += dout[t * C + c];
 }
 
 }  // namespace rwkvx::train
