@@ -123,6 +123,12 @@ TEST(GradModel, CrossEntropyWithL2WrapAndPadding) {
   opt.pad_multiple = 8;  // 2 pad tokens in front, as the official trainer pads to 16 with token 261
   opt.pad_id = 23;
   opt.batch_size = 2;
+  // The sparse blocks really select: with every chunk allowed (dense causal attention) the loss differs.
+  TrainModelT<double> dense = tiny_model<double>(3);
+  dense.config().sparse.top_k = 100;
+  EXPECT_GT(std::fabs(dense.objective(s.ids.data(), s.targets.data(), nullptr, 14, opt) -
+                      m.objective(s.ids.data(), s.targets.data(), nullptr, 14, opt)),
+            1e-6);
   m.zero_grad();
   const LossReport rep = m.forward_backward(s.ids.data(), s.targets.data(), 14, opt);
   EXPECT_EQ(rep.n_scored, 13);

@@ -62,6 +62,40 @@ TEST(GradOps, LinearAndMatmul) {
   }
 }
 
+// Negative control: the checker reports a wrong gradient (one entry off by 1%, or a missing term).
+TEST(GradOps, CheckerDetectsWrongGradients) {
+  std::mt19937_64 rng(17);
+  const int64_t T = 3, in = 5, out = 4;
+  Vec x, W, r;
+  fill_uniform(x, T * in, -1, 1, rng), fill_uniform(W, out * in, -1, 1, rng), fill_uniform(r, T * out, -1, 1, rng);
+  auto f = [&] {
+    Vec y(T * out);
+    linear_forward(x.data(), W.data(), y.data(), T, in, out);
+    return dot(r, y);
+  };
+  Vec dx = zeros(x.size()), dW = zeros(W.size());
+  linear_backward(r.data(), x.data(), W.data(), dx.data(), dW.data(), T, in, out);
+  dW[7] *= 1.01;
+  GradCheckResult res;
+  grad_check("W", W, dW, f, res);
+  EXPECT_GT(res.worst, 5e-3);
+  // Token shift without its dx[t-1] term.
+  Vec mu, r2, d(T * in), dmu = zeros(in), dd = zeros(T * in), dx2 = zeros(T * in);
+  fill_uniform(mu, in, 0, 1, rng), fill_uniform(r2, T * in, -1, 1, rng);
+  auto g = [&] {
+    Vec delta(T * in), o(T * in);
+    token_shift_forward(x.data(), static_cast<const double*>(nullptr), delta.data(), T, in);
+    shift_mix_forward(x.data(), delta.data(), mu.data(), o.data(), T, in);
+    return dot(r2, o);
+  };
+  token_shift_forward(x.data(), static_cast<const double*>(nullptr), d.data(), T, in);
+  shift_mix_backward(r2.data(), d.data(), mu.data(), dx2.data(), dd.data(), dmu.data(), T, in);
+  for (int64_t i = 0; i < T * in; ++i) dx2[size_t(i)] -= dd[size_t(i)];  // only the -ddelta[t] half
+  GradCheckResult res2;
+  grad_check("x", x, dx2, g, res2);
+  EXPECT_GT(res2.worst, 1e-2);
+}
+
 TEST(GradOps, LayerNormAndGroupNorm) {
   std::mt19937_64 rng(2);
   const int64_t T = 3, C = 8;
