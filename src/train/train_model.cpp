@@ -45,8 +45,8 @@ struct TrainModelT<S>::Pass {
   std::vector<S> x_final;                    // input of the head
   HeadSaved<S> head;
   std::vector<BlockSaved> blocks;
-  std::vector<S> logits;                     // [Tp, V]
-  std::vector<double> loss, lse;             // [Tp] CE per position (0 where not scored)
+  std::vector<S> logits;                     // [Tp, V], only when asked for (logits())
+  std::vector<double> loss, lse, row_max;    // [Tp] CE per position (0 where not scored), logsumexp, max
 };
 
 namespace {
@@ -236,7 +236,7 @@ void TrainModelT<S>::block_backward(size_t b, BlockSaved& s, const std::vector<S
 
 template <class S>
 void TrainModelT<S>::forward_pass(const int32_t* ids, const int32_t* targets, int64_t T, const LossOptions& opt,
-                                  bool keep, Pass& p) const {
+                                  bool keep, bool keep_logits, Pass& p) const {
   RWKVX_ASSERT(T > 0 && opt.batch_size > 0, "train: empty sequence or batch");
   const int64_t C = cfg_.n_embd, V = cfg_.n_vocab;
   for (int64_t t = 0; t < T; ++t) {
@@ -272,19 +272,19 @@ void TrainModelT<S>::forward_pass(const int32_t* ids, const int32_t* targets, in
     if (!keep) p.blocks[b] = BlockSaved{};
     else if (recompute) p.blocks[b].release();
   }
-  p.logits.assign(size_t(Tp * V), S(0));
-  head_forward(head_tensors([&](const std::string& n) -> const S* { return w(n); }, cfg_.prefix), x.data(),
-               p.logits.data(), p.head, Tp, C, V);
+  p.loss.assign(size_t(Tp), 0.0), p.lse.assign(size_t(Tp), 0.0), p.row_max.assign(size_t(Tp), 0.0);
+  if (keep_logits) p.logits.assign(size_t(Tp * V), S(0));
+  head_loss_forward(head_tensors([&](const std::string& n) -> const S* { return w(n); }, cfg_.prefix), x.data(),
+                    p.targets.data(), p.head, p.loss.data(), p.lse.data(), p.row_max.data(),
+                    keep_logits ? p.logits.data() : nullptr, Tp, C, V);
   p.x_final = std::move(x);
-  p.loss.assign(size_t(Tp), 0.0), p.lse.assign(size_t(Tp), 0.0);
-  cross_entropy_forward(p.logits.data(), p.targets.data(), Tp, V, p.loss.data(), p.lse.data());
 }
 
 template <class S>
 LossReport TrainModelT<S>::score(const Pass& p, const int32_t* ids, const int32_t* targets, const double* weights,
                                  int64_t T, const LossOptions& opt, std::vector<double>& coef,
                                  double* objective) const {
-  const int64_t P = p.P, V = cfg_.n_vocab;
+  const int64_t P = p.P;
   std::vector<double> wts(size_t(T), 1.0);
   if (weights) {
     std::copy(weights, weights + T, wts.begin());
@@ -307,27 +307,23 @@ LossReport TrainModelT<S>::score(const Pass& p, const int32_t* ids, const int32_
     rep.mean_ce += p.loss[size_t(P + t)];
   }
   rep.mean_ce /= double(std::max<int64_t>(1, n_valid));
-  if (objective)
-    *objective = rep.loss + (opt.l2wrap ? l2wrap_penalty(p.logits.data() + P * V, T, V, kL2WrapCoef / (B * double(T)))
-                                        : 0.0);
+  if (objective) {
+    double pen = 0;
+    for (int64_t t = P; t < p.Tp; ++t) pen += 0.5 * p.row_max[size_t(t)] * p.row_max[size_t(t)];
+    *objective = rep.loss + (opt.l2wrap ? pen * kL2WrapCoef / (B * double(T)) : 0.0);
+  }
   return rep;
 }
 
 template <class S>
 void TrainModelT<S>::backward_pass(Pass& p, const std::vector<double>& coef, const LossOptions& opt, int64_t T) {
   const int64_t C = cfg_.n_embd, V = cfg_.n_vocab, P = p.P, Tp = p.Tp, TC = Tp * C;
-  std::vector<S> dlogits(size_t(Tp * V), S(0));
-  cross_entropy_backward(p.logits.data(), p.targets.data(), p.lse.data(), coef.data(), dlogits.data(), Tp, V);
   // L2Wrap: added as is, never scaled by anything upstream (spec §4.4, replicating the official code).
-  if (opt.l2wrap)
-    l2wrap_backward(p.logits.data() + P * V, T, V, kL2WrapCoef / (double(opt.batch_size) * double(T)),
-                    dlogits.data() + P * V);
-  p.logits = {};
+  const double l2_scale = opt.l2wrap ? kL2WrapCoef / (double(opt.batch_size) * double(T)) : 0.0;
   std::vector<S> dx(size_t(TC), S(0));
-  head_backward(head_tensors([&](const std::string& n) -> const S* { return w(n); }, cfg_.prefix),
-                head_tensors([&](const std::string& n) -> S* { return g(n); }, cfg_.prefix), p.x_final.data(),
-                p.head, dlogits.data(), dx.data(), Tp, C, V);
-  dlogits = {};
+  head_loss_backward(head_tensors([&](const std::string& n) -> const S* { return w(n); }, cfg_.prefix),
+                     head_tensors([&](const std::string& n) -> S* { return g(n); }, cfg_.prefix), p.x_final.data(),
+                     p.head, p.targets.data(), p.lse.data(), coef.data(), l2_scale, P, dx.data(), Tp, C, V);
   std::vector<S> dv_first(size_t(TC), S(0));
   for (size_t b = p.blocks.size(); b-- > 0;) block_backward(b, p.blocks[b], p.v_first, dx, dv_first, Tp);
   std::vector<S> de(size_t(TC), S(0));
@@ -342,7 +338,7 @@ LossReport TrainModelT<S>::step(const int32_t* ids, const int32_t* targets, cons
                                 const LossOptions& opt) {
   RWKVX_ASSERT(targets != nullptr, "train: targets required");
   Pass p;
-  forward_pass(ids, targets, T, opt, true, p);
+  forward_pass(ids, targets, T, opt, true, false, p);
   std::vector<double> coef;
   const LossReport rep = score(p, ids, targets, weights, T, opt, coef, nullptr);
   backward_pass(p, coef, opt, T);
@@ -352,7 +348,7 @@ LossReport TrainModelT<S>::step(const int32_t* ids, const int32_t* targets, cons
 template <class S>
 std::vector<S> TrainModelT<S>::logits(const int32_t* ids, int64_t T) const {
   Pass p;
-  forward_pass(ids, nullptr, T, LossOptions{}, false, p);
+  forward_pass(ids, nullptr, T, LossOptions{}, false, true, p);
   return std::move(p.logits);
 }
 
@@ -360,7 +356,7 @@ template <class S>
 std::vector<double> TrainModelT<S>::position_losses(const int32_t* ids, const int32_t* targets, int64_t T,
                                                     const LossOptions& opt) const {
   Pass p;
-  forward_pass(ids, targets, T, opt, false, p);
+  forward_pass(ids, targets, T, opt, false, false, p);
   return std::vector<double>(p.loss.begin() + p.P, p.loss.end());
 }
 
@@ -401,7 +397,7 @@ template <class S>
 double TrainModelT<S>::objective(const int32_t* ids, const int32_t* targets, const double* weights, int64_t T,
                                  const LossOptions& opt) const {
   Pass p;
-  forward_pass(ids, targets, T, opt, false, p);
+  forward_pass(ids, targets, T, opt, false, false, p);
   std::vector<double> coef;
   double obj = 0;
   score(p, ids, targets, weights, T, opt, coef, &obj);

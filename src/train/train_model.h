@@ -110,9 +110,10 @@ class TrainModelT {
   struct Pass;
   TrainModelT() = default;
   void init_from_store(const TensorStore& store, const ModelOptions& options);
-  // The model over ids (left-padded per opt): logits, CE per position, and with `keep` the activations.
+  // The model over ids (left-padded per opt): CE per position, with `keep` the activations, with
+  // `keep_logits` the [T, V] logits (otherwise never held whole).
   void forward_pass(const int32_t* ids, const int32_t* targets, int64_t T, const LossOptions& opt, bool keep,
-                    Pass& p) const;
+                    bool keep_logits, Pass& p) const;
   // Per-position loss coefficients (weights / denominator), the report and the objective of a pass.
   LossReport score(const Pass& p, const int32_t* ids, const int32_t* targets, const double* weights, int64_t T,
                    const LossOptions& opt, std::vector<double>& coef, double* objective) const;

@@ -189,24 +189,34 @@ TEST(GradOps, Embedding) {
   expect_ok(res);
 }
 
-TEST(GradOps, Head) {
+// The head with the fused loss, in blocks of 2 rows over 5 (a partial last block): CE with coefficients
+// and an unscored row, L2Wrap on rows ≥ 1 (as after one pad position).
+TEST(GradOps, HeadWithLoss) {
   std::mt19937_64 rng(16);
-  const int64_t T = 3, C = 6, V = 5;
-  Vec x, lw, lb, W, r;
+  const int64_t T = 5, C = 6, V = 5;
+  const std::vector<int32_t> tg = {1, 4, -100, 0, 2};
+  const Vec coef = {0.0, 0.3, 0.0, 0.2, 0.5};
+  const double scale = 0.1;
+  Vec x, lw, lb, W;
   fill_uniform(x, T * C, -2, 2, rng), fill_uniform(lw, C, 0.5, 1.5, rng), fill_uniform(lb, C, -0.5, 0.5, rng);
-  fill_uniform(W, V * C, -1, 1, rng), fill_uniform(r, T * V, -1, 1, rng);
+  fill_uniform(W, V * C, -1, 1, rng);
   auto p = [&] { return HeadTensors<const double*>{lw.data(), lb.data(), W.data()}; };
   auto f = [&] {
     HeadSaved<double> s;
-    Vec logits(T * V);
-    head_forward(p(), x.data(), logits.data(), s, T, C, V);
-    return dot(r, logits);
+    Vec loss(T), lse(T), mx(T);
+    head_loss_forward(p(), x.data(), tg.data(), s, loss.data(), lse.data(), mx.data(), static_cast<double*>(nullptr),
+                      T, C, V, 2);
+    double pen = 0;
+    for (int64_t t = 1; t < T; ++t) pen += 0.5 * mx[size_t(t)] * mx[size_t(t)];
+    return dot(coef, loss) + scale * pen;
   };
   HeadSaved<double> s;
-  Vec logits(T * V), dx = zeros(T * C), dlw = zeros(C), dlb = zeros(C), dW = zeros(V * C);
-  head_forward(p(), x.data(), logits.data(), s, T, C, V);
-  head_backward(p(), HeadTensors<double*>{dlw.data(), dlb.data(), dW.data()}, x.data(), s, r.data(), dx.data(), T, C,
-                V);
+  Vec loss(T), lse(T), mx(T), logits(T * V), dx = zeros(T * C), dlw = zeros(C), dlb = zeros(C), dW = zeros(V * C);
+  head_loss_forward(p(), x.data(), tg.data(), s, loss.data(), lse.data(), mx.data(), logits.data(), T, C, V, 2);
+  EXPECT_EQ(loss[2], 0.0);
+  EXPECT_EQ(mx[4], *std::max_element(logits.begin() + 4 * V, logits.end()));
+  head_loss_backward(p(), HeadTensors<double*>{dlw.data(), dlb.data(), dW.data()}, x.data(), s, tg.data(), lse.data(),
+                     coef.data(), scale, 1, dx.data(), T, C, V, 2);
   GradCheckResult res;
   grad_check("x", x, dx, f, res);
   grad_check("ln_out.weight", lw, dlw, f, res);
