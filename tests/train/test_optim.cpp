@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 
@@ -150,6 +151,50 @@ TEST(OptimFreeze, StageOneChangesOnlySparseBlocks) {
   // Freezing after the optimizer was made is refused rather than silently training a frozen tensor.
   m.set_trainable([](const std::string&) { return false; });
   EXPECT_THROW(opt.step(1e-3), Error);
+}
+
+// Exact resume needs only the weights (an f32 safetensors file is lossless), the moments and the step
+// count: the loss curve after restoring them into a fresh model and optimizer equals the uninterrupted one.
+TEST(OptimAdamW, ResumeFromStateIsExact) {
+  std::mt19937_64 rng(5);
+  std::vector<int32_t> seq(41);
+  for (auto& x : seq) x = int32_t(rng() % 16);
+  AdamWOptions o;
+  o.eps = 1e-8;
+  PretrainSchedule sched;
+  sched.lr_init = sched.lr_final = 1e-3, sched.warmup_steps = 3;
+  auto run = [&](TrainModel& m, AdamW& opt, int from, int to, std::vector<double>& losses) {
+    for (int step = from; step < to; ++step) {
+      m.zero_grad();
+      losses.push_back(m.forward_backward(seq.data() + step % 8, seq.data() + step % 8 + 1, 32, LossOptions{}).loss);
+      const ScheduleValue v = pretrain_schedule(sched, step);
+      opt.step(v.lr, v.wd);
+    }
+  };
+  TrainModel a = tiny(6);
+  AdamW oa(a, o);
+  std::vector<double> whole, resumed;
+  run(a, oa, 0, 8, whole);
+
+  TrainModel b = tiny(6);
+  AdamW ob(b, o);
+  run(b, ob, 0, 5, resumed);
+  const std::string path = testing::TempDir() + "rwkvx_resume.safetensors";
+  b.save_safetensors(path, DType::f32);
+  ModelOptions mo;
+  mo.chunk = 4;
+  mo.top_k = 2;
+  TrainModel c = TrainModel::load(path, mo);
+  c.config().sparse.head_dim = 16;
+  AdamW oc(c, o);
+  for (size_t i = 0; i < c.n_params(); ++i) oc.exp_avg(i) = ob.exp_avg(i), oc.exp_avg_sq(i) = ob.exp_avg_sq(i);
+  oc.set_steps(ob.steps());
+  run(c, oc, 5, 8, resumed);
+  ASSERT_EQ(whole.size(), resumed.size());
+  for (size_t i = 0; i < whole.size(); ++i) EXPECT_EQ(whole[i], resumed[i]) << "step " << i;
+  for (size_t i = 0; i < a.n_params(); ++i) ASSERT_EQ(a.value(i), c.value(i)) << a.param(i).name;
+  EXPECT_NE(whole[7], whole[0]);
+  std::remove(path.c_str());
 }
 
 TEST(OptimSchedule, OfficialPretrainConstantWithWarmupAndTokenExit) {
