@@ -222,8 +222,8 @@ void TrainModelT<S>::block_backward(size_t b, BlockSaved& s, const std::vector<S
   if (rwkv) {
     const bool first = br.index == 0;
     const TimeMixShape sh{T, C, cfg_.head_size, cfg_.dim_w, cfg_.dim_a, cfg_.dim_v, cfg_.dim_g, first};
-    time_mix_backward(time_mix_tensors(get, name, first), time_mix_tensors(gget, name, first), sh, s.xn1.data(),
-                      v_first.data(), s.tm, dx.data(), dxn.data(), dv_first.data());
+    time_mix_backward(time_mix_tensors(get, name, first), time_mix_tensors(gget, name, first), sh, v_first.data(),
+                      s.tm, dx.data(), dxn.data(), dv_first.data());
   } else {
     const MobaShape sh{T, C, cfg_.sparse.head_dim, cfg_.sparse.chunk, cfg_.sparse.top_k};
     sparse_attn_backward(sparse_attn_tensors(get, name), sparse_attn_tensors(gget, name), sh, s.xn1.data(), s.sa,

@@ -411,7 +411,7 @@ TEST(GradOps, TimeMix) {
     Vec out(T * C), v_first = vf;
     time_mix_forward(pw(), sh, x.data(), v_first.data(), out.data(), s, 4);
     Vec dx = zeros(T * C), dvf = first ? rvf : zeros(T * C);
-    time_mix_backward(pw(), pg, sh, x.data(), v_first.data(), s, r.data(), dx.data(), dvf.data());
+    time_mix_backward(pw(), pg, sh, v_first.data(), s, r.data(), dx.data(), dvf.data());
     GradCheckResult res;
     grad_check("x", x, dx, f, res);
     if (!first) grad_check("v_first", vf, dvf, f, res);

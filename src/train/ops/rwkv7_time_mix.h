@@ -244,11 +244,12 @@ void time_mix_forward(const TimeMixTensors<const S*>& p, const TimeMixShape& sh,
   linear_forward(s.yo.data(), p.output, out, T, C, C);
 }
 
-// dout [T, C] → dx [T, C] (added), parameter gradients (added), and v_first: block 0 READS dv_first
+// dout [T, C] → dx [T, C] (added; the input x itself is not needed, its lerps are saved), parameter
+// gradients (added), and v_first: block 0 READS dv_first
 // (the gradient the later blocks accumulated into it) and adds it to its v; later blocks ADD into it.
 template <class S>
 void time_mix_backward(const TimeMixTensors<const S*>& p, const TimeMixTensors<S*>& g, const TimeMixShape& sh,
-                       const S* x, const S* v_first, const TimeMixSaved<S>& s, const S* dout, S* dx, S* dv_first) {
+                       const S* v_first, const TimeMixSaved<S>& s, const S* dout, S* dx, S* dv_first) {
   const int64_t T = sh.T, C = sh.C, N = sh.N, TC = T * C;
   auto z = [](int64_t n) { return std::vector<S>(size_t(n), S(0)); };
   std::vector<S> dyo = z(TC), dy = z(TC), dr = z(TC), dk_out = z(TC), dv_used = z(TC), dgate = z(TC);
@@ -298,7 +299,6 @@ void time_mix_backward(const TimeMixTensors<const S*>& p, const TimeMixTensors<S
   shift_mix_backward(dxa.data(), s.delta.data(), p.x_a, dx, ddelta.data(), g.x_a, T, C);
   shift_mix_backward(dxg.data(), s.delta.data(), p.x_g, dx, ddelta.data(), g.x_g, T, C);
   token_shift_backward(ddelta.data(), dx, T, C);
-  (void)x;
 }
 
 }  // namespace rwkvx::train
