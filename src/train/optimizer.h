@@ -32,7 +32,9 @@ struct AdamWOptions {
 };
 
 // One optimizer slot per trainable tensor, built when the optimizer is made: a tensor frozen then stays
-// untouched (bit for bit) by every step.
+// untouched (bit for bit) by every step. The optimizer keeps a pointer to the model: the model must stay
+// where it is (not be moved or destroyed) while the optimizer is used. Exact resume needs the weights,
+// exp_avg / exp_avg_sq of every trainable tensor and steps() (tested in test_optim.cpp).
 class AdamW {
  public:
   AdamW(TrainModelT<float>& model, const AdamWOptions& options);
