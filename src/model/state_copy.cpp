@@ -12,8 +12,9 @@ KvCache copy_cache(Backend& be, const KvCache& src) {
   const int64_t C = src.k.row_size();
   // Capacity rounded up to whole chunks, as kv_append sizes it, so chunk means have their rows.
   const int64_t cap = std::max<int64_t>(src.chunk, (src.len + src.chunk - 1) / src.chunk * src.chunk);
-  dst.k = be.alloc(DType::f32, {cap, C});
-  dst.v = be.alloc(DType::f32, {cap, C});
+  dst.dtype = src.k.dtype;  // f32 or bf16 storage, kept as is
+  dst.k = be.alloc(src.k.dtype, {cap, C});
+  dst.v = be.alloc(src.k.dtype, {cap, C});
   dst.chunk_mean = be.alloc(DType::f32, {cap / src.chunk, C});
   Tensor dk = dst.k.rows_view(0, src.len), dv = dst.v.rows_view(0, src.len);
   be.copy(src.k.rows_view(0, src.len), dk);

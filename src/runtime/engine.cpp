@@ -2,8 +2,12 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <cstdio>
 
 #include "backend/cpu/cpu_backend.h"
+#ifdef RWKVX_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 #include "runtime/hash64.h"
 
 namespace rwkvx {
@@ -11,8 +15,17 @@ namespace rwkvx {
 std::unique_ptr<Backend> make_backend(const std::string& device) {
   if (device == "cpu") return make_cpu_backend();
   if (device == "reference") return make_reference_backend();
-  if (device == "cuda")
-    throw Error("--device cuda: this build has no CUDA backend yet; use --device cpu");
+  if (device == "cuda") {
+#ifdef RWKVX_HAVE_CUDA
+    std::string why;
+    if (cuda_device_available(&why)) return make_cuda_backend();
+    std::fprintf(stderr, "rwkvx: --device cuda: no usable GPU (%s); running on the CPU backend instead\n", why.c_str());
+#else
+    std::fprintf(stderr, "rwkvx: --device cuda: this build has no CUDA backend (configure with -DRWKVX_CUDA=ON); "
+                         "running on the CPU backend instead\n");
+#endif
+    return make_cpu_backend();
+  }
   throw Error("unknown device '" + device + "': expected cpu, reference or cuda");
 }
 

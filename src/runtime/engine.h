@@ -10,7 +10,8 @@
 namespace rwkvx {
 
 // "cpu": the fast CPU backend (SIMD, threads, weights in stored precision); "reference": the fp32
-// reference loops (the oracle; slow); "cuda" and anything else throw rwkvx::Error saying what exists.
+// reference loops (the oracle; slow); "cuda": the CUDA backend when this build has it and a GPU is present,
+// else the CPU backend with a one-line notice on stderr. Anything else throws rwkvx::Error.
 std::unique_ptr<Backend> make_backend(const std::string& device);
 
 struct LoadedModel {
