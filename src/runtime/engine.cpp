@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 
 #include "backend/cpu/cpu_backend.h"
 #ifdef RWKVX_HAVE_CUDA
@@ -18,7 +19,12 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
   if (device == "cuda") {
 #ifdef RWKVX_HAVE_CUDA
     std::string why;
-    if (cuda_device_available(&why)) return make_cuda_backend();
+    if (cuda_device_available(&why)) {
+      CudaBackendOptions o;
+      const char* fast = std::getenv("RWKVX_CUDA_FAST_BF16");
+      o.single_bf16_activations = fast && std::string(fast) == "1";
+      return make_cuda_backend(o);
+    }
     std::fprintf(stderr, "rwkvx: --device cuda: no usable GPU (%s); running on the CPU backend instead\n", why.c_str());
 #else
     std::fprintf(stderr, "rwkvx: --device cuda: this build has no CUDA backend (configure with -DRWKVX_CUDA=ON); "

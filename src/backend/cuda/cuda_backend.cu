@@ -1,9 +1,13 @@
 // CUDA backend: device memory (a caching allocator), transfers, the dense ops, cuBLASLt GEMMs and the token
-// shift. bf16 checkpoint matrices stay bf16 on the device and are multiplied with bf16-rounded activations
-// (fp32 accumulate, fp32 output); fp32 matrices use a true fp32 GEMM (no TF32), so fp32 checkpoints match
-// the reference to fp32 rounding. Vectors (mixes, norms, r_k) are fp32.
+// shift. bf16 checkpoint matrices stay bf16 on the device; fp32 ones stay fp32 (a true fp32 GEMM, no TF32).
+// With bf16 weights, prefill GEMMs (> 8 rows) take the activations as two bf16 parts hi + lo in one
+// cuBLASLt GEMM of twice the columns (fp32 accumulate, fp32 output), or one rounding when asked; decode
+// GEMMs (≤ 8 rows) run GEMV kernels on the fp32 activations. Vectors (mixes, norms, r_k) are fp32.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "backend/cuda/cuda_internal.h"
@@ -21,10 +25,10 @@ bool cuda_device_available(std::string* why) {
   return true;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device) {
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
   std::string why;
   if (!cuda_device_available(&why)) throw Error("CUDA backend: " + why);
-  return std::make_unique<cuda::CudaBackend>(device);
+  return std::make_unique<cuda::CudaBackend>(options);
 }
 
 namespace cuda {
@@ -111,20 +115,54 @@ struct CudaBackend::GemmPlan {
   }
 };
 
-CudaBackend::CudaBackend(int device) : device_(device) {
+CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.device) {
+  const int device = o.device;
   RWKVX_CUDA_CHECK(cudaSetDevice(device));
   cudaDeviceProp prop{};
   RWKVX_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   sm_count_ = prop.multiProcessorCount;
-  name_ = std::string("cuda:") + std::to_string(device) + " " + prop.name;
+  name_ = std::string("cuda:") + std::to_string(device) + " " + prop.name +
+          (o.single_bf16_activations ? " bf16-activations" : "");
   RWKVX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   pool_ = std::make_shared<DevicePool>(device);
   RWKVX_CUBLAS_CHECK(cublasLtCreate(&lt_));
+  const char* prof = std::getenv("RWKVX_CUDA_PROFILE");
+  profile_ = prof && std::string(prof) == "1";
   workspace_ = scratch(size_t(32) << 20);
+}
+
+namespace {
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+}  // namespace
+
+CudaBackend::OpTimer::OpTimer(CudaBackend* b, const char* o) : be(b), op(o) {
+  if (!be->profile_) return;
+  be->synchronize();
+  t0 = now_s();
+}
+CudaBackend::OpTimer::~OpTimer() {
+  if (!be->profile_) return;
+  cudaStreamSynchronize(be->stream_);
+  be->count_op(op, now_s() - t0);
+}
+void CudaBackend::count_op(const char* op, double seconds) {
+  auto& e = profile_table_[op];
+  e.first += 1, e.second += seconds;
 }
 
 CudaBackend::~CudaBackend() {
   cudaStreamSynchronize(stream_);
+  if (profile_ && !profile_table_.empty()) {
+    double total = 0;
+    for (auto& [k, v] : profile_table_) total += v.second;
+    std::fprintf(stderr, "rwkvx CUDA profile (%s): op, calls, total ms, share\n", name_.c_str());
+    std::vector<std::pair<double, std::string>> rows;
+    for (auto& [k, v] : profile_table_) rows.push_back({v.second, k});
+    std::sort(rows.rbegin(), rows.rend());
+    for (auto& [t, k] : rows)
+      std::fprintf(stderr, "  %-22s %10lld %12.3f %6.1f%%\n", k.c_str(), (long long)profile_table_[k].first, t * 1e3,
+                   100 * t / total);
+  }
   plans_.clear();
   workspace_ = Tensor{};
   batch_dev_ = Tensor{};
@@ -149,6 +187,7 @@ Tensor CudaBackend::scratch(size_t bytes) {
 }
 
 Tensor CudaBackend::alloc(DType dtype, std::initializer_list<int64_t> shape) {
+  OpTimer timer_(this, "alloc");
   RWKVX_ASSERT(shape.size() <= 4, "too many dimensions");
   RWKVX_ASSERT(dtype == DType::f32 || dtype == DType::bf16, std::string("CUDA alloc: unsupported dtype ") + std::string(dtype_name(dtype)));
   Tensor t;
@@ -249,9 +288,18 @@ __global__ void layer_norm_kernel(const float* x, const float* w, const float* b
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = (xi[c] - mean) * inv * w[c] + b[c];
 }
 
-__global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* y) {
+// x ≈ hi + lo with hi = bf16(x), lo = bf16(x - hi): y[0, n) = hi, y[n, 2n) = lo (when `split`).
+__global__ void to_bf16_kernel(const float* x, int64_t n, bool split, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
+    y[i] = hi;
+    if (split) y[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+  }
+}
+
+__global__ void add_halves_kernel(const float* d, int64_t n, float* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = __float2bfloat16_rn(x[i]);
+    out[i] = d[i] + d[n + i];
 }
 
 enum class Unary { tanh, sigmoid, relu_square };
@@ -319,12 +367,68 @@ __global__ void gemm_fallback_kernel(bool trans_a, const T* A, const T* B, float
   }
 }
 
+// Few rows (decode): GEMV-style kernels on fp32 activations and the stored weights, fp32 accumulate (no
+// activation rounding; the weights are read once, which is what decode is bound by).
+constexpr int kGemvMaxRows = 8;
+
+// out[t, o] = Σ_i x[t, i] W[o, i], W [N, K]: one warp per output o, lanes over i.
+template <typename T>
+__global__ void gemv_nt_kernel(const float* __restrict__ x, const T* __restrict__ W, int64_t rows, int64_t K, int64_t N,
+                               float* __restrict__ out) {
+  const int64_t o = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (o >= N) return;
+  float acc[kGemvMaxRows] = {};
+  const T* wr = W + o * K;
+  for (int64_t i = lane; i < K; i += 32) {
+    const float wv = to_f32(wr[i]);
+#pragma unroll
+    for (int t = 0; t < kGemvMaxRows; ++t)
+      if (t < rows) acc[t] += x[t * K + i] * wv;
+  }
+#pragma unroll
+  for (int t = 0; t < kGemvMaxRows; ++t) {
+    if (t >= rows) break;
+    const float v = warp_sum(acc[t]);
+    if (lane == 0) out[t * N + o] = v;
+  }
+}
+
+// out[t, o] = Σ_i x[t, i] W[i, o], W [K, N]: lanes over 32 outputs o, the 8 warps split i, shared-memory sum.
+template <typename T>
+__global__ void gemv_nn_kernel(const float* __restrict__ x, const T* __restrict__ W, int64_t rows, int64_t K, int64_t N,
+                               float* __restrict__ out) {
+  __shared__ float part[8][kGemvMaxRows][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int64_t o = blockIdx.x * 32 + lane;
+  float acc[kGemvMaxRows] = {};
+  if (o < N) {
+    for (int64_t i = warp; i < K; i += 8) {
+      const float wv = to_f32(W[i * N + o]);
+#pragma unroll
+      for (int t = 0; t < kGemvMaxRows; ++t)
+        if (t < rows) acc[t] += x[t * K + i] * wv;
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kGemvMaxRows; ++t) part[warp][t][lane] = acc[t];
+  __syncthreads();
+  if (warp == 0 && o < N) {
+    for (int t = 0; t < rows; ++t) {
+      float v = 0.f;
+      for (int w = 0; w < 8; ++w) v += part[w][t][lane];
+      out[t * N + o] = v;
+    }
+  }
+}
+
 constexpr int kThreads = 256;
 unsigned ew_grid(int64_t n) { return std::min<unsigned>(grid_for(n, kThreads), 65536u); }
 
 }  // namespace
 
 void CudaBackend::embedding(const Tensor& E, const int32_t* ids, int64_t n, Tensor& out) {
+  OpTimer timer_(this, "embedding");
   const int64_t C = E.row_size();
   RWKVX_ASSERT(out.rows() == n && out.row_size() == C, "embedding: bad output shape");
   for (int64_t t = 0; t < n; ++t) RWKVX_ASSERT(ids[t] >= 0 && ids[t] < E.rows(), "embedding: id out of range");
@@ -343,6 +447,7 @@ void CudaBackend::embedding(const Tensor& E, const int32_t* ids, int64_t n, Tens
 }
 
 void CudaBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) {
+  OpTimer timer_(this, "layer_norm");
   RWKVX_ASSERT(x.numel() == out.numel(), "layer_norm: shapes " + x.shape_str() + " vs " + out.shape_str());
   const int64_t C = w.numel(), T = x.numel() / C;
   if (T == 0) return;
@@ -389,6 +494,7 @@ void CudaBackend::gemm(bool trans_a, const void* A, cudaDataType ta, const void*
   }
   const GemmPlan& p = *it->second;
   if (p.fallback) {
+    if (profile_) count_op("gemm_fallback(count)", 0);
     const unsigned g = std::min<unsigned>(grid_for(m * n, kThreads), 65536u);
     if (ta == CUDA_R_16BF)
       gemm_fallback_kernel<<<g, kThreads, 0, stream_>>>(trans_a, static_cast<const __nv_bfloat16*>(A),
@@ -404,56 +510,84 @@ void CudaBackend::gemm(bool trans_a, const void* A, cudaDataType ta, const void*
                                     workspace_.data, workspace_.nbytes(), stream_));
 }
 
-const void* CudaBackend::activations_as(const Tensor& x, DType weight_dtype, Tensor& holder) {
-  if (weight_dtype == DType::f32) return x.data;
-  const int64_t n = x.numel();
-  holder = scratch(size_t(n) * 2);
-  to_bf16_kernel<<<ew_grid(n), kThreads, 0, stream_>>>(static_cast<const float*>(x.data), n,
-                                                       static_cast<__nv_bfloat16*>(holder.data));
+void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K,
+                              int64_t N) {
+  if (T <= kGemvMaxRows) {
+    const float* xp = static_cast<const float*>(x.data);
+    float* op = static_cast<float*>(out.data);
+    auto launch = [&](auto* w) {
+      if (trans_w) gemv_nt_kernel<<<grid_for(N * 32, 256), 256, 0, stream_>>>(xp, w, T, K, N, op);
+      else gemv_nn_kernel<<<grid_for(N, 32), 256, 0, stream_>>>(xp, w, T, K, N, op);
+    };
+    if (W.dtype == DType::bf16) launch(static_cast<const __nv_bfloat16*>(W.data));
+    else launch(static_cast<const float*>(W.data));
+    RWKVX_CUDA_LAUNCHED();
+    return;
+  }
+  if (W.dtype == DType::f32) {
+    gemm(trans_w, W.data, CUDA_R_32F, x.data, CUDA_R_32F, static_cast<float*>(out.data), N, T, K);
+    return;
+  }
+  // bf16 weights: the activations go in as bf16 pairs (hi, lo) stacked as 2T columns of one GEMM (the weights
+  // are read once), and out = W·hi + W·lo keeps ~16 mantissa bits of x; single rounding (opt-in) is one
+  // GEMM of T columns. The products are exact in fp32 either way.
+  const int64_t n = T * K;
+  const bool split = !opt_.single_bf16_activations;
+  Tensor xb = scratch(size_t(n) * (split ? 4 : 2));
+  to_bf16_kernel<<<ew_grid(n), kThreads, 0, stream_>>>(static_cast<const float*>(x.data), n, split,
+                                                       static_cast<__nv_bfloat16*>(xb.data));
   RWKVX_CUDA_LAUNCHED();
-  return holder.data;
+  if (!split) {
+    gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, K);
+    return;
+  }
+  Tensor d = scratch(size_t(2 * T * N) * 4);
+  gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(d.data), N, 2 * T, K);
+  add_halves_kernel<<<ew_grid(T * N), kThreads, 0, stream_>>>(static_cast<const float*>(d.data), T * N,
+                                                              static_cast<float*>(out.data));
+  RWKVX_CUDA_LAUNCHED();
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
+  OpTimer timer_(this, "linear");
   const int64_t T = x.rows(), K = x.row_size(), N = W.rows();
   RWKVX_ASSERT(W.row_size() == K && out.rows() == T && out.row_size() == N,
                "linear: x " + x.shape_str() + " W " + W.shape_str() + " out " + out.shape_str());
   if (T == 0) return;
-  Tensor holder;
-  const void* xb = activations_as(x, W.dtype, holder);
-  const cudaDataType t = W.dtype == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
   // Column-major view: out^T [N, T] = (W stored [K, N] col-major)^T · x^T [K, T].
-  gemm(true, W.data, t, xb, t, static_cast<float*>(out.data), N, T, K);
+  weight_gemm(true, x, W, out, T, K, N);
 }
 
 void CudaBackend::matmul(const Tensor& x, const Tensor& W, Tensor& out) {
+  OpTimer timer_(this, "matmul");
   const int64_t T = x.rows(), K = x.row_size(), N = W.row_size();
   RWKVX_ASSERT(W.rows() == K && out.rows() == T && out.row_size() == N,
                "matmul: x " + x.shape_str() + " W " + W.shape_str() + " out " + out.shape_str());
   if (T == 0) return;
-  Tensor holder;
-  const void* xb = activations_as(x, W.dtype, holder);
-  const cudaDataType t = W.dtype == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
   // Column-major view: out^T [N, T] = (W stored [N, K] col-major) · x^T [K, T].
-  gemm(false, W.data, t, xb, t, static_cast<float*>(out.data), N, T, K);
+  weight_gemm(false, x, W, out, T, K, N);
 }
 
 void CudaBackend::tanh_(Tensor& x) {
+  OpTimer timer_(this, "tanh_");
   if (!x.numel()) return;
   unary_kernel<Unary::tanh><<<ew_grid(x.numel()), kThreads, 0, stream_>>>(static_cast<float*>(x.data), x.numel());
   RWKVX_CUDA_LAUNCHED();
 }
 void CudaBackend::sigmoid_(Tensor& x) {
+  OpTimer timer_(this, "sigmoid_");
   if (!x.numel()) return;
   unary_kernel<Unary::sigmoid><<<ew_grid(x.numel()), kThreads, 0, stream_>>>(static_cast<float*>(x.data), x.numel());
   RWKVX_CUDA_LAUNCHED();
 }
 void CudaBackend::relu_square_(Tensor& x) {
+  OpTimer timer_(this, "relu_square_");
   if (!x.numel()) return;
   unary_kernel<Unary::relu_square><<<ew_grid(x.numel()), kThreads, 0, stream_>>>(static_cast<float*>(x.data), x.numel());
   RWKVX_CUDA_LAUNCHED();
 }
 void CudaBackend::add_(Tensor& x, const Tensor& y) {
+  OpTimer timer_(this, "add_");
   RWKVX_ASSERT(x.numel() == y.numel(), "add_: shapes " + x.shape_str() + " vs " + y.shape_str());
   if (!x.numel()) return;
   add_kernel<<<ew_grid(x.numel()), kThreads, 0, stream_>>>(static_cast<float*>(x.data), static_cast<const float*>(y.data),
@@ -462,6 +596,7 @@ void CudaBackend::add_(Tensor& x, const Tensor& y) {
 }
 
 void CudaBackend::token_shift(const Tensor& x, Tensor& shift, const SeqBatch& batch, Tensor& delta) {
+  OpTimer timer_(this, "token_shift");
   RWKVX_ASSERT(x.numel() == delta.numel(), "token_shift: shapes " + x.shape_str() + " vs " + delta.shape_str());
   const int64_t C = x.row_size();
   if (batch.n_seq() == 0) return;
@@ -477,6 +612,7 @@ void CudaBackend::token_shift(const Tensor& x, Tensor& shift, const SeqBatch& ba
 }
 
 void CudaBackend::shift_mix(const Tensor& x, const Tensor& delta, const Tensor& mu, Tensor& out) {
+  OpTimer timer_(this, "shift_mix");
   RWKVX_ASSERT(x.numel() == delta.numel() && x.numel() == out.numel(), "shift_mix: mismatched shapes");
   if (!x.numel()) return;
   shift_mix_kernel<<<ew_grid(x.numel()), kThreads, 0, stream_>>>(

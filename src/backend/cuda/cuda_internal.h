@@ -62,7 +62,7 @@ struct DeviceBatch {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device);
+  explicit CudaBackend(const CudaBackendOptions& options);
   ~CudaBackend() override;
   std::string name() const override { return name_; }
 
@@ -101,6 +101,16 @@ class CudaBackend final : public Backend {
   // Uninitialised device scratch of `bytes`, returned to the pool when the Tensor is dropped.
   Tensor scratch(size_t bytes);
   DeviceBatch upload_batch(const SeqBatch& batch);
+  // With RWKVX_CUDA_PROFILE=1 every op synchronises before and after and adds its wall time to a per-op
+  // table printed to stderr when the backend is destroyed (a coarse profile that needs no tools).
+  struct OpTimer {
+    OpTimer(CudaBackend* be, const char* op);
+    ~OpTimer();
+    CudaBackend* be;
+    const char* op;
+    double t0 = 0;
+  };
+  void count_op(const char* op, double seconds);
   void synchronize();
   int sm_count() const { return sm_count_; }
 
@@ -109,8 +119,10 @@ class CudaBackend final : public Backend {
   // D[m, n] (column-major, ld m) = op(A) · B, A [k, m] if trans_a else [m, k], B [k, n]; fp32 accumulate.
   void gemm(bool trans_a, const void* A, cudaDataType ta, const void* B, cudaDataType tb, float* D, int64_t m,
             int64_t n, int64_t k);
-  const void* activations_as(const Tensor& x, DType weight_dtype, Tensor& holder);
+  // out [T, N] = x [T, K] · Wᵀ (trans_w: W [N, K]) or x · W (W [K, N]), for fp32 or bf16 W.
+  void weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K, int64_t N);
 
+  CudaBackendOptions opt_;
   int device_ = 0;
   int sm_count_ = 0;
   std::string name_;
@@ -119,6 +131,8 @@ class CudaBackend final : public Backend {
   cublasLtHandle_t lt_ = nullptr;
   Tensor workspace_;
   std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t, int>, std::shared_ptr<GemmPlan>> plans_;
+  bool profile_ = false;
+  std::map<std::string, std::pair<int64_t, double>> profile_table_;
   // upload_batch cache
   std::vector<int64_t> batch_host_;
   Tensor batch_dev_;

@@ -10,8 +10,8 @@
 //       tiles with an online softmax and writes a partial result (normalised output + log-sum-exp) per pair.
 //       Then one block per 64 queries and head runs the causal own-chunk part the same way and merges the
 //       partials. Work is exactly the keys each query attends to, whatever the chunks' popularity.
-//     * decode and other head sizes: one block per (query, head), 4 warps stride over the query's keys with
-//       an online softmax each, merged at the end.
+//     * decode and other head sizes: each query's keys are split over several blocks (flash-decoding); in a
+//       block 4 warps score 32 keys at a time (a key per lane) under an online softmax; a second kernel merges.
 // K and V may be stored fp32 or bf16 (KvCache.dtype); every read widens to fp32, all arithmetic is fp32
 // except the gate and the eviction votes (fp64).
 #include <algorithm>
@@ -98,42 +98,63 @@ __global__ void gate_kernel(const float* __restrict__ q, const float* __restrict
 
 // ---- decode / generic head size --------------------------------------------------------------------------
 
-// Block per (query, head), 4 warps; shared: q [D], per-warp acc [4][D], m [4], l [4].
+// Split-key decode: grid (T·H, S); block (query·head, split) covers an S-th of the query's keys with 4 warps,
+// each scoring 32 keys at once (one key per lane: independent loads in flight), then accumulating V rows
+// (lanes over dims). Writes the unnormalised partial (m, l, acc[D]); attend_combine_kernel merges the splits.
+// Shared: q [D], per-warp acc [4][D], m [4], l [4].
 template <typename KT>
-__global__ void attend_generic_kernel(const float* __restrict__ q, const KT* __restrict__ K, const KT* __restrict__ V,
-                                      const int32_t* __restrict__ sel, int64_t C, int D, int H, int64_t first,
-                                      int64_t chunk, int Kmax, float scale, float* __restrict__ out) {
+__global__ void attend_split_kernel(const float* __restrict__ q, const KT* __restrict__ K, const KT* __restrict__ V,
+                                    const int32_t* __restrict__ sel, int64_t C, int D, int H, int64_t first,
+                                    int64_t chunk, int Kmax, float scale, float* __restrict__ pm,
+                                    float* __restrict__ pl, float* __restrict__ pacc) {
   extern __shared__ float sm[];
   float* qs = sm;
   float* acc = sm + D;
   float* ms = acc + 4 * D;
   float* ls = ms + 4;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int64_t tl = blockIdx.x / H;
-  const int h = int(blockIdx.x % H);
-  const int64_t t = first + tl, j = t / chunk;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[tl * C + int64_t(h) * D + d];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, S = gridDim.y, split = blockIdx.y;
+  const int64_t bt = blockIdx.x, tl = bt / H;
+  const int h = int(bt % H);
+  const int64_t t = first + tl, j = t / chunk, off = int64_t(h) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[tl * C + off + d];
   for (int d = lane; d < D; d += 32) acc[warp * D + d] = 0.f;
   __syncthreads();
-  const int32_t* my = sel + (tl * H + h) * Kmax;
+  const int32_t* my = sel + bt * Kmax;
   int n_sel = 0;
   while (n_sel < Kmax && my[n_sel] >= 0) ++n_sel;
   const int64_t n_keys = int64_t(n_sel) * chunk + (t - j * chunk + 1);
+  const int64_t per = (n_keys + S - 1) / S, k0 = split * per, k1 = min_i64(n_keys, k0 + per);
   float m = -INFINITY, l = 0.f;
-  const int64_t off = int64_t(h) * D;
-  for (int64_t idx = warp; idx < n_keys; idx += 4) {
-    const int64_t slot = idx < int64_t(n_sel) * chunk ? int64_t(my[idx / chunk]) * chunk + idx % chunk
-                                                      : j * chunk + (idx - int64_t(n_sel) * chunk);
-    const KT* kr = K + slot * C + off;
-    float dot = 0.f;
-    for (int d = lane; d < D; d += 32) dot += qs[d] * to_f32(kr[d]);
-    const float s = warp_sum(dot) * scale;
-    const float m_new = fmaxf(m, s);
-    const float corr = expf(m - m_new), p = expf(s - m_new);
-    l = l * corr + p;
+  for (int64_t base = k0 + int64_t(warp) * 32; base < k1; base += 4 * 32) {
+    const int64_t idx = base + lane;
+    const bool valid = idx < k1;
+    int64_t slot = 0;
+    float sc = -INFINITY;
+    if (valid) {
+      slot = idx < int64_t(n_sel) * chunk ? int64_t(my[idx / chunk]) * chunk + idx % chunk
+                                          : j * chunk + (idx - int64_t(n_sel) * chunk);
+      const KT* kr = K + slot * C + off;
+      float dot = 0.f;
+      for (int d = 0; d < D; ++d) dot += qs[d] * to_f32(kr[d]);
+      sc = dot * scale;
+    }
+    const float m_new = fmaxf(m, warp_max(sc));  // finite: lane 0 of every batch is valid
+    const float corr = expf(m - m_new);
+    const float p = valid ? expf(sc - m_new) : 0.f;
+    l = l * corr + warp_sum(p);
     m = m_new;
-    const KT* vr = V + slot * C + off;
-    for (int d = lane; d < D; d += 32) acc[warp * D + d] = acc[warp * D + d] * corr + p * to_f32(vr[d]);
+    const int n_valid = int(min_i64(32, k1 - base));
+    for (int d0 = 0; d0 < D; d0 += 32) {  // uniform trip count: every lane takes part in the shuffles
+      const int d = d0 + lane;
+      const bool on = d < D;
+      float a = on ? acc[warp * D + d] * corr : 0.f;
+      for (int i = 0; i < n_valid; ++i) {
+        const float pi = __shfl_sync(0xffffffffu, p, i);
+        const int64_t si = __shfl_sync(0xffffffffu, slot, i);
+        if (on) a += pi * to_f32(V[si * C + off + d]);
+      }
+      if (on) acc[warp * D + d] = a;
+    }
   }
   if (lane == 0) ms[warp] = m, ls[warp] = l;
   __syncthreads();
@@ -144,10 +165,30 @@ __global__ void attend_generic_kernel(const float* __restrict__ q, const KT* __r
     wt[w] = ms[w] == -INFINITY ? 0.f : expf(ms[w] - M);
     L += ls[w] * wt[w];
   }
+  const int64_t o = bt * S + split;
+  if (threadIdx.x == 0) pm[o] = M, pl[o] = L;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float o = 0.f;
-    for (int w = 0; w < 4; ++w) o += acc[w * D + d] * wt[w];
-    out[tl * C + off + d] = o / L;
+    float a = 0.f;
+    for (int w = 0; w < 4; ++w) a += acc[w * D + d] * wt[w];
+    pacc[o * D + d] = a;
+  }
+}
+
+// Block per (query, head): merges the S partials of attend_split_kernel into out.
+__global__ void attend_combine_kernel(const float* pm, const float* pl, const float* pacc, int S, int64_t C, int D, int H,
+                                      float* out) {
+  const int64_t bt = blockIdx.x, tl = bt / H;
+  const int h = int(bt % H);
+  float M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, pm[bt * S + s]);
+  float L = 0.f;
+  for (int s = 0; s < S; ++s)
+    if (pm[bt * S + s] != -INFINITY) L += pl[bt * S + s] * expf(pm[bt * S + s] - M);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.f;
+    for (int s = 0; s < S; ++s)
+      if (pm[bt * S + s] != -INFINITY) a += pacc[(bt * S + s) * D + d] * expf(pm[bt * S + s] - M);
+    out[tl * C + int64_t(h) * D + d] = a / L;
   }
 }
 
@@ -264,7 +305,8 @@ __device__ void init_state(TileState& st) {
   }
 }
 
-// Grid (chunks, H): block (n, h) attends every query that chose chunk n for head h.
+// Grid (chunks, H, groups): block (n, h, z) attends groups z, z + groups, … of 64 queries that chose chunk n
+// for head h.
 template <typename KT>
 __global__ void __launch_bounds__(256) chunk_attend_kernel(const float* __restrict__ q, const KT* __restrict__ K,
                                                            const KT* __restrict__ V, const int* counts, const int* offsets,
@@ -278,7 +320,8 @@ __global__ void __launch_bounds__(256) chunk_attend_kernel(const float* __restri
   const int h = blockIdx.y, tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int cnt = counts[h * nch + n], base = offsets[h * nch + n];
   const int64_t off = int64_t(h) * kB;
-  for (int g0 = 0; g0 < cnt; g0 += kB) {
+  // blockIdx.z picks every gridDim.z-th group of 64 queries (most blocks of a lightly chosen chunk exit here).
+  for (int g0 = int(blockIdx.z) * kB; g0 < cnt; g0 += int(gridDim.z) * kB) {
     const int rows = min(kB, cnt - g0);
     __syncthreads();  // the previous group is done with Qs and entries
     if (tid < kB) entries[tid] = tid < rows ? list[base + g0 + tid] : -1;
@@ -461,6 +504,7 @@ void update_means(CudaBackend& be, KvCache& c, int64_t from) {
 }  // namespace
 
 void CudaBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) {
+  OpTimer timer_(this, "kv_append");
   const int64_t T = k.rows(), C = k.row_size();
   RWKVX_ASSERT(chunk > 0 && (cache.len == 0 || cache.chunk == chunk), "kv_append: chunk size changed");
   RWKVX_ASSERT(cache.dtype == DType::f32 || cache.dtype == DType::bf16, "kv_append: KV dtype must be f32 or bf16");
@@ -495,6 +539,7 @@ void CudaBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, in
 }
 
 void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const SparseAttnParams& p, Tensor& out) {
+  OpTimer timer_(this, "sparse_attention");
   const int64_t T = q.rows(), C = q.row_size(), D = p.head_dim, H = C / D, c = cache.chunk;
   const int64_t first = cache.len - T;
   RWKVX_ASSERT(first >= 0 && C % D == 0, "sparse_attention: queries exceed the cache");
@@ -509,6 +554,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   Tensor sel_t = scratch(size_t(std::max<int64_t>(1, T * H * Kmax)) * 4);
   auto* sel = static_cast<int32_t*>(sel_t.data);
   if (Kmax > 0) {
+    OpTimer gate_timer(this, "sparse_attention.gate");
     const int64_t per_query = H * jmax * 8;
     const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(T, (int64_t(64) << 20) / per_query));
     Tensor scores = scratch(size_t(batch * per_query));
@@ -525,6 +571,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   if (D == kB && T >= 32) {
     Tensor pacc, plse;
     if (Kmax > 0) {
+      OpTimer chunk_timer(this, "sparse_attention.chunks");
       const int64_t n_entries = T * H * Kmax, nb = H * jmax;
       Tensor meta = alloc(DType::f32, {3 * nb});  // counts, cursor (zeroed), offsets
       int* counts = static_cast<int*>(meta.data);
@@ -542,7 +589,8 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
       with_kv_type(cache.k.dtype, [&]<typename KT>() {
         RWKVX_CUDA_CHECK(cudaFuncSetAttribute(chunk_attend_kernel<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               int(kTileSmem)));
-        chunk_attend_kernel<KT><<<dim3(unsigned(jmax), unsigned(H)), 256, kTileSmem, stream()>>>(
+        const unsigned groups = unsigned(std::min<int64_t>((T + kB - 1) / kB, 1024));
+        chunk_attend_kernel<KT><<<dim3(unsigned(jmax), unsigned(H), groups), 256, kTileSmem, stream()>>>(
             ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), counts, offsets, static_cast<const int*>(list.data), C,
             int(H), jmax, c, Kmax, scale, mptr<float>(pacc), mptr<float>(plse));
       });
@@ -558,19 +606,30 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
     RWKVX_CUDA_LAUNCHED();
     return;
   }
+  // Decode / other head sizes: split each query's keys over S blocks (≈ 512 keys each, enough blocks to
+  // fill the GPU when few queries are in flight), then merge.
+  const int64_t max_keys = int64_t(Kmax) * c + c;
+  int64_t S = std::min<int64_t>((max_keys + 511) / 512, std::max<int64_t>(1, 4 * sm_count() / (T * H)));
+  S = std::max<int64_t>(1, std::min<int64_t>(S, 64));
+  Tensor part = scratch(size_t(T * H * S * (D + 2)) * 4);
+  float* pm = mptr<float>(part);
+  float* pl = pm + T * H * S;
+  float* pa = pl + T * H * S;
   with_kv_type(cache.k.dtype, [&]<typename KT>() {
     const size_t smem = sizeof(float) * size_t(5 * D + 8);
     if (smem > 48 * 1024)
-      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(attend_generic_kernel<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(attend_split_kernel<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             int(smem)));
-    attend_generic_kernel<KT><<<unsigned(T * H), 128, smem, stream()>>>(ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v),
-                                                                         sel, C, int(D), int(H), first, c, Kmax, scale,
-                                                                         mptr<float>(out));
+    attend_split_kernel<KT><<<dim3(unsigned(T * H), unsigned(S)), 128, smem, stream()>>>(
+        ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), sel, C, int(D), int(H), first, c, Kmax, scale, pm, pl, pa);
   });
+  RWKVX_CUDA_LAUNCHED();
+  attend_combine_kernel<<<unsigned(T * H), 64, 0, stream()>>>(pm, pl, pa, int(S), C, int(D), int(H), mptr<float>(out));
   RWKVX_CUDA_LAUNCHED();
 }
 
 void CudaBackend::kv_evict(KvCache& cache, const Tensor& q, const KvEvictionParams& e, const SparseAttnParams& p) {
+  OpTimer timer_(this, "kv_evict");
   const int64_t L = cache.len;
   if (e.max_len <= 0 || L <= e.max_len || L <= e.min_len || L <= e.window) return;
   const int64_t C = cache.k.row_size(), D = p.head_dim, H = C / D, T = q.rows();
