@@ -86,6 +86,17 @@ void* DevicePool::get(size_t bytes, size_t* rounded) {
 }
 
 void DevicePool::put(void* p, size_t rounded) {
+  if (rounded >= kReleaseBytes) {
+    // Large blocks (KV caches outgrown by a doubling) go back to the driver, so the device memory in use is
+    // what is live, not what was ever live. Waits for queued work that may still read the block.
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device_);
+    cudaDeviceSynchronize();
+    cudaFree(p);
+    cudaSetDevice(prev);
+    return;
+  }
   std::lock_guard<std::mutex> lk(mu_);
   free_.emplace(rounded, p);
 }

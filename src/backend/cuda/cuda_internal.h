@@ -45,6 +45,7 @@ class DevicePool {
   void* get(size_t bytes, size_t* rounded);
   void put(void* p, size_t rounded);
   void release_cached();  // frees every cached block (after a failed cudaMalloc, at shutdown)
+  static constexpr size_t kReleaseBytes = size_t(256) << 20;  // blocks this large are not cached
 
  private:
   int device_;
