@@ -120,13 +120,17 @@ ModelCost count_model_cost(const Model& model) {
 PrefillResult bench_prefill(const Model& model, const ModelCost& cost, const MachineFloors& floors, int64_t tokens,
                             int64_t slice, int repeat, const ProgressFn& progress) {
   const std::vector<int32_t> ids = bench_tokens(tokens, model.config().n_vocab);
+  std::vector<float> last_logits(static_cast<size_t>(model.config().n_vocab));
   std::vector<double> times;
   for (int r = 0; r < std::max(1, repeat); ++r) {
     State st = model.new_state();
     auto t0 = Clock::now();
     for (int64_t i = 0; i < tokens; i += slice) {
       const int64_t n = std::min(slice, tokens - i);
-      model.forward(ids.data() + i, SeqBatch::single(n), st, i + n == tokens ? LogitsMode::last : LogitsMode::none);
+      Tensor logits =
+          model.forward(ids.data() + i, SeqBatch::single(n), st, i + n == tokens ? LogitsMode::last : LogitsMode::none);
+      // Reading the last logits back waits for every queued op (asynchronous backends such as CUDA).
+      if (i + n == tokens) model.backend().to_host(logits, last_logits.data());
       if (progress) progress(i + n, tokens);
     }
     times.push_back(seconds_since(t0));
@@ -138,7 +142,7 @@ PrefillResult bench_prefill(const Model& model, const ModelCost& cost, const Mac
   const double flops = (cost.matrix_flops_per_token + cost.wkv_flops_per_token) * double(tokens) +
                        cost.attention_flops(0, tokens);
   res.gflops = flops / res.seconds / 1e9;
-  res.ratio_to_peak = res.gflops / floors.peak_gflops;
+  res.ratio_to_peak = floors.peak_gflops > 0 ? res.gflops / floors.peak_gflops : 0.0;
   res.peak_rss_mb = peak_rss_mb();
   return res;
 }
@@ -149,10 +153,12 @@ DecodeResult bench_decode(const Model& model, const ModelCost& cost, const Machi
   State st = model.new_state();
   for (int64_t i = 0; i < context; i += 4096)
     model.forward(ids.data() + i, SeqBatch::single(std::min<int64_t>(4096, context - i)), st, LogitsMode::none);
+  std::vector<float> next_logits(static_cast<size_t>(model.config().n_vocab));
   std::vector<double> per_token;
   for (int64_t s = 0; s < steps; ++s) {
     auto t0 = Clock::now();
-    model.forward(ids.data() + context + s, SeqBatch::single(1), st, LogitsMode::last);
+    Tensor logits = model.forward(ids.data() + context + s, SeqBatch::single(1), st, LogitsMode::last);
+    model.backend().to_host(logits, next_logits.data());  // a sampler needs them on the host
     per_token.push_back(seconds_since(t0));
   }
   DecodeResult res;
@@ -164,8 +170,8 @@ DecodeResult bench_decode(const Model& model, const ModelCost& cost, const Machi
   const double kv = cost.n_sparse ? cost.attention_flops(t, t + 1) / 4.0 * 2.0 * 4.0 : 0.0;  // K and V rows, fp32
   const double bytes = cost.decode_weight_bytes + cost.state_bytes + kv;
   res.gbps = bytes / (res.ms_per_token * 1e-3) / 1e9;
-  res.floor_ms = bytes / (floors.mem_gbps * 1e9) * 1e3;
-  res.ratio_to_floor = res.ms_per_token / res.floor_ms;
+  res.floor_ms = floors.mem_gbps > 0 ? bytes / (floors.mem_gbps * 1e9) * 1e3 : 0.0;
+  res.ratio_to_floor = res.floor_ms > 0 ? res.ms_per_token / res.floor_ms : 0.0;
   return res;
 }
 

@@ -2,8 +2,13 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 
 #include "backend/cpu/cpu_backend.h"
+#ifdef RWKVX_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 #include "runtime/hash64.h"
 
 namespace rwkvx {
@@ -16,8 +21,22 @@ std::unique_ptr<Backend> make_backend(const std::string& device, bool int8) {
     return make_cpu_backend(o);
   }
   if (device == "reference") return make_reference_backend();
-  if (device == "cuda")
-    throw Error("--device cuda: this build has no CUDA backend yet; use --device cpu");
+  if (device == "cuda") {
+#ifdef RWKVX_HAVE_CUDA
+    std::string why;
+    if (cuda_device_available(&why)) {
+      CudaBackendOptions o;
+      const char* fast = std::getenv("RWKVX_CUDA_FAST_BF16");
+      o.single_bf16_activations = fast && std::string(fast) == "1";
+      return make_cuda_backend(o);
+    }
+    std::fprintf(stderr, "rwkvx: --device cuda: no usable GPU (%s); running on the CPU backend instead\n", why.c_str());
+#else
+    std::fprintf(stderr, "rwkvx: --device cuda: this build has no CUDA backend (configure with -DRWKVX_CUDA=ON); "
+                         "running on the CPU backend instead\n");
+#endif
+    return make_cpu_backend();
+  }
   throw Error("unknown device '" + device + "': expected cpu, reference or cuda");
 }
 

@@ -10,8 +10,9 @@
 namespace rwkvx {
 
 // "cpu": the fast CPU backend (SIMD, threads, weights in stored precision, or int8 with `int8`);
-// "reference": the fp32 reference loops (the oracle; slow); "cuda" and anything else throw rwkvx::Error
-// saying what exists. `int8` on a device without int8 weights is an error, not silently ignored.
+// "reference": the fp32 reference loops (the oracle; slow); "cuda": the CUDA backend when this build has it
+// and a GPU is present, else the CPU backend with a one-line notice on stderr. Anything else throws
+// rwkvx::Error. `int8` on a device without int8 weights is an error, not silently ignored.
 std::unique_ptr<Backend> make_backend(const std::string& device, bool int8 = false);
 
 struct LoadedModel {

@@ -228,12 +228,18 @@ TEST(GenerateCli, StreamsTextAndRejectsBadArguments) {
   EXPECT_EQ(ok.status, 0) << ok.stderr_text;
   EXPECT_EQ(ok.stderr_text, "");  // no progress or summary when stderr is not a terminal
   EXPECT_TRUE(is_valid_utf8(ok.stdout_text));
+  // --device cuda runs on the GPU, or on the CPU with a one-line notice when there is none (or no CUDA build).
+  test::CliResult gpu = test::run_rwkvx(dir, {"generate", "--model", model, "--chunk-size", "16", "--prompt", "Hi",
+                                              "--max-tokens", "3", "--seed", "4", "--device", "cuda"});
+  EXPECT_EQ(gpu.status, 0) << gpu.stderr_text;
+  if (!gpu.stderr_text.empty()) {
+    EXPECT_NE(gpu.stderr_text.find("running on the CPU backend instead"), std::string::npos) << gpu.stderr_text;
+  }
   struct Bad {
     std::vector<std::string> args;
     const char* message;
   };
   const std::vector<Bad> bad = {
-      {{"--device", "cuda", "--prompt", "x"}, "no CUDA backend"},
       {{"--device", "tpu", "--prompt", "x"}, "unknown device 'tpu'"},
       {{"--prompt", "x", "--prompt-file", model}, "only one of --prompt"},
       {{}, "nothing to continue"},

@@ -2,6 +2,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -10,7 +11,11 @@
 
 namespace rwkvx::test {
 
-inline std::string shared_dir() { return RWKVX_SHARED_DIR; }
+// The environment variable RWKVX_SHARED_DIR, when set, overrides the build-time path (runs on another machine).
+inline std::string shared_dir() {
+  const char* env = std::getenv("RWKVX_SHARED_DIR");
+  return env && *env ? env : RWKVX_SHARED_DIR;
+}
 inline std::string golden_dir(const std::string& name) { return shared_dir() + "/golden/" + name; }
 
 inline std::vector<float> read_f32_file(const std::string& path) {

@@ -11,6 +11,7 @@
 #include "commands.h"
 #include "model_args.h"
 #include "runtime/benchmark.h"
+#include "runtime/engine.h"
 
 namespace rwkvx {
 namespace {
@@ -51,10 +52,16 @@ void run_bench(const BenchArgs& a) {
   o.n_threads = a.threads;
   o.quantize_int8 = a.int8;
   o.isa = a.isa;
-  auto be = make_cpu_backend(o);
+  std::unique_ptr<Backend> be =
+      a.model.device == "cpu" ? make_cpu_backend(o) : make_backend(a.model.device, a.int8);  // int8: CPU only
+  // The CPU floors (memory bandwidth, FMA peak) describe the CPU backends only; on a GPU they stay 0 (not shown).
+  const bool cpu_floors = be->name().rfind("cpu", 0) == 0;
   const bool tty = isatty(STDERR_FILENO);
-  if (!a.json) std::fprintf(stderr, "measuring machine floors...\n");
-  MachineFloors f = measure_machine_floors(a.threads);
+  MachineFloors f;
+  if (cpu_floors) {
+    if (!a.json) std::fprintf(stderr, "measuring machine floors...\n");
+    f = measure_machine_floors(a.threads);
+  }
   auto model = Model::load(a.model.path, a.model.options, *be);
   ModelCost cost = count_model_cost(*model);
   nlohmann::json out = {{"model", a.model.path},
@@ -64,8 +71,11 @@ void run_bench(const BenchArgs& a) {
                         {"prefill", nlohmann::json::array()},
                         {"decode", nlohmann::json::array()}};
   if (!a.json) {
-    std::printf("backend %s | machine: %d threads, %s, memory %.1f GB/s, fp32 FMA peak %.1f GFLOP/s\n",
-                be->name().c_str(), f.threads, f.isa.c_str(), f.mem_gbps, f.peak_gflops);
+    if (cpu_floors)
+      std::printf("backend %s | machine: %d threads, %s, memory %.1f GB/s, fp32 FMA peak %.1f GFLOP/s\n",
+                  be->name().c_str(), f.threads, f.isa.c_str(), f.mem_gbps, f.peak_gflops);
+    else
+      std::printf("backend %s (no floors measured: 'of floor' shows 0)\n", be->name().c_str());
     std::printf("model: %s, %.1f M body params, decode reads %.1f MB/token\n\n", a.model.path.c_str(),
                 cost.matrix_flops_per_token / 2e6, cost.decode_weight_bytes / 1e6);
     std::printf("%-22s %12s %12s %12s %10s %10s\n", "run", "tokens/s", "ms/token", "GFLOP/s|GB/s", "of floor", "RSS MB");
@@ -102,8 +112,9 @@ void register_bench_commands(CLI::App& app) {
   using namespace rwkvx;
   static BenchArgs a;
   CLI::App* cmd = app.add_subcommand(
-      "bench", "time prefill and decode on the fast CPU backend against this machine's measured floors");
+      "bench", "time prefill and decode (fast CPU backend against this machine's measured floors, or --device cuda)");
   add_model_args(cmd, a.model);
+  cmd->add_option("--device", a.model.device, "cpu (fast CPU backend), cuda (GPU) or reference")->default_val("cpu");
   cmd->add_option("--prefill", a.prefill, "comma-separated prefill lengths (K/M suffixes allowed)")->default_val("512,4096");
   cmd->add_option("--decode", a.decode, "decode steps to time (0: none)")->default_val(64);
   cmd->add_option("--context", a.context, "tokens prefilled before the timed decode steps")->default_val(0);

@@ -33,7 +33,7 @@ void add_model_args(CLI::App* cmd, ModelArgs& a) {
 }
 
 void add_device_arg(CLI::App* cmd, ModelArgs& a) {
-  cmd->add_option("--device", a.device, "cpu (fast CPU backend) or reference (fp32 oracle loops, slow)")
+  cmd->add_option("--device", a.device, "cpu (fast CPU backend), cuda (GPU; falls back to cpu without one) or reference (fp32 oracle loops, slow)")
       ->default_val("cpu");
   cmd->add_flag("--int8", a.int8,
                 "quantize Linear weights to int8 at load (one scale per output channel; decode also quantizes "

@@ -1,0 +1,636 @@
+// CUDA backend: device memory (a caching allocator), transfers, the dense ops, cuBLASLt GEMMs and the token
+// shift. bf16 checkpoint matrices stay bf16 on the device; fp32 ones stay fp32 (a true fp32 GEMM, no TF32).
+// With bf16 weights, prefill GEMMs (> 8 rows) take the activations as two bf16 parts hi + lo in one
+// cuBLASLt GEMM of twice the columns (fp32 accumulate, fp32 output), or one rounding when asked; decode
+// GEMMs (≤ 8 rows) run GEMV kernels on the fp32 activations. Vectors (mixes, norms, r_k) are fp32.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/cuda/cuda_internal.h"
+
+namespace rwkvx {
+
+bool cuda_device_available(std::string* why) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    if (why) *why = e != cudaSuccess ? std::string(cudaGetErrorString(e)) : std::string("no CUDA device found");
+    cudaGetLastError();  // clear the sticky-free error state of the query
+    return false;
+  }
+  return true;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
+  std::string why;
+  if (!cuda_device_available(&why)) throw Error("CUDA backend: " + why);
+  return std::make_unique<cuda::CudaBackend>(options);
+}
+
+namespace cuda {
+
+void throw_cuda_error(const char* what, const char* file, int line, const std::string& detail) {
+  throw Error(std::string("CUDA error: ") + detail + " (" + what + " at " + file + ":" + std::to_string(line) + ")");
+}
+
+// ---- caching allocator ------------------------------------------------------------------------------------
+
+namespace {
+
+size_t round_bytes(size_t n) {
+  n = std::max<size_t>(n, 256);
+  if (n <= (size_t(1) << 20)) {  // small: powers of two
+    size_t p = 256;
+    while (p < n) p <<= 1;
+    return p;
+  }
+  const size_t g = size_t(2) << 20;  // large: 2 MiB granules
+  return (n + g - 1) / g * g;
+}
+
+}  // namespace
+
+DevicePool::~DevicePool() { release_cached(); }
+
+void* DevicePool::get(size_t bytes, size_t* rounded) {
+  const size_t r = round_bytes(bytes);
+  *rounded = r;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = free_.lower_bound(r);
+    // Reuse a cached block of this size, or a large one at most 25% bigger.
+    if (it != free_.end() && (it->first == r || (r > (size_t(1) << 20) && it->first <= r + r / 4))) {
+      void* p = it->second;
+      *rounded = it->first;
+      free_.erase(it);
+      return p;
+    }
+  }
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, r);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    cudaDeviceSynchronize();
+    release_cached();
+    e = cudaMalloc(&p, r);
+  }
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw Error("CUDA: out of device memory allocating " + std::to_string(r >> 20) + " MiB");
+  }
+  return p;
+}
+
+void DevicePool::put(void* p, size_t rounded) {
+  if (rounded >= kReleaseBytes) {
+    // Large blocks (KV caches outgrown by a doubling) go back to the driver, so the device memory in use is
+    // what is live, not what was ever live. Waits for queued work that may still read the block.
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device_);
+    cudaDeviceSynchronize();
+    cudaFree(p);
+    cudaSetDevice(prev);
+    return;
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  free_.emplace(rounded, p);
+}
+
+void DevicePool::release_cached() {
+  std::lock_guard<std::mutex> lk(mu_);
+  int prev = 0;
+  cudaGetDevice(&prev);
+  cudaSetDevice(device_);
+  for (auto& [n, p] : free_) cudaFree(p);
+  free_.clear();
+  cudaSetDevice(prev);
+}
+
+// ---- backend ----------------------------------------------------------------------------------------------
+
+struct CudaBackend::GemmPlan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool fallback = false;  // no cuBLASLt algorithm: gemm_fallback_kernel
+  ~GemmPlan() {
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.device) {
+  const int device = o.device;
+  RWKVX_CUDA_CHECK(cudaSetDevice(device));
+  cudaDeviceProp prop{};
+  RWKVX_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  sm_count_ = prop.multiProcessorCount;
+  name_ = std::string("cuda:") + std::to_string(device) + " " + prop.name +
+          (o.single_bf16_activations ? " bf16-activations" : "");
+  RWKVX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  pool_ = std::make_shared<DevicePool>(device);
+  RWKVX_CUBLAS_CHECK(cublasLtCreate(&lt_));
+  const char* prof = std::getenv("RWKVX_CUDA_PROFILE");
+  profile_ = prof && std::string(prof) == "1";
+  workspace_ = scratch(size_t(32) << 20);
+}
+
+namespace {
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+}  // namespace
+
+CudaBackend::OpTimer::OpTimer(CudaBackend* b, const char* o) : be(b), op(o) {
+  if (!be->profile_) return;
+  be->synchronize();
+  t0 = now_s();
+}
+CudaBackend::OpTimer::~OpTimer() {
+  if (!be->profile_) return;
+  cudaStreamSynchronize(be->stream_);
+  be->count_op(op, now_s() - t0);
+}
+void CudaBackend::count_op(const char* op, double seconds) {
+  auto& e = profile_table_[op];
+  e.first += 1, e.second += seconds;
+}
+
+CudaBackend::~CudaBackend() {
+  cudaStreamSynchronize(stream_);
+  if (profile_ && !profile_table_.empty()) {
+    double total = 0;
+    for (auto& [k, v] : profile_table_) total += v.second;
+    std::fprintf(stderr, "rwkvx CUDA profile (%s): op, calls, total ms, share\n", name_.c_str());
+    std::vector<std::pair<double, std::string>> rows;
+    for (auto& [k, v] : profile_table_) rows.push_back({v.second, k});
+    std::sort(rows.rbegin(), rows.rend());
+    for (auto& [t, k] : rows)
+      std::fprintf(stderr, "  %-22s %10lld %12.3f %6.1f%%\n", k.c_str(), (long long)profile_table_[k].first, t * 1e3,
+                   100 * t / total);
+  }
+  plans_.clear();
+  workspace_ = Tensor{};
+  batch_dev_ = Tensor{};
+  if (lt_) cublasLtDestroy(lt_);
+  cudaStreamDestroy(stream_);
+}
+
+void CudaBackend::synchronize() { RWKVX_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+Tensor CudaBackend::scratch(size_t bytes) {
+  Tensor t;
+  t.dtype = DType::f32;
+  t.device = Device::cuda;
+  t.ndim = 1;
+  t.shape = {int64_t((bytes + 3) / 4), 0, 0, 0};
+  size_t rounded = 0;
+  void* p = pool_->get(bytes, &rounded);
+  std::shared_ptr<DevicePool> pool = pool_;
+  t.storage = std::shared_ptr<void>(p, [pool, rounded](void* q) { pool->put(q, rounded); });
+  t.data = p;
+  return t;
+}
+
+Tensor CudaBackend::alloc(DType dtype, std::initializer_list<int64_t> shape) {
+  OpTimer timer_(this, "alloc");
+  RWKVX_ASSERT(shape.size() <= 4, "too many dimensions");
+  RWKVX_ASSERT(dtype == DType::f32 || dtype == DType::bf16, std::string("CUDA alloc: unsupported dtype ") + std::string(dtype_name(dtype)));
+  Tensor t;
+  t.device = Device::cuda;
+  t.dtype = dtype;
+  t.ndim = int(shape.size());
+  int i = 0;
+  for (int64_t d : shape) t.shape[i++] = d;
+  size_t rounded = 0;
+  void* p = pool_->get(std::max<size_t>(t.nbytes(), 1), &rounded);
+  std::shared_ptr<DevicePool> pool = pool_;
+  t.storage = std::shared_ptr<void>(p, [pool, rounded](void* q) { pool->put(q, rounded); });
+  t.data = p;
+  RWKVX_CUDA_CHECK(cudaMemsetAsync(p, 0, t.nbytes(), stream_));
+  return t;
+}
+
+Tensor CudaBackend::upload_weight(const StoredTensor& src, std::initializer_list<int64_t> shape) {
+  Tensor probe;
+  probe.ndim = int(shape.size());
+  int i = 0;
+  for (int64_t d : shape) probe.shape[i++] = d;
+  RWKVX_ASSERT(probe.numel() == src.numel(), "upload_weight: " + src.name + " reshaped to a different size");
+  // Matrices keep bf16; everything else (vectors, r_k, f16 matrices) becomes fp32 (exact widening).
+  const bool keep_bf16 = src.dtype == DType::bf16 && shape.size() == 2 && !src.name.ends_with("att.r_k");
+  Tensor t = alloc(keep_bf16 ? DType::bf16 : DType::f32, shape);
+  if (keep_bf16) {
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(t.data, src.data, src.nbytes(), cudaMemcpyHostToDevice, stream_));
+  } else {
+    std::vector<float> host(static_cast<size_t>(src.numel()));
+    convert_to_f32(src.dtype, src.data, host.data(), host.size());
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(t.data, host.data(), host.size() * 4, cudaMemcpyHostToDevice, stream_));
+    synchronize();  // `host` dies here
+  }
+  return t;
+}
+
+void CudaBackend::to_host(const Tensor& src, float* dst) {
+  RWKVX_ASSERT(src.dtype == DType::f32 && src.device == Device::cuda, "to_host: needs an fp32 CUDA tensor");
+  RWKVX_CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
+  synchronize();
+}
+
+void CudaBackend::from_host(const float* src, Tensor& dst) {
+  RWKVX_ASSERT(dst.dtype == DType::f32 && dst.device == Device::cuda, "from_host: needs an fp32 CUDA tensor");
+  RWKVX_CUDA_CHECK(cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, stream_));
+  synchronize();  // the caller may free `src` as soon as we return
+}
+
+void CudaBackend::copy(const Tensor& src, Tensor& dst) {
+  RWKVX_ASSERT(src.dtype == dst.dtype && src.numel() == dst.numel(), "copy: mismatched tensors");
+  if (src.nbytes() == 0 || src.data == dst.data) return;
+  RWKVX_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+}
+
+void CudaBackend::fill_zero(Tensor& t) {
+  if (t.nbytes()) RWKVX_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
+}
+
+DeviceBatch CudaBackend::upload_batch(const SeqBatch& batch) {
+  const int n = int(batch.n_seq());
+  std::vector<int64_t> h(size_t(2 * n + 2));
+  for (int s = 0; s <= n; ++s) h[size_t(s)] = batch.row_start[size_t(s)];
+  auto* slots = reinterpret_cast<int32_t*>(h.data() + n + 1);
+  for (int s = 0; s < n; ++s) slots[s] = batch.slot[size_t(s)];
+  if (h != batch_host_ || batch_dev_.empty()) {
+    if (batch_dev_.empty() || batch_dev_.nbytes() < h.size() * 8) batch_dev_ = scratch(std::max<size_t>(h.size() * 8, 4096));
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(batch_dev_.data, h.data(), h.size() * 8, cudaMemcpyHostToDevice, stream_));
+    batch_host_ = std::move(h);
+  }
+  DeviceBatch d;
+  d.row_start = static_cast<const int64_t*>(batch_dev_.data);
+  d.slot = reinterpret_cast<const int32_t*>(d.row_start + n + 1);
+  d.n_seq = n;
+  return d;
+}
+
+// ---- kernels: dense ops -----------------------------------------------------------------------------------
+
+namespace {
+
+template <typename T>
+__global__ void embedding_kernel(const T* E, const int32_t* ids, int64_t n, int64_t C, float* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * C; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = to_f32(E[int64_t(ids[i / C]) * C + i % C]);
+}
+
+// One block per row; two passes over the row (mean, then centred variance).
+__global__ void layer_norm_kernel(const float* x, const float* w, const float* b, float eps, int64_t C, float* out) {
+  const float* xi = x + blockIdx.x * C;
+  float* o = out + blockIdx.x * C;
+  float s = 0.f;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) s += xi[c];
+  const float mean = block_sum(s) / float(C);
+  float v = 0.f;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) v += (xi[c] - mean) * (xi[c] - mean);
+  const float inv = rsqrtf(block_sum(v) / float(C) + eps);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = (xi[c] - mean) * inv * w[c] + b[c];
+}
+
+// x ≈ hi + lo with hi = bf16(x), lo = bf16(x - hi): y[0, n) = hi, y[n, 2n) = lo (when `split`).
+__global__ void to_bf16_kernel(const float* x, int64_t n, bool split, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
+    y[i] = hi;
+    if (split) y[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+  }
+}
+
+__global__ void add_halves_kernel(const float* d, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = d[i] + d[n + i];
+}
+
+enum class Unary { tanh, sigmoid, relu_square };
+
+template <Unary U>
+__global__ void unary_kernel(float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float v = x[i];
+    if constexpr (U == Unary::tanh) x[i] = tanhf(v);
+    else if constexpr (U == Unary::sigmoid) x[i] = 1.0f / (1.0f + expf(-v));
+    else {
+      const float r = v > 0.f ? v : 0.f;
+      x[i] = r * r;
+    }
+  }
+}
+
+__global__ void add_kernel(float* x, const float* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) x[i] += y[i];
+}
+
+__global__ void shift_mix_kernel(const float* x, const float* delta, const float* mu, int64_t n, int64_t C, float* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = x[i] + delta[i] * mu[i % C];
+}
+
+__device__ int find_seq(const int64_t* row_start, int n_seq, int64_t t) {
+  int lo = 0, hi = n_seq - 1;  // last s with row_start[s] <= t
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (row_start[mid] <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void token_shift_delta_kernel(const float* x, const float* shift, DeviceBatch b, int64_t C, float* delta) {
+  const int64_t T = b.row_start[b.n_seq];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T * C; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / C, c = i % C;
+    const int s = find_seq(b.row_start, b.n_seq, t);
+    const float prev = t == b.row_start[s] ? shift[int64_t(b.slot[s]) * C + c] : x[i - C];
+    delta[i] = prev - x[i];
+  }
+}
+
+__global__ void token_shift_store_kernel(const float* x, DeviceBatch b, int64_t C, float* shift) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < int64_t(b.n_seq) * C;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int s = int(i / C);
+    const int64_t c = i % C, r0 = b.row_start[s], r1 = b.row_start[s + 1];
+    if (r1 > r0) shift[int64_t(b.slot[s]) * C + c] = x[(r1 - 1) * C + c];
+  }
+}
+
+// D[t·m + o] = Σ_i B[t·k + i] · (trans_a ? A[o·k + i] : A[i·m + o]): the GEMM used when cuBLASLt offers no
+// algorithm for a shape or alignment (one thread per output, fp32 accumulate).
+template <typename T>
+__global__ void gemm_fallback_kernel(bool trans_a, const T* A, const T* B, float* D, int64_t m, int64_t n, int64_t k) {
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < m * n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / m, o = idx % m;
+    float acc = 0.f;
+    for (int64_t i = 0; i < k; ++i) acc += to_f32(B[t * k + i]) * to_f32(trans_a ? A[o * k + i] : A[i * m + o]);
+    D[idx] = acc;
+  }
+}
+
+// Few rows (decode): GEMV-style kernels on fp32 activations and the stored weights, fp32 accumulate (no
+// activation rounding; the weights are read once, which is what decode is bound by).
+constexpr int kGemvMaxRows = 8;
+
+// out[t, o] = Σ_i x[t, i] W[o, i], W [N, K]: one warp per output o, lanes over i.
+template <typename T>
+__global__ void gemv_nt_kernel(const float* __restrict__ x, const T* __restrict__ W, int64_t rows, int64_t K, int64_t N,
+                               float* __restrict__ out) {
+  const int64_t o = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (o >= N) return;
+  float acc[kGemvMaxRows] = {};
+  const T* wr = W + o * K;
+  for (int64_t i = lane; i < K; i += 32) {
+    const float wv = to_f32(wr[i]);
+#pragma unroll
+    for (int t = 0; t < kGemvMaxRows; ++t)
+      if (t < rows) acc[t] += x[t * K + i] * wv;
+  }
+#pragma unroll
+  for (int t = 0; t < kGemvMaxRows; ++t) {
+    if (t >= rows) break;
+    const float v = warp_sum(acc[t]);
+    if (lane == 0) out[t * N + o] = v;
+  }
+}
+
+// out[t, o] = Σ_i x[t, i] W[i, o], W [K, N]: lanes over 32 outputs o, the 8 warps split i, shared-memory sum.
+template <typename T>
+__global__ void gemv_nn_kernel(const float* __restrict__ x, const T* __restrict__ W, int64_t rows, int64_t K, int64_t N,
+                               float* __restrict__ out) {
+  __shared__ float part[8][kGemvMaxRows][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int64_t o = blockIdx.x * 32 + lane;
+  float acc[kGemvMaxRows] = {};
+  if (o < N) {
+    for (int64_t i = warp; i < K; i += 8) {
+      const float wv = to_f32(W[i * N + o]);
+#pragma unroll
+      for (int t = 0; t < kGemvMaxRows; ++t)
+        if (t < rows) acc[t] += x[t * K + i] * wv;
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kGemvMaxRows; ++t) part[warp][t][lane] = acc[t];
+  __syncthreads();
+  if (warp == 0 && o < N) {
+    for (int t = 0; t < rows; ++t) {
+      float v = 0.f;
+      for (int w = 0; w < 8; ++w) v += part[w][t][lane];
+      out[t * N + o] = v;
+    }
+  }
+}
+
+constexpr int kThreads = 256;
+unsigned ew_grid(int64_t n) { return std::min<unsigned>(grid_for(n, kThreads), 65536u); }
+
+}  // namespace
+
+void CudaBackend::embedding(const Tensor& E, const int32_t* ids, int64_t n, Tensor& out) {
+  OpTimer timer_(this, "embedding");
+  const int64_t C = E.row_size();
+  RWKVX_ASSERT(out.rows() == n && out.row_size() == C, "embedding: bad output shape");
+  for (int64_t t = 0; t < n; ++t) RWKVX_ASSERT(ids[t] >= 0 && ids[t] < E.rows(), "embedding: id out of range");
+  if (n == 0) return;
+  Tensor d_ids = scratch(size_t(n) * 4);
+  RWKVX_CUDA_CHECK(cudaMemcpyAsync(d_ids.data, ids, size_t(n) * 4, cudaMemcpyHostToDevice, stream_));
+  if (E.dtype == DType::bf16)
+    embedding_kernel<<<ew_grid(n * C), kThreads, 0, stream_>>>(static_cast<const __nv_bfloat16*>(E.data),
+                                                               static_cast<const int32_t*>(d_ids.data), n, C,
+                                                               static_cast<float*>(out.data));
+  else
+    embedding_kernel<<<ew_grid(n * C), kThreads, 0, stream_>>>(static_cast<const float*>(E.data),
+                                                               static_cast<const int32_t*>(d_ids.data), n, C,
+                                                               static_cast<float*>(out.data));
+  RWKVX_CUDA_LAUNCHED();
+}
+
+void CudaBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) {
+  OpTimer timer_(this, "layer_norm");
+  RWKVX_ASSERT(x.numel() == out.numel(), "layer_norm: shapes " + x.shape_str() + " vs " + out.shape_str());
+  const int64_t C = w.numel(), T = x.numel() / C;
+  if (T == 0) return;
+  layer_norm_kernel<<<unsigned(T), 256, 0, stream_>>>(static_cast<const float*>(x.data), static_cast<const float*>(w.data),
+                                                      static_cast<const float*>(b.data), eps, C,
+                                                      static_cast<float*>(out.data));
+  RWKVX_CUDA_LAUNCHED();
+}
+
+void CudaBackend::gemm(bool trans_a, const void* A, cudaDataType ta, const void* B, cudaDataType tb, float* D,
+                       int64_t m, int64_t n, int64_t k) {
+  auto align = [](const void* p) {
+    const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+    return int(u % 16 == 0 ? 16 : u % 8 == 0 ? 8 : u % 4 == 0 ? 4 : 2);
+  };
+  const int al = std::min({align(A), align(B), align(D)});
+  const auto key = std::make_tuple(int(trans_a), int(ta), int(tb), m, n, k, al);
+  auto it = plans_.find(key);
+  if (it == plans_.end()) {
+    auto p = std::make_shared<GemmPlan>();
+    RWKVX_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t opa = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, opb = CUBLAS_OP_N;
+    RWKVX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
+    RWKVX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
+    if (trans_a) RWKVX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, ta, uint64_t(k), uint64_t(m), k));
+    else RWKVX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, ta, uint64_t(m), uint64_t(k), m));
+    RWKVX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, tb, uint64_t(k), uint64_t(n), k));
+    RWKVX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, CUDA_R_32F, uint64_t(m), uint64_t(n), m));
+    cublasLtMatmulPreference_t pref = nullptr;
+    RWKVX_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = workspace_.nbytes();
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    const uint32_t a_bytes = uint32_t(al);
+    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+      cublasLtMatmulPreferenceSetAttribute(pref, attr, &a_bytes, sizeof(a_bytes));
+    cublasLtMatmulHeuristicResult_t res{};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, p->op, p->a, p->b, p->d, p->d, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0) p->fallback = true;
+    else p->algo = res.algo;
+    it = plans_.emplace(key, p).first;
+  }
+  const GemmPlan& p = *it->second;
+  if (p.fallback) {
+    if (profile_) count_op("gemm_fallback(count)", 0);
+    const unsigned g = std::min<unsigned>(grid_for(m * n, kThreads), 65536u);
+    if (ta == CUDA_R_16BF)
+      gemm_fallback_kernel<<<g, kThreads, 0, stream_>>>(trans_a, static_cast<const __nv_bfloat16*>(A),
+                                                        static_cast<const __nv_bfloat16*>(B), D, m, n, k);
+    else
+      gemm_fallback_kernel<<<g, kThreads, 0, stream_>>>(trans_a, static_cast<const float*>(A),
+                                                        static_cast<const float*>(B), D, m, n, k);
+    RWKVX_CUDA_LAUNCHED();
+    return;
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  RWKVX_CUBLAS_CHECK(cublasLtMatmul(lt_, p.op, &alpha, A, p.a, B, p.b, &beta, D, p.d, D, p.d, &p.algo,
+                                    workspace_.data, workspace_.nbytes(), stream_));
+}
+
+void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K,
+                              int64_t N) {
+  if (T <= kGemvMaxRows) {
+    const float* xp = static_cast<const float*>(x.data);
+    float* op = static_cast<float*>(out.data);
+    auto launch = [&](auto* w) {
+      if (trans_w) gemv_nt_kernel<<<grid_for(N * 32, 256), 256, 0, stream_>>>(xp, w, T, K, N, op);
+      else gemv_nn_kernel<<<grid_for(N, 32), 256, 0, stream_>>>(xp, w, T, K, N, op);
+    };
+    if (W.dtype == DType::bf16) launch(static_cast<const __nv_bfloat16*>(W.data));
+    else launch(static_cast<const float*>(W.data));
+    RWKVX_CUDA_LAUNCHED();
+    return;
+  }
+  if (W.dtype == DType::f32) {
+    gemm(trans_w, W.data, CUDA_R_32F, x.data, CUDA_R_32F, static_cast<float*>(out.data), N, T, K);
+    return;
+  }
+  // bf16 weights: the activations go in as bf16 pairs (hi, lo) stacked as 2T columns of one GEMM (the weights
+  // are read once), and out = W·hi + W·lo keeps ~16 mantissa bits of x; single rounding (opt-in) is one
+  // GEMM of T columns. The products are exact in fp32 either way.
+  const int64_t n = T * K;
+  const bool split = !opt_.single_bf16_activations;
+  Tensor xb = scratch(size_t(n) * (split ? 4 : 2));
+  to_bf16_kernel<<<ew_grid(n), kThreads, 0, stream_>>>(static_cast<const float*>(x.data), n, split,
+                                                       static_cast<__nv_bfloat16*>(xb.data));
+  RWKVX_CUDA_LAUNCHED();
+  if (!split) {
+    gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, K);
+    return;
+  }
+  Tensor d = scratch(size_t(2 * T * N) * 4);
+  gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(d.data), N, 2 * T, K);
+  add_halves_kernel<<<ew_grid(T * N), kThreads, 0, stream_>>>(static_cast<const float*>(d.data), T * N,
+                                                              static_cast<float*>(out.data));
+  RWKVX_CUDA_LAUNCHED();
+}
+
+void CudaBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
+  OpTimer timer_(this, "linear");
+  const int64_t T = x.rows(), K = x.row_size(), N = W.rows();
+  RWKVX_ASSERT(W.row_size() == K && out.rows() == T && out.row_size() == N,
+               "linear: x " + x.shape_str() + " W " + W.shape_str() + " out " + out.shape_str());
+  if (T == 0) return;
+  // Column-major view: out^T [N, T] = (W stored [K, N] col-major)^T · x^T [K, T].
+  weight_gemm(true, x, W, out, T, K, N);
+}
+
+void CudaBackend::matmul(const Tensor& x, const Tensor& W, Tensor& out) {
+  OpTimer timer_(this, "matmul");
+  const int64_t T = x.rows(), K = x.row_size(), N = W.row_size();
+  RWKVX_ASSERT(W.rows() == K && out.rows() == T && out.row_size() == N,
+               "matmul: x " + x.shape_str() + " W " + W.shape_str() + " out " + out.shape_str());
+  if (T == 0) return;
+  // Column-major view: out^T [N, T] = (W stored [N, K] col-major) · x^T [K, T].
+  weight_gemm(false, x, W, out, T, K, N);
+}
+
+void CudaBackend::tanh_(Tensor& x) {
+  OpTimer timer_(this, "tanh_");
+  if (!x.numel()) return;
+  unary_kernel<Unary::tanh><<<ew_grid(x.numel()), kThreads, 0, stream_>>>(static_cast<float*>(x.data), x.numel());
+  RWKVX_CUDA_LAUNCHED();
+}
+void CudaBackend::sigmoid_(Tensor& x) {
+  OpTimer timer_(this, "sigmoid_");
+  if (!x.numel()) return;
+  unary_kernel<Unary::sigmoid><<<ew_grid(x.numel()), kThreads, 0, stream_>>>(static_cast<float*>(x.data), x.numel());
+  RWKVX_CUDA_LAUNCHED();
+}
+void CudaBackend::relu_square_(Tensor& x) {
+  OpTimer timer_(this, "relu_square_");
+  if (!x.numel()) return;
+  unary_kernel<Unary::relu_square><<<ew_grid(x.numel()), kThreads, 0, stream_>>>(static_cast<float*>(x.data), x.numel());
+  RWKVX_CUDA_LAUNCHED();
+}
+void CudaBackend::add_(Tensor& x, const Tensor& y) {
+  OpTimer timer_(this, "add_");
+  RWKVX_ASSERT(x.numel() == y.numel(), "add_: shapes " + x.shape_str() + " vs " + y.shape_str());
+  if (!x.numel()) return;
+  add_kernel<<<ew_grid(x.numel()), kThreads, 0, stream_>>>(static_cast<float*>(x.data), static_cast<const float*>(y.data),
+                                                           x.numel());
+  RWKVX_CUDA_LAUNCHED();
+}
+
+void CudaBackend::token_shift(const Tensor& x, Tensor& shift, const SeqBatch& batch, Tensor& delta) {
+  OpTimer timer_(this, "token_shift");
+  RWKVX_ASSERT(x.numel() == delta.numel(), "token_shift: shapes " + x.shape_str() + " vs " + delta.shape_str());
+  const int64_t C = x.row_size();
+  if (batch.n_seq() == 0) return;
+  const DeviceBatch b = upload_batch(batch);
+  if (batch.n_rows() > 0) {
+    token_shift_delta_kernel<<<ew_grid(batch.n_rows() * C), kThreads, 0, stream_>>>(
+        static_cast<const float*>(x.data), static_cast<const float*>(shift.data), b, C, static_cast<float*>(delta.data));
+    RWKVX_CUDA_LAUNCHED();
+  }
+  token_shift_store_kernel<<<ew_grid(batch.n_seq() * C), kThreads, 0, stream_>>>(static_cast<const float*>(x.data), b, C,
+                                                                                  static_cast<float*>(shift.data));
+  RWKVX_CUDA_LAUNCHED();
+}
+
+void CudaBackend::shift_mix(const Tensor& x, const Tensor& delta, const Tensor& mu, Tensor& out) {
+  OpTimer timer_(this, "shift_mix");
+  RWKVX_ASSERT(x.numel() == delta.numel() && x.numel() == out.numel(), "shift_mix: mismatched shapes");
+  if (!x.numel()) return;
+  shift_mix_kernel<<<ew_grid(x.numel()), kThreads, 0, stream_>>>(
+      static_cast<const float*>(x.data), static_cast<const float*>(delta.data), static_cast<const float*>(mu.data),
+      x.numel(), mu.numel(), static_cast<float*>(out.data));
+  RWKVX_CUDA_LAUNCHED();
+}
+
+}  // namespace cuda
+}  // namespace rwkvx

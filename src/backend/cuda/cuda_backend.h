@@ -1,0 +1,26 @@
+// The CUDA backend (built with -DRWKVX_CUDA=ON): tensors in device memory, GEMMs through cuBLASLt, fused
+// RWKV-7 and sparse-attention kernels. See cuda_internal.h for the class and the file layout.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "backend/ops.h"
+
+namespace rwkvx {
+
+struct CudaBackendOptions {
+  int device = 0;
+  // GEMMs of more than 8 rows with bf16 weights (prefill) multiply activations split into two bf16 parts
+  // (hi + lo, ~16 mantissa bits: golden cases match to ~1e-5, top-k chunk choices agree with fp32). true: one
+  // bf16 rounding, half the GEMM work, ~1e-3 relative error per product, which can flip near-tied top-k chunk
+  // choices (golden rwkvx-tiny: 7e-2); `--device cuda` reads it from RWKVX_CUDA_FAST_BF16=1. Up to 8 rows
+  // (decode) always use fp32 activations.
+  bool single_bf16_activations = false;
+};
+
+// True when a CUDA device can be used; otherwise false and `why` (if given) says what is missing.
+bool cuda_device_available(std::string* why = nullptr);
+// The CUDA backend. Throws rwkvx::Error when no device can be used.
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options = {});
+
+}  // namespace rwkvx

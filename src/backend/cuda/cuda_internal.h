@@ -1,0 +1,183 @@
+// CUDA backend internals, shared by its translation units:
+//   cuda_backend.cu   memory (caching allocator), transfers, dense ops, cuBLASLt GEMMs, token shift
+//   cuda_rwkv7.cu     the RWKV-7 time-mix ops and the WKV-7 recurrence kernel
+//   cuda_sparse.cu    KV cache append with chunk means, top-k chunk sparse attention, eviction
+// Every op runs on the backend's one stream, in order; to_host synchronises. Temporary device buffers come
+// from the same caching allocator as tensors and go back to it when released: the stream's order makes a
+// buffer freed by the host safe to hand out again for later work on that stream.
+#pragma once
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "backend/cuda/cuda_backend.h"
+
+namespace rwkvx::cuda {
+
+[[noreturn]] void throw_cuda_error(const char* what, const char* file, int line, const std::string& detail);
+
+#define RWKVX_CUDA_CHECK(expr)                                                                           \
+  do {                                                                                                   \
+    cudaError_t err_ = (expr);                                                                           \
+    if (err_ != cudaSuccess) ::rwkvx::cuda::throw_cuda_error(#expr, __FILE__, __LINE__, cudaGetErrorString(err_)); \
+  } while (0)
+#define RWKVX_CUBLAS_CHECK(expr)                                                                         \
+  do {                                                                                                   \
+    cublasStatus_t st_ = (expr);                                                                         \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                                    \
+      ::rwkvx::cuda::throw_cuda_error(#expr, __FILE__, __LINE__, "cublas status " + std::to_string(int(st_))); \
+  } while (0)
+// After every kernel launch: launch-configuration errors surface here, not at the next sync.
+#define RWKVX_CUDA_LAUNCHED() RWKVX_CUDA_CHECK(cudaGetLastError())
+
+// Size-bucketed cache of device allocations (cudaFree synchronises the device; a decode step allocates
+// hundreds of small temporaries). Blocks are reused only by work on the owning backend's stream.
+class DevicePool {
+ public:
+  explicit DevicePool(int device) : device_(device) {}
+  ~DevicePool();
+  void* get(size_t bytes, size_t* rounded);
+  void put(void* p, size_t rounded);
+  void release_cached();  // frees every cached block (after a failed cudaMalloc, at shutdown)
+  static constexpr size_t kReleaseBytes = size_t(256) << 20;  // blocks this large are not cached
+
+ private:
+  int device_;
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+};
+
+// Device copy of a SeqBatch: row_start (n_seq + 1 int64) then slot (n_seq int32), re-uploaded only when it
+// changes (a decode loop passes the same batch to every block).
+struct DeviceBatch {
+  const int64_t* row_start = nullptr;
+  const int32_t* slot = nullptr;
+  int n_seq = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& options);
+  ~CudaBackend() override;
+  std::string name() const override { return name_; }
+
+  Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) override;
+  Tensor upload_weight(const StoredTensor& src, std::initializer_list<int64_t> shape) override;
+  void to_host(const Tensor& src, float* dst) override;
+  void from_host(const float* src, Tensor& dst) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+  void fill_zero(Tensor& t) override;
+
+  void embedding(const Tensor& E, const int32_t* ids, int64_t n, Tensor& out) override;
+  void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) override;
+  void linear(const Tensor& x, const Tensor& W, Tensor& out) override;
+  void matmul(const Tensor& x, const Tensor& W, Tensor& out) override;
+  void tanh_(Tensor& x) override;
+  void sigmoid_(Tensor& x) override;
+  void relu_square_(Tensor& x) override;
+  void add_(Tensor& x, const Tensor& y) override;
+  void token_shift(const Tensor& x, Tensor& shift, const SeqBatch& batch, Tensor& delta) override;
+  void shift_mix(const Tensor& x, const Tensor& delta, const Tensor& mu, Tensor& out) override;
+
+  void rwkv7_wkv_inputs(Tensor& w, Tensor& a, Tensor& k, Tensor& alpha, Tensor& beta, const Tensor& w0,
+                        const Tensor& a0, const Tensor& k_k, const Tensor& k_a, int head_size) override;
+  void rwkv7_value_residual(Tensor& v, const Tensor& v_first, const Tensor& v_gate, const Tensor& v0) override;
+  void wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& alpha,
+            const Tensor& beta, Tensor& state, const SeqBatch& batch, Tensor& y, int head_size) override;
+  void rwkv7_output(Tensor& y, const Tensor& r, const Tensor& k, const Tensor& v, const Tensor& r_k,
+                    const Tensor& g, const Tensor& ln_w, const Tensor& ln_b, float eps, int head_size) override;
+
+  void kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) override;
+  void sparse_attention(const Tensor& q, const KvCache& cache, const SparseAttnParams& p, Tensor& out) override;
+  void kv_evict(KvCache& cache, const Tensor& q, const KvEvictionParams& e, const SparseAttnParams& p) override;
+
+  // ---- helpers for the backend's own translation units ----
+  cudaStream_t stream() const { return stream_; }
+  // Uninitialised device scratch of `bytes`, returned to the pool when the Tensor is dropped.
+  Tensor scratch(size_t bytes);
+  DeviceBatch upload_batch(const SeqBatch& batch);
+  // With RWKVX_CUDA_PROFILE=1 every op synchronises before and after and adds its wall time to a per-op
+  // table printed to stderr when the backend is destroyed (a coarse profile that needs no tools).
+  struct OpTimer {
+    OpTimer(CudaBackend* be, const char* op);
+    ~OpTimer();
+    CudaBackend* be;
+    const char* op;
+    double t0 = 0;
+  };
+  void count_op(const char* op, double seconds);
+  void synchronize();
+  int sm_count() const { return sm_count_; }
+
+ private:
+  struct GemmPlan;
+  // D[m, n] (column-major, ld m) = op(A) · B, A [k, m] if trans_a else [m, k], B [k, n]; fp32 accumulate.
+  void gemm(bool trans_a, const void* A, cudaDataType ta, const void* B, cudaDataType tb, float* D, int64_t m,
+            int64_t n, int64_t k);
+  // out [T, N] = x [T, K] · Wᵀ (trans_w: W [N, K]) or x · W (W [K, N]), for fp32 or bf16 W.
+  void weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K, int64_t N);
+
+  CudaBackendOptions opt_;
+  int device_ = 0;
+  int sm_count_ = 0;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  std::shared_ptr<DevicePool> pool_;
+  cublasLtHandle_t lt_ = nullptr;
+  Tensor workspace_;
+  std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t, int>, std::shared_ptr<GemmPlan>> plans_;
+  bool profile_ = false;
+  std::map<std::string, std::pair<int64_t, double>> profile_table_;
+  // upload_batch cache
+  std::vector<int64_t> batch_host_;
+  Tensor batch_dev_;
+};
+
+// Kernel-side helpers shared by the .cu files.
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__host__ __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Sum over the block; blockDim.x must be a multiple of 32 (≤ 1024). Every thread gets the result.
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // protects `part` from a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  T s = lane < n_warps ? part[lane] : T(0);
+  return warp_sum(s);
+}
+
+inline unsigned grid_for(int64_t n, int threads) {
+  const int64_t b = (n + threads - 1) / threads;
+  return unsigned(b < 1 ? 1 : (b > (1 << 30) ? (1 << 30) : b));
+}
+inline int round_up_warp(int64_t n) { return int((n + 31) / 32 * 32); }
+
+}  // namespace rwkvx::cuda
