@@ -180,6 +180,10 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
   if (c.stage == TrainStage::sft && c.loss == LossKind::longce)
     throw Error(source + ": key 'loss': stage \"sft\" trains on the responses with masked CE; \"longce\" is for "
                 "pretraining stages");
+  if (c.stage == TrainStage::sft)
+    for (const char* k : {"tokens", "magic_prime"})
+      if (j.contains(k))
+        throw Error(source + ": key '" + k + "': applies to the pretraining stages (binidx data), not to \"sft\"");
   if (c.stage == TrainStage::sft && c.epoch_count == 0 && c.steps == 0)
     throw Error(source + ": key 'epoch_count': 0 with 'steps' 0 leaves an SFT run with no end; set one of them");
 

@@ -429,12 +429,15 @@ std::string Run::save_state(int64_t step) {
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);
   if (ec) throw Error(final_dir.string() + ": cannot rename the state into place: " + ec.message());
-  // Older states beyond keep_states go (newest kept).
+  // Older states beyond keep_states go (the newest up to this step are kept; states of later steps, left
+  // by a run resumed from an earlier state, are not touched).
   if (c_.keep_states > 0) {
     std::vector<std::string> names;
     for (const auto& e : fs::directory_iterator(c_.out_dir, ec)) {
       const std::string name = e.path().filename().string();
-      if (e.is_directory() && name.starts_with("state-") && !name.ends_with(".tmp")) names.push_back(name);
+      if (e.is_directory() && name.starts_with("state-") && !name.ends_with(".tmp") &&
+          name <= state_dir_name(step))
+        names.push_back(name);
     }
     std::sort(names.begin(), names.end());
     for (size_t k = 0; k + size_t(c_.keep_states) < names.size(); ++k)
@@ -454,6 +457,15 @@ TrainResult Run::go() {
   fs::create_directories(c_.out_dir, ec);
   if (ec || !fs::is_directory(c_.out_dir))
     throw Error(c_.source + ": key 'out_dir': cannot create " + c_.out_dir + (ec ? ": " + ec.message() : ""));
+  if (o_.resume.empty()) {
+    // A fresh run would mix its states and loss.csv with an earlier run's.
+    for (const auto& e : fs::directory_iterator(c_.out_dir, ec)) {
+      const std::string name = e.path().filename().string();
+      if (e.is_directory() && name.starts_with("state-") && !name.ends_with(".tmp"))
+        throw Error(c_.source + ": key 'out_dir': " + c_.out_dir + " already holds a training run (" + name +
+                    "); continue it with --resume " + c_.out_dir + " or choose another out_dir");
+    }
+  }
   load_model_and_state();
   open_data();
   TrainModel& m = *model_;
