@@ -242,6 +242,33 @@ TEST(TrainCli, ResumeEqualsTheUninterruptedRun) {
   EXPECT_NE(c.stderr_text.find("key 'lr_init'"), std::string::npos) << c.stderr_text;
 }
 
+TEST(TrainCli, CtrlCSavesAStateAndExits130) {
+  test::TempDir dir;
+  const std::string model = test::write_random_model(dir, "m.safetensors", tiny_spec(1));
+  const std::string data = write_pattern_data(dir);
+  json cfg = base_config(model, data, dir.file("out"));
+  cfg["steps"] = 140;  // ~4 s; SIGINT comes after 1.5 s
+  const std::string c = write_config(dir, "c.json", cfg);
+  const std::string cmd = "timeout --preserve-status -s INT 1.5 " + test::shell_quote(RWKVX_BINARY) + " train " + test::shell_quote(c) +
+                          " >/dev/null 2>" + test::shell_quote(dir.file("err.txt"));
+  const int rc = std::system(cmd.c_str());
+  ASSERT_TRUE(WIFEXITED(rc));
+  const std::string err = test::read_text(dir.file("err.txt"));
+  ASSERT_EQ(WEXITSTATUS(rc), 130) << err;
+  long long step = 0;
+  const size_t at = err.find("interrupted after step ");
+  ASSERT_NE(at, std::string::npos) << err;
+  ASSERT_EQ(std::sscanf(err.c_str() + at, "interrupted after step %lld", &step), 1);
+  EXPECT_GT(step, 0);
+  EXPECT_LT(step, 140);
+  EXPECT_NE(err.find("--resume " + dir.file("out")), std::string::npos) << err;
+  char state[32];
+  std::snprintf(state, sizeof state, "out/state-%08lld/state.json", step);
+  EXPECT_TRUE(std::filesystem::exists(dir.file(state))) << state;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("out/rwkv-" + std::to_string(step) + ".safetensors")));
+  EXPECT_EQ(read_csv(dir.file("out/loss.csv")).size(), size_t(step));
+}
+
 TEST(TrainCli, SftTrainsOnJsonlConversations) {
   test::TempDir dir;
   const std::string vocab = test::shared_dir() + "/data/rwkv_vocab_v20230424.txt";
