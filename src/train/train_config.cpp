@@ -154,7 +154,10 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
        [&](const std::string& k, const json& v) {
          if (!v.is_array() || v.empty()) r.fail(k, "expected a non-empty list of \"pth\" / \"safetensors\"", v);
          c.save_pth = c.save_safetensors = false;
-         for (const json& f : v) (r.choice(k, f, {"pth", "safetensors"}) == "pth" ? c.save_pth : c.save_safetensors) = true;
+         for (const json& f : v) {
+           const bool pth = r.choice(k, f, {"pth", "safetensors"}) == "pth";
+           (pth ? c.save_pth : c.save_safetensors) = true;
+         }
        }},
       {"save_dtype",
        [&](const std::string& k, const json& v) {

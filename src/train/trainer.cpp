@@ -145,8 +145,9 @@ std::string find_state(const std::string& arg) {
   std::string best;
   for (const auto& e : fs::directory_iterator(p, ec)) {
     const std::string name = e.path().filename().string();
-    if (e.is_directory() && name.starts_with("state-") && !name.ends_with(".tmp") && fs::exists(e.path() / "state.json"))
-      if (name > best) best = name;
+    const bool complete = e.is_directory() && name.starts_with("state-") && !name.ends_with(".tmp") &&
+                          fs::exists(e.path() / "state.json");
+    if (complete && name > best) best = name;
   }
   if (best.empty()) throw Error("--resume " + arg + ": no training state found (expected state-*/state.json)");
   return (p / best).string();

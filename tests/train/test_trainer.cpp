@@ -249,8 +249,8 @@ TEST(TrainCli, CtrlCSavesAStateAndExits130) {
   json cfg = base_config(model, data, dir.file("out"));
   cfg["steps"] = 140;  // ~4 s; SIGINT comes after 1.5 s
   const std::string c = write_config(dir, "c.json", cfg);
-  const std::string cmd = "timeout --preserve-status -s INT 1.5 " + test::shell_quote(RWKVX_BINARY) + " train " + test::shell_quote(c) +
-                          " >/dev/null 2>" + test::shell_quote(dir.file("err.txt"));
+  const std::string cmd = "timeout --preserve-status -s INT 1.5 " + test::shell_quote(RWKVX_BINARY) + " train " +
+                          test::shell_quote(c) + " >/dev/null 2>" + test::shell_quote(dir.file("err.txt"));
   const int rc = std::system(cmd.c_str());
   ASSERT_TRUE(WIFEXITED(rc));
   const std::string err = test::read_text(dir.file("err.txt"));

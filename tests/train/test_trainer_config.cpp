@@ -95,7 +95,8 @@ TEST(TrainConfig, ErrorsNameTheKey) {
       {R"("stage": "stage1", "model": "m", "out_dir": "o")", "missing key 'data'"},
       {R"("stage": "stage1", "model": "m", "data": "d")", "missing key 'out_dir'"},
       {R"("stage": "stage1", )" + kBase + R"(, "lr": 1e-4)", "unknown key 'lr'"},
-      {R"("stage": "stage1", )" + kBase + R"(, "ctx_len": "512")", "key 'ctx_len': expected an integer >= 1, got \"512\""},
+      {R"("stage": "stage1", )" + kBase + R"(, "ctx_len": "512")",
+       "key 'ctx_len': expected an integer >= 1, got \"512\""},
       {R"("stage": "stage1", )" + kBase + R"(, "ctx_len": 0)", "key 'ctx_len': expected an integer >= 1, got 0"},
       {R"("stage": "stage1", )" + kBase + R"(, "micro_bsz": 2.5)", "key 'micro_bsz'"},
       {R"("stage": "stage1", )" + kBase + R"(, "lr_init": 0)", "key 'lr_init': expected a number > 0"},
@@ -138,7 +139,8 @@ TEST(SftData, LabelsCoverOnlyTheAssistantContent) {
   const SftSample s = sft_encode(
       tok,
       R"({"system": "Be brief.", "conversations": [{"from": "User", "value": "  Hi\n\n \nthere  "},
-          {"from": "assistant", "value": "Hello!"}, {"from": "user", "value": "Bye"}, {"from": "assistant", "value": ""}]})",
+          {"from": "assistant", "value": "Hello!"}, {"from": "user", "value": "Bye"},
+          {"from": "assistant", "value": ""}]})",
       "t:1");
   // Each turn tokenized on its own; the system text joins the first user value; blank lines collapse.
   std::vector<int32_t> user1 = tok.encode("User: Be brief.\n  Hi\nthere\n\n");
