@@ -142,6 +142,63 @@ TEST(TrainCli, RunEndsWhenTheWindowsOrTheTokenBudgetAreUsedUp) {
   EXPECT_NE(r.stderr_text.find("plan: 25 steps"), std::string::npos) << r.stderr_text;
 }
 
+TEST(TrainCli, LongCeWeightsReachTheLoss) {
+  test::TempDir dir;
+  const std::string model = test::write_random_model(dir, "m.safetensors", tiny_spec(1));
+  const std::string data = write_pattern_data(dir);
+  json cfg = base_config(model, data, dir.file("ce"));
+  cfg["steps"] = 2;
+  ASSERT_EQ(test::run_rwkvx(dir, {"train", write_config(dir, "ce.json", cfg)}).status, 0);
+  // LongCE with short windows (8 tokens of context, 8 scored per window) on the same first batch: the
+  // same weights give a different loss because positions 16..31 are reweighted.
+  cfg["out_dir"] = dir.file("longce");
+  cfg["loss"] = "longce";
+  cfg["longce_truncated"] = 8;
+  cfg["longce_window"] = 8;
+  const test::CliResult r = test::run_rwkvx(dir, {"train", write_config(dir, "l.json", cfg)});
+  ASSERT_EQ(r.status, 0) << r.stderr_text;
+  EXPECT_NE(r.stderr_text.find("loss longce"), std::string::npos) << r.stderr_text;
+  const std::vector<CsvRow> ce = read_csv(dir.file("ce/loss.csv")), lc = read_csv(dir.file("longce/loss.csv"));
+  ASSERT_EQ(ce.size(), 2u);
+  ASSERT_EQ(lc.size(), 2u);
+  EXPECT_TRUE(std::isfinite(lc[0].loss));
+  EXPECT_GT(std::fabs(lc[0].loss - ce[0].loss), 1e-6 * ce[0].loss) << lc[0].loss << " vs " << ce[0].loss;
+}
+
+TEST(TrainCli, ExpandThenStage1) {
+  test::TempDir dir;
+  // The README pipeline on a tiny RWKV-7: expand (paper init: zero output projections), then stage 1.
+  const std::string rwkv7 = test::write_random_model(dir, "r7.safetensors", tiny_spec(0, DType::bf16));
+  const std::string expanded = dir.file("x.pth");
+  test::CliResult r = test::run_rwkvx(dir, {"expand", "--model", rwkv7, "--out", expanded, "--sparse-layers", "1"});
+  ASSERT_EQ(r.status, 0) << r.stderr_text;
+  json cfg = base_config(expanded, write_pattern_data(dir), dir.file("out"));
+  cfg["stage"] = "stage1";
+  cfg["steps"] = 4;
+  cfg["save_formats"] = {"pth"};
+  cfg["save_dtype"] = "bf16";
+  r = test::run_rwkvx(dir, {"train", write_config(dir, "s1.json", cfg)});
+  ASSERT_EQ(r.status, 0) << r.stderr_text;
+  const TensorStore before = load_checkpoint(expanded), after = load_checkpoint(dir.file("out/rwkv-final.pth"));
+  ASSERT_EQ(before.tensors.size(), after.tensors.size());
+  int changed = 0;
+  for (const auto& [name, t] : before.tensors) {
+    const StoredTensor& a = after.get(name);
+    const bool same = a.nbytes() == t.nbytes() && std::equal(t.data, t.data + t.nbytes(), a.data);
+    if (name.starts_with("rwkv."))
+      EXPECT_TRUE(same) << name;
+    else
+      changed += !same;
+  }
+  EXPECT_GT(changed, 0);
+  // The zero-initialised output projection is the first thing that moves.
+  auto all_zero = [](const StoredTensor& t) {
+    return std::all_of(t.data, t.data + t.nbytes(), [](uint8_t b) { return b == 0; });
+  };
+  EXPECT_TRUE(all_zero(before.get("moba.0.att.output.weight")));
+  EXPECT_FALSE(all_zero(after.get("moba.0.att.output.weight")));
+}
+
 TEST(TrainCli, Stage1ChangesOnlyTheSparseBlocks) {
   test::TempDir dir;
   // bf16 weights in and out: a frozen tensor must come back with the very same bytes.
