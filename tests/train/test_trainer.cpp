@@ -1,7 +1,9 @@
 // `rwkvx train` through the real binary on a tiny RWKV-X (2 RWKV blocks + 1 sparse block, chunks of 8 with
-// top-2 so the sparse path selects) and a tiny binidx of a repetitive sequence: the loss falls, stage 1
+// top-2 so the sparse path selects) and a tiny binidx of a repetitive sequence: the loss falls, the run
+// ends where the data or token budget does, LongCE settings reach the loss, stage 1 (also after expand)
 // leaves every non-sparse weight bit-identical, a resumed run equals the uninterrupted one bit for bit
-// (loss.csv and weights), checkpoints load with Model::load, SFT runs on jsonl, bad inputs exit 1.
+// (loss.csv and weights), Ctrl-C saves and exits 130, checkpoints load with Model::load, SFT runs on
+// jsonl, bad inputs exit 1 naming the problem.
 #include <gtest/gtest.h>
 
 #include <cmath>
