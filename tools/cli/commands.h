@@ -26,3 +26,6 @@ void register_quality_commands(CLI::App& app);
 
 // expand, data (cmd_train_data.cpp).
 void register_train_data_commands(CLI::App& app);
+
+// train (cmd_train.cpp).
+void register_train_commands(CLI::App& app);
