@@ -26,3 +26,6 @@ void register_quality_commands(CLI::App& app);
 
 // expand, data (cmd_train_data.cpp).
 void register_train_data_commands(CLI::App& app);
+
+// eval passkey / loss / tasks (cmd_eval.cpp, spec system.md §5).
+void register_eval_commands(CLI::App& app);
