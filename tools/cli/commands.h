@@ -29,3 +29,5 @@ void register_train_data_commands(CLI::App& app);
 
 // train (cmd_train.cpp).
 void register_train_commands(CLI::App& app);
+// eval passkey / loss / tasks (cmd_eval.cpp, spec system.md §5).
+void register_eval_commands(CLI::App& app);

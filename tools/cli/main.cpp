@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   register_serve_commands(app);
   register_train_data_commands(app);
   register_train_commands(app);
+  register_eval_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,72 @@
+// Small plotting module for the eval commands (and the trainer's loss curves): RGB images, PNG writing
+// through libpng, a line plot with several series and a heatmap. No text is rendered; the docs of each
+// command say what the axes are. Pixel (0, 0) is the top-left corner of the image.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace rwkvx {
+
+struct Rgb {
+  uint8_t r = 0, g = 0, b = 0;
+  bool operator==(const Rgb&) const = default;
+};
+
+// An 8-bit RGB image, rows top to bottom, pixels left to right.
+struct Image {
+  int width = 0, height = 0;
+  std::vector<Rgb> pixels;  // [height][width]
+
+  Image() = default;
+  Image(int w, int h, Rgb fill);
+  Rgb& at(int x, int y) { return pixels[size_t(y) * size_t(width) + size_t(x)]; }
+  const Rgb& at(int x, int y) const { return pixels[size_t(y) * size_t(width) + size_t(x)]; }
+  // Sets the pixel if (x, y) is inside the image; ignores it otherwise.
+  void set(int x, int y, Rgb c);
+  // Filled rectangle [x0, x1) × [y0, y1), clipped to the image.
+  void fill_rect(int x0, int y0, int x1, int y1, Rgb c);
+  // Line from (x0, y0) to (x1, y1) inclusive, `thickness` pixels wide (a square pen), clipped.
+  void draw_line(int x0, int y0, int x1, int y1, Rgb c, int thickness = 1);
+};
+
+// Encodes `img` as an 8-bit RGB PNG. Throws rwkvx::Error if the image is empty or libpng fails.
+std::vector<uint8_t> encode_png(const Image& img);
+// encode_png, written atomically to `path` (temp file, fsync, rename). Throws rwkvx::Error naming the path.
+void write_png(const std::string& path, const Image& img);
+
+// The i-th colour of a fixed palette of well-separated series colours (cycles after 8).
+Rgb series_color(size_t i);
+// Red (t = 0) → yellow (t = 0.5) → green (t = 1); t is clamped to [0, 1]. NaN gives grey.
+Rgb red_green(double t);
+
+struct Series {
+  std::vector<double> x, y;  // same length; points with a non-finite y are skipped (the line breaks there)
+};
+
+struct LinePlotOptions {
+  int width = 800, height = 500;
+  int margin = 40;  // blank border around the plot area, where axes and ticks go
+  // Axis ranges; when lo >= hi the range is taken from the data (y padded by 5%).
+  double x_lo = 0, x_hi = 0, y_lo = 0, y_hi = 0;
+  int x_ticks = 10, y_ticks = 10;  // grid lines (ticks) dividing each axis into this many equal parts
+  int thickness = 2;
+};
+
+// Series i is drawn in series_color(i), in order (later series on top), over a light grey grid with
+// black axes on the left and bottom. x grows to the right, y grows upwards. Throws rwkvx::Error if a
+// series has x and y of different lengths or nothing is finite to plot.
+Image line_plot(const std::vector<Series>& series, const LinePlotOptions& opt = {});
+
+struct HeatmapOptions {
+  int cell_w = 24, cell_h = 16;  // pixels per cell
+  int margin = 8;                // white border
+  double lo = 0, hi = 100;       // value mapped to red (lo) ... green (hi)
+};
+
+// values[r][c] becomes a cell at row r (top to bottom) and column c (left to right), coloured
+// red_green((v - lo) / (hi - lo)); NaN cells are grey. Cells are separated by 1-pixel white lines.
+// Throws rwkvx::Error if the rows have different lengths, there are none, or hi <= lo.
+Image heatmap(const std::vector<std::vector<double>>& values, const HeatmapOptions& opt = {});
+
+}  // namespace rwkvx
