@@ -231,8 +231,11 @@ inline void quantize_blocks(const float* a, int64_t K, int8_t* q, uint8_t* mag, 
     for (int i = 0; i < W; ++i) amax = std::max(amax, lanes[i]);
     d[b] = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    // Round to nearest (even) in vectors; the integer conversion below is then exact.
+    alignas(64) float r[kQBlock];
+    for (int64_t i = 0; i < kQBlock; i += W) vstore(r + i, vround(vmul(vload(x + i), vset1(inv))));
     for (int64_t i = 0; i < kQBlock; ++i) {
-      const int v = int(std::lrint(x[i] * inv));
+      const int v = int(r[i]);
       q[b * kQBlock + i] = int8_t(v);
       mag[b * kQBlock + i] = uint8_t(v < 0 ? -v : v);
     }
@@ -282,6 +285,9 @@ inline void gemv_q8_int(const float* A, int64_t lda, const WeightView& w, int64_
     for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = vzero();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t k = b * kQBlock;
+      // Decode is bound by streaming weights: ask for the rows of the pair after next ahead of time.
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + 4 * w.ld + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + 5 * w.ld + k), _MM_HINT_T0);
       for (int m = 0; m < MM; ++m) {
         const int8_t* qm = q.data() + m * K + k;
         const uint8_t* am = mag.data() + m * K + k;
