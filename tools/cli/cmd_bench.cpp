@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -47,6 +48,8 @@ std::vector<int64_t> parse_lengths(const std::string& s) {
   return out;
 }
 
+int64_t total_tenth(int64_t n) { return std::max<int64_t>(1, n / 10); }
+
 void run_bench(const BenchArgs& a) {
   CpuBackendOptions o;
   o.n_threads = a.threads;
@@ -81,8 +84,16 @@ void run_bench(const BenchArgs& a) {
     std::printf("%-22s %12s %12s %12s %10s %10s\n", "run", "tokens/s", "ms/token", "GFLOP/s|GB/s", "of floor", "RSS MB");
   }
   for (int64_t n : parse_lengths(a.prefill)) {
+    // On a terminal one updating line; otherwise (logs) a line per tenth of a long run.
+    int64_t next_log = total_tenth(n);
     auto progress = [&](int64_t done, int64_t total) {
-      if (tty && !a.json) std::fprintf(stderr, "\rprefill %lld: %lld / %lld", (long long)n, (long long)done, (long long)total);
+      if (a.json) return;
+      if (tty) {
+        std::fprintf(stderr, "\rprefill %lld: %lld / %lld", (long long)n, (long long)done, (long long)total);
+      } else if (n >= 32768 && done >= next_log) {
+        std::fprintf(stderr, "prefill %lld: %lld / %lld tokens\n", (long long)n, (long long)done, (long long)total);
+        next_log += total_tenth(n);
+      }
     };
     PrefillResult r = bench_prefill(*model, cost, f, n, a.slice, n >= 32768 ? 1 : a.repeat, progress);
     if (tty && !a.json) std::fprintf(stderr, "\r%60s\r", "");
