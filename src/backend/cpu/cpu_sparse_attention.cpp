@@ -77,7 +77,7 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
     return;
   }
 
-  // Prefill. A job is one head and a block of up to kQueryBlock queries. Its queries are grouped by the
+  // Prefill. A job is one head and a block of consecutive queries. Its queries are grouped by the
   // chunks they chose, so each chosen chunk is read once for all of them; the causal own chunks likewise.
   // Scores are computed kKeyBlock keys at a time (two small GEMMs per block under an online softmax), so
   // the working set stays in L2 at any context length.
