@@ -32,6 +32,7 @@ class Model {
   // Runs the rows of `ids` (grouped by `batch`) through the model, advancing each sequence's state.
   // Returns logits [rows, V] for LogitsMode::all, [n_seq, V] (last row of each sequence) for ::last, or
   // an empty tensor for ::none. Token ids are checked first: a bad id throws and leaves the state as it was.
+  // Calls of more than config().max_rows_per_call rows run as consecutive windows of that many rows.
   Tensor forward(const int32_t* ids, const SeqBatch& batch, State& state, LogitsMode mode) const;
 
  private:
