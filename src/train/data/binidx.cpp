@@ -154,7 +154,7 @@ std::vector<int32_t> BinIdxDataset::item(uint64_t k) const {
   if (k >= sizes_.size())
     throw Error(prefix_ + ".idx: item " + std::to_string(k) + " does not exist (" + std::to_string(sizes_.size()) +
                 " items)");
-  std::vector<int32_t> out(size_t(sizes_[k]));
+  std::vector<int32_t> out(static_cast<size_t>(sizes_[k]));
   read_tokens(uint64_t(pointers_[k]) / itemsize_, out.size(), out.data());
   return out;
 }
