@@ -44,7 +44,7 @@ struct DecCase {
 std::vector<DecCase> dec_cases() {
   std::vector<DecCase> v;
   RandomModelSpec s;
-  s = {}; s.n_embd = 128; s.n_rwkv = 3; s.n_sparse = 2; s.seed = 41;
+  s = {}; s.n_embd = 128; s.n_rwkv = 4; s.n_sparse = 2; s.seed = 41;
   v.push_back({"rwkvx_C128_c8_k3", s, 8, 3, DType::f32, 5, 120});
   s = {}; s.n_embd = 192; s.n_rwkv = 2; s.n_sparse = 1; s.seed = 42; s.dim_g = 48; s.dim_v = 16;
   v.push_back({"rwkvx_C192_c5_k2", s, 5, 2, DType::f32, 23, 90});
@@ -91,7 +91,7 @@ TEST_P(CudaStepDecode, GraphEqualsLaunchesEqualsOpPathAndReference) {
   const double e_op = test::rel_max_err(g, o);
   std::printf("[decode] %s: graph vs op path %.3g\n", c.label, e_op);
   EXPECT_LE(e_op, tol);
-  EXPECT_LE(test::state_diff(*bg, sg, so), c.kv == DType::bf16 ? 1e-2 : tol);
+  if (c.kv == DType::f32) EXPECT_LE(test::state_diff(*bg, sg, so), tol);  // (state_diff reads fp32 caches only)
   EXPECT_EQ(sg.pos[0], so.pos[0]);
   for (size_t m = 0; m < sg.kv.size(); ++m) {
     EXPECT_EQ(sg.kv[m][0].len, so.kv[m][0].len);
@@ -139,7 +139,7 @@ TEST(CudaStepDecodeBatch, BatchEqualsSingleStreams) {
     alone.push_back(decode_run(*m, st, seqs.back(), prompt.back()));
   }
   State st = m->new_state(n_slots);
-  std::vector<int32_t> slot(size_t(B));
+  std::vector<int32_t> slot(static_cast<size_t>(B), 0);
   for (int b = 0; b < B; ++b) slot[size_t(b)] = int32_t((b * 5 + 3) % n_slots);
   for (int b = 0; b < B; ++b) {
     SeqBatch one{{0, prompt[size_t(b)]}, {slot[size_t(b)]}};
@@ -150,7 +150,7 @@ TEST(CudaStepDecodeBatch, BatchEqualsSingleStreams) {
   double worst = 0;
   bool finite = true;
   for (int t = 0; t < steps; ++t) {
-    std::vector<int32_t> ids(size_t(B));
+    std::vector<int32_t> ids(static_cast<size_t>(B), 0);
     for (int b = 0; b < B; ++b) ids[size_t(b)] = seqs[size_t(b)][size_t(prompt[size_t(b)] + t)];
     std::vector<float> got = test::host(*be, m->forward(ids.data(), batch, st, LogitsMode::last));
     finite = finite && all_finite(got);

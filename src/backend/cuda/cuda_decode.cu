@@ -112,24 +112,40 @@ __global__ void __launch_bounds__(256) gemv_kernel(const GemvArgs a, const Tabs 
   if (a.in) {
     const float4* src = reinterpret_cast<const float4*>(a.in + int64_t(r0) * K);
     for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
-  } else if (warp < nr) {  // warp w normalises row r0 + w
-    const int r = r0 + warp;
-    const float* xr = a.x + int64_t(r) * K;
-    float s = 0.f;
-    for (int i = lane; i < K; i += 32) s += xr[i];
-    const float mean = warp_sum(s) / float(K);
-    float v = 0.f;
-    for (int i = lane; i < K; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
-    const float inv = rsqrtf(warp_sum(v) / float(K) + 1e-5f);
-    const float* sh = nullptr;
-    if (a.shift_kind == 1) sh = tb.att_shift[a.shift_layer] + int64_t(tb.slot[r]) * K;
-    if (a.shift_kind == 2) sh = tb.ffn_shift[a.shift_layer] + int64_t(tb.slot[r]) * K;
+  } else {
+    // Rows of x into xs with 16-byte loads by every thread (one round trip), statistics per row from shared
+    // memory (warp w: row r0 + w), then normalise and form the shift deltas, again with independent loads.
+    __shared__ float s_mean[kRT], s_inv[kRT];
+    const float4* src = reinterpret_cast<const float4*>(a.x + int64_t(r0) * K);
+    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
+    __syncthreads();
+    if (warp < nr) {
+      const float* xr = xs + warp * K;
+      float s = 0.f;
+      for (int i = lane; i < K; i += 32) s += xr[i];
+      const float mean = warp_sum(s) / float(K);
+      float v = 0.f;
+      for (int i = lane; i < K; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
+      const float inv = rsqrtf(warp_sum(v) / float(K) + 1e-5f);
+      if (lane == 0) s_mean[warp] = mean, s_inv[warp] = inv;
+    }
+    __syncthreads();
     const bool save = a.save_xn && blockIdx.x == 0;
-    for (int i = lane; i < K; i += 32) {
-      const float xn = (xr[i] - mean) * inv * a.ln_w[i] + a.ln_b[i];
-      xs[warp * K + i] = xn;
-      if (sh) ds[warp * K + i] = sh[i] - xn;
-      if (save) a.save_xn[int64_t(r) * K + i] = xn;
+    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) {
+      const int t = (e * 4) / K, i = (e * 4) % K, r = r0 + t;
+      const float4 w4 = __ldg(reinterpret_cast<const float4*>(a.ln_w + i));
+      const float4 b4 = __ldg(reinterpret_cast<const float4*>(a.ln_b + i));
+      float4 x4 = reinterpret_cast<float4*>(xs)[e];
+      const float mean = s_mean[t], inv = s_inv[t];
+      x4.x = (x4.x - mean) * inv * w4.x + b4.x, x4.y = (x4.y - mean) * inv * w4.y + b4.y;
+      x4.z = (x4.z - mean) * inv * w4.z + b4.z, x4.w = (x4.w - mean) * inv * w4.w + b4.w;
+      reinterpret_cast<float4*>(xs)[e] = x4;
+      if (a.shift_kind) {
+        const float* sh = (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[r]) * K;
+        const float4 s4 = *reinterpret_cast<const float4*>(sh + i);
+        reinterpret_cast<float4*>(ds)[e] = make_float4(s4.x - x4.x, s4.y - x4.y, s4.z - x4.z, s4.w - x4.w);
+      }
+      if (save) *reinterpret_cast<float4*>(a.save_xn + int64_t(r) * K + i) = x4;
     }
   }
   if (a.copy_src && blockIdx.x == 0) {
@@ -262,11 +278,16 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   {  // second LoRA stages: 4 threads per channel
     const int j = tid >> 2, q = tid & 3, c = h * kHN + j;
     float dec = 0.f, lr = 0.f, gt = 0.f, vg = 0.f;
+#pragma unroll 4
     for (int d = q; d < a.dw; d += 4) dec += lw[d] * wat(a.w2t, a.bf16, int64_t(c) * a.dw + d);
+#pragma unroll 4
     for (int d = q; d < a.da; d += 4) lr += la[d] * wat(a.a2t, a.bf16, int64_t(c) * a.da + d);
+#pragma unroll 4
     for (int d = q; d < a.dg; d += 4) gt += lg[d] * wat(a.g2t, a.bf16, int64_t(c) * a.dg + d);
-    if (!a.first)
+    if (!a.first) {
+#pragma unroll 4
       for (int d = q; d < a.dv; d += 4) vg += lv[d] * wat(a.v2t, a.bf16, int64_t(c) * a.dv + d);
+    }
 #pragma unroll
     for (int o = 1; o <= 2; o <<= 1) {
       dec += __shfl_xor_sync(0xffffffffu, dec, o);
@@ -512,7 +533,8 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
     m = m_new;
     acc0 *= corr, acc1 *= corr;
     const int n_valid = int(min_i64(32, k1 - base));
-    for (int i = 0; i < n_valid; ++i) {
+#pragma unroll 8
+    for (int i = 0; i < n_valid; ++i) {  // unrolled: the V loads of several keys in flight
       const float pi = __shfl_sync(0xffffffffu, p, i);
       const int64_t si = __shfl_sync(0xffffffffu, slot, i);
       const KT* vr = V + si * a.C + off;
@@ -721,7 +743,7 @@ class CudaStepDecoder final : public StepDecoder {
     if (!cache.k.empty()) cache.dtype = cache.k.dtype;
     cache.chunk = chunk;
     const int64_t need = cache.len + 1, cap = cache.k.empty() ? 0 : cache.k.rows();
-    if (need <= cap) return;
+    if (need <= cap && !cache.chunk_mean.empty() && cache.chunk_mean.rows() * chunk >= need) return;
     int64_t new_cap = std::max<int64_t>(need, 2 * cap);
     new_cap = (new_cap + chunk - 1) / chunk * chunk;
     Tensor nk = be_.alloc(cache.dtype, {new_cap, C}), nv = be_.alloc(cache.dtype, {new_cap, C});
