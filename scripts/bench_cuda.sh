@@ -4,12 +4,18 @@
 # benchmark (rwkvx_cuda_decode_bench, built beside the tests): single-stream decode through the fused
 # whole-step decoder replayed as a CUDA graph and op by op, a ~1M-token context, batched decode throughput
 # at batch 1/8/64/256 with device memory, every row against its memory-bandwidth floor (bandwidth measured
-# in the same run).
+# in the same run); then the peers at the same shapes (RWKVX_BENCH_PEERS=1): rwkvx's CUDA ops
+# (bench_cuda_ops: one layer's WKV-7 recurrence and sparse-attention prefill) beside PyTorch SDPA causal
+# attention, fla chunk_rwkv7 and the official rwkv-x package's whole-model prefill/decode
+# (scripts/peers/gpu_peers.py).
 # Usage: scripts/bench_cuda.sh [path/to/rwkvx] [work dir] [path/to/rwkvx_cuda_decode_bench]
 #   RWKVX_BENCH_PREFILL (default 4K,16K,64K,128K; empty = skip the prefill run)
 #   RWKVX_BENCH_LONG_CONTEXT (default 128K; empty = skip)
 #   RWKVX_BENCH_DECODE_LONG (default 1048000: the ~1M-token decode; 0 = skip)
 #   RWKVX_BENCH_BATCHES (default 1,8,64,256), RWKVX_BENCH_BATCH_CONTEXT (default 2000)
+#   RWKVX_BENCH_PEERS (1 = run the peers), RWKVX_PEER_TOKENS (default 4096,16384,65536,131072),
+#   RWKVX_PEER_WHEELS: a folder of the wheels the device image lacks, installed first (fetched beforehand
+#   on a machine with network: pip download --no-deps fla-core==0.6.0 rwkv-x==0.1.3)
 # Build first with -DRWKVX_CUDA=ON (README, "CUDA backend").
 set -euo pipefail
 rwkvx=${1:-build-cuda/rwkvx}
@@ -40,4 +46,14 @@ if [ -x "$dbench" ]; then
     --batch-context "$bctx"
 else
   echo "no decode benchmark binary at $dbench (build the tests with -DRWKVX_CUDA=ON)"
+fi
+if [ "${RWKVX_BENCH_PEERS:-0}" = 1 ]; then
+  ptokens=${RWKVX_PEER_TOKENS:-4096,16384,65536,131072}
+  if [ -n "${RWKVX_PEER_WHEELS:-}" ]; then
+    python3 -m pip install --quiet --no-deps --no-index "$RWKVX_PEER_WHEELS"/*.whl 2>&1 | tail -3 || true
+  fi
+  echo "== rwkvx CUDA ops (C 768, 12 heads of 64; sparse attention chunk 2048, top-k 3)"
+  "$(dirname "$rwkvx")/bench/bench_cuda_ops" --tokens "$ptokens" --repeat 5
+  echo "== peers: SDPA causal attention, fla chunk_rwkv7, official rwkv-x (same model file)"
+  python3 "$(dirname "$0")/peers/gpu_peers.py" --model "$model" --tokens "$ptokens" --repeat 5
 fi
