@@ -31,6 +31,10 @@ struct ExpandArgs {
 void run_expand(const ExpandArgs& a) {
   if (!a.out.ends_with(".pth") && !a.out.ends_with(".safetensors"))
     throw Error("--out " + a.out + ": unknown checkpoint extension (use .pth or .safetensors)");
+  const int chunk = a.chunk > 0 ? a.chunk : kDefaultChunkSize, top_k = a.top_k > 0 ? a.top_k : kDefaultTopK;
+  if ((a.chunk > 0 || a.top_k > 0) && !a.out.ends_with(".safetensors"))
+    throw Error("--chunk-size/--top-k are stored as safetensors metadata; write a .safetensors file (a .pth file "
+                "cannot hold them: pass them to every command that loads it instead)");
   std::error_code ec;
   if (std::filesystem::equivalent(a.model, a.out, ec))
     throw Error("--out " + a.out + " is the input model; write the expanded model to a new file");
@@ -43,10 +47,6 @@ void run_expand(const ExpandArgs& a) {
     opt.n_sparse = parse_sparse_layers(a.sparse_layers, c.n_rwkv);
   }
   ExpandResult r = expand_rwkv7(src, opt);
-  const int chunk = a.chunk > 0 ? a.chunk : kDefaultChunkSize, top_k = a.top_k > 0 ? a.top_k : kDefaultTopK;
-  if ((a.chunk > 0 || a.top_k > 0) && !a.out.ends_with(".safetensors"))
-    throw Error("--chunk-size/--top-k are stored as safetensors metadata; write a .safetensors file (a .pth file "
-                "cannot hold them: pass them to every command that loads it instead)");
   save_checkpoint(a.out, r.tensors, sparse_metadata(chunk, top_k, r.n_sparse));
   int64_t params = 0;
   for (const TensorData& t : r.tensors) params += int64_t(t.bytes.size() / dtype_size(t.dtype));
