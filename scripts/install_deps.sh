@@ -2,7 +2,7 @@
 # Installs what rwkvx needs to build and test, from Debian's apt (idempotent: does nothing when all
 # packages are present). Pass --fuzz to also install clang for the libFuzzer targets.
 set -euo pipefail
-pkgs=(build-essential cmake g++ libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev libcpp-httplib-dev libpng-dev pkg-config)
+pkgs=(build-essential cmake g++ libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev libcpp-httplib-dev libpng-dev pkg-config libopenblas-dev)
 if [[ "${1:-}" == "--fuzz" ]]; then pkgs+=(clang-14 libclang-rt-14-dev); fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -54,6 +54,9 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  // Rows per model forward call that suit this backend; longer calls run in windows of this many rows.
+  // CPU: activations of 512 rows stay in cache. A GPU wants fewer, larger launches.
+  virtual int64_t preferred_rows_per_call() const { return 512; }
 
   // ---- memory -------------------------------------------------------------------------------------
   virtual Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) = 0;  // zero-filled

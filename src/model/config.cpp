@@ -198,8 +198,9 @@ ModelConfig infer_config(const TensorStore& s, const ModelOptions& opt) {
   if (opt.kv_dtype != DType::f32 && opt.kv_dtype != DType::bf16)
     throw Error("KV cache precision must be f32 or bf16 (got " + std::string(dtype_name(opt.kv_dtype)) + ")");
   c.kv_dtype = opt.kv_dtype;
-  if (opt.max_rows_per_call < 1)
-    throw Error("rows per forward call must be >= 1 (got " + std::to_string(opt.max_rows_per_call) + ")");
+  if (opt.max_rows_per_call < 0)
+    throw Error("rows per forward call must be >= 1, or 0 for the backend's choice (got " +
+                std::to_string(opt.max_rows_per_call) + ")");
   c.max_rows_per_call = opt.max_rows_per_call;
 
   // Execution order (official get_block_exe_order).

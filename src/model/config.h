@@ -29,8 +29,8 @@ struct ModelOptions {
   KvEvictionParams eviction;   // off unless eviction.max_len > 0
   DType kv_dtype = DType::f32;  // KV-cache storage: f32 (exact) or bf16 (half the memory, keys/values rounded)
   // Rows per internal forward call: longer inputs run in pieces of this many rows (split prefill equals the
-  // whole), so activations stay cache-sized and bounded at any context length.
-  int64_t max_rows_per_call = 512;
+  // whole), so activations stay bounded at any context length. 0: the backend's preferred_rows_per_call().
+  int64_t max_rows_per_call = 0;
 };
 
 struct BlockRef {

@@ -36,6 +36,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelOptions& 
 
 std::unique_ptr<Model> Model::from_store(const TensorStore& store, const ModelOptions& options, Backend& backend) {
   std::unique_ptr<Model> m(new Model(infer_config(store, options), backend));
+  if (m->cfg_.max_rows_per_call == 0) m->cfg_.max_rows_per_call = backend.preferred_rows_per_call();
   const ModelConfig& c = m->cfg_;
   WeightLoader L(store, backend, c.n_embd);
   ModelWeights& w = m->w_;

@@ -147,6 +147,8 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
       {"recompute", [&](const std::string& k, const json& v) { c.recompute = r.boolean(k, v); }},
       {"seed", [&](const std::string& k, const json& v) { c.seed = uint64_t(r.integer(k, v, 0)); }},
       {"threads", [&](const std::string& k, const json& v) { c.threads = r.integer(k, v, 1); }},
+      {"parallel_sequences",
+       [&](const std::string& k, const json& v) { c.parallel_sequences = r.integer(k, v, 1); }},
       {"chunk_size", [&](const std::string& k, const json& v) { c.chunk_size = int(r.integer(k, v, 1)); }},
       {"top_k", [&](const std::string& k, const json& v) { c.top_k = int(r.integer(k, v, 1)); }},
       {"save_every", [&](const std::string& k, const json& v) { c.save_every = r.integer(k, v, 0); }},
@@ -180,6 +182,9 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
 
   if (c.beta1 >= 1) throw Error(source + ": key 'beta1': expected a number below 1, got " + json(c.beta1).dump());
   if (c.beta2 >= 1) throw Error(source + ": key 'beta2': expected a number below 1, got " + json(c.beta2).dump());
+  if (c.parallel_sequences > c.threads)
+    throw Error(source + ": key 'parallel_sequences': " + std::to_string(c.parallel_sequences) +
+                " sequences at once need at least as many 'threads', got " + std::to_string(c.threads));
   if (c.stage == TrainStage::sft && c.loss == LossKind::longce)
     throw Error(source + ": key 'loss': stage \"sft\" trains on the responses with masked CE; \"longce\" is for "
                 "pretraining stages");

@@ -51,7 +51,8 @@ struct TrainConfig {
 
   bool recompute = false;
   uint64_t seed = 1;
-  int64_t threads = 1;
+  int64_t threads = 1;             // threads of the whole run
+  int64_t parallel_sequences = 1;  // sequences trained at once (each on its own model copy), ≤ threads
   // Sparse attention; 0: the starting model's rwkvx.chunk_size / rwkvx.top_k metadata, else 2048 / 3.
   int chunk_size = 0, top_k = 0;
 
@@ -69,7 +70,7 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
 TrainConfig load_train_config(const std::string& path);
 
 // The values that decide the training trajectory, as JSON text per key: a resume compares them with the
-// run it continues (steps, saving, logging and threads may change; these may not).
+// run it continues (steps, saving, logging, threads and parallel_sequences may change; these may not).
 std::vector<std::pair<std::string, std::string>> trajectory_keys(const TrainConfig& c);
 
 }  // namespace rwkvx::train

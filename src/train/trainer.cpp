@@ -1,6 +1,7 @@
 // The `rwkvx train` loop: data, stage, optimizer, schedule, checkpoints, exact-resume states, loss log.
 // Determinism: every sequence's gradient is computed into zeroed buffers and the batch gradient is their
-// sum in batch order, so the result does not depend on `threads`, and a resumed run (fp32 weights, AdamW
+// sum in batch order, and the ops split their work by shape alone (train/ops/parallel.h), so the result
+// depends on neither `threads` nor `parallel_sequences`, and a resumed run (fp32 weights, AdamW
 // moments and the step restored; the data position is a function of the step) repeats the uninterrupted
 // one bit for bit.
 #include "train/trainer.h"
@@ -24,6 +25,9 @@
 #include "train/data/sampler.h"
 #include "train/data/sft_data.h"
 #include "train/loss_plot.h"
+#include "core/thread_pool.h"
+#include "train/ops/fast.h"
+#include "train/ops/parallel.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
 #include "train/train_model.h"
@@ -179,6 +183,7 @@ class Run {
   std::unique_ptr<TrainModel> model_;
   std::unique_ptr<AdamW> opt_;
   std::vector<TrainModel> workers_;
+  std::vector<std::unique_ptr<ThreadPool>> pools_;  // per sequence slot: the threads of its ops
   std::vector<std::vector<float>> acc_;
   std::unique_ptr<BatchSource> data_;
   LossOptions loss_;
@@ -264,8 +269,12 @@ void Run::load_model_and_state() {
     info("resuming from " + state_dir + " at step " + std::to_string(start_step_));
   }
 
-  const int64_t nt = std::min(c_.threads, c_.micro_bsz);
+  // `parallel_sequences` slots, each a model copy with its share of `threads` for its ops (the remainder
+  // goes to the first slots). Neither changes a result: ops split work by shape, never by thread count.
+  const int64_t nt = std::min(c_.parallel_sequences, c_.micro_bsz);
   for (int64_t t = 1; t < nt; ++t) workers_.push_back(m);
+  for (int64_t t = 0; t < nt; ++t)
+    pools_.push_back(std::make_unique<ThreadPool>(int(c_.threads / nt + (t < c_.threads % nt ? 1 : 0))));
   acc_.resize(m.n_params());
   for (size_t i = 0; i < m.n_params(); ++i)
     if (m.param(i).trainable) acc_[i].assign(size_t(m.param(i).numel), 0.0f);
@@ -352,6 +361,7 @@ double Run::train_step(int64_t g, double& grad_norm) {
     const int64_t n = std::min(nt, B - r0);
     auto work = [&](int64_t j) {
       TrainModel& w = j == 0 ? m : workers_[size_t(j - 1)];
+      OpThreadsScope scope(pools_[size_t(j)].get());
       try {
         std::vector<int32_t> x, y;
         data_->sample(base + uint64_t(r0 + j), x, y);
@@ -490,7 +500,9 @@ TrainResult Run::go() {
        stage_name(c_.stage) + ")");
   info("plan: " + std::to_string(total) + " steps of " + std::to_string(c_.micro_bsz) + " x " +
        std::to_string(c_.ctx_len) + " tokens, loss " + (c_.loss == LossKind::ce ? "ce" : "longce") +
-       (c_.recompute ? ", recompute" : "") + ", " + std::to_string(workers_.size() + 1) + " thread(s)");
+       (c_.recompute ? ", recompute" : "") + ", " + std::to_string(c_.threads) + " thread(s): " +
+       std::to_string(pools_.size()) + " sequence(s) at once, " + std::to_string(pools_[0]->size()) +
+       " thread(s) per sequence's ops (GEMM: " + fast::gemm_name() + ")");
 
   csv_path_ = c_.out_dir + "/loss.csv";
   png_path_ = c_.out_dir + "/loss.png";

@@ -264,9 +264,11 @@ TEST(TrainCli, ResumeEqualsTheUninterruptedRun) {
   cfg["steps"] = 7;
   test::CliResult a = test::run_rwkvx(dir, {"train", write_config(dir, "a.json", cfg)});
   ASSERT_EQ(a.status, 0) << a.stderr_text;
-  // The continuation extends the run to 12 steps with 2 threads (threads do not change the arithmetic).
+  // The continuation extends the run to 12 steps with 3 threads over 2 sequences at once, so one slot's
+  // ops run on 2 threads (neither changes the arithmetic).
   cfg["steps"] = 12;
-  cfg["threads"] = 2;
+  cfg["threads"] = 3;
+  cfg["parallel_sequences"] = 2;
   const std::string b_cfg = write_config(dir, "b.json", cfg);
   test::CliResult b = test::run_rwkvx(dir, {"train", b_cfg, "--resume", dir.file("split")});
   ASSERT_EQ(b.status, 0) << b.stderr_text;

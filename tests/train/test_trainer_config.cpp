@@ -61,7 +61,7 @@ TEST(TrainConfig, PresetsFollowTheOfficialStages) {
 TEST(TrainConfig, KeysOverrideThePreset) {
   const TrainConfig c = parse(R"("stage": "stage2", )" + kBase + R"(, "ctx_len": 32, "micro_bsz": 3, "loss": "ce",
       "lr_init": 0.003, "lr_final": 0.001, "warmup_steps": 0, "weight_decay": 0, "eps": 1e-8, "grad_clip": 0,
-      "param_groups": "blinkdl", "recompute": false, "seed": 7, "threads": 2, "chunk_size": 8, "top_k": 2,
+      "param_groups": "blinkdl", "recompute": false, "seed": 7, "threads": 3, "parallel_sequences": 2, "chunk_size": 8, "top_k": 2,
       "save_every": 5, "save_formats": ["safetensors"], "save_dtype": "f32", "keep_states": 0, "log_every": 3,
       "steps": 100, "tokens": 0, "magic_prime": 71, "epoch_steps": 10, "epoch_count": 4, "epoch_begin": 1,
       "l2wrap": false, "pad_multiple": 0, "longce_truncated": 8, "longce_window": 4, "longce_cap": 5,
@@ -73,7 +73,8 @@ TEST(TrainConfig, KeysOverrideThePreset) {
   EXPECT_EQ(c.lr_final, 0.001);
   EXPECT_EQ(c.groups, GroupRule::blinkdl);
   EXPECT_FALSE(c.recompute);
-  EXPECT_EQ(c.threads, 2);
+  EXPECT_EQ(c.threads, 3);
+  EXPECT_EQ(c.parallel_sequences, 2);
   EXPECT_EQ(c.chunk_size, 8);
   EXPECT_EQ(c.top_k, 2);
   EXPECT_FALSE(c.save_pth);
@@ -112,6 +113,8 @@ TEST(TrainConfig, ErrorsNameTheKey) {
       {R"("stage": "sft", )" + kBase + R"(, "epoch_count": 0)", "key 'epoch_count'"},
       {R"("stage": "sft", )" + kBase + R"(, "tokens": 100)", "key 'tokens': applies to the pretraining stages"},
       {R"("stage": "sft", )" + kBase + R"(, "magic_prime": 5)", "key 'magic_prime'"},
+      {R"("stage": "stage1", )" + kBase + R"(, "threads": 2, "parallel_sequences": 3)",
+       "key 'parallel_sequences': 3 sequences at once need at least as many 'threads', got 2"},
   };
   for (const auto& [body, expect] : cases) {
     const std::string e = error_of(body);

@@ -66,6 +66,8 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const CudaBackendOptions& options);
   ~CudaBackend() override;
   std::string name() const override { return name_; }
+  // 4096-row windows: GEMMs large enough for the tensor cores, activations ~0.1 GB.
+  int64_t preferred_rows_per_call() const override { return 4096; }
 
   Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) override;
   Tensor upload_weight(const StoredTensor& src, std::initializer_list<int64_t> shape) override;

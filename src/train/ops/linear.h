@@ -1,12 +1,15 @@
 // Training ops: dense projections, forward and backward side by side (spec model.md §3 step 2, §4, §5).
 // Two layouts, as stored in checkpoints: `linear` takes W [out, in] (torch Linear, y = x Wᵀ) and
-// `matmul` takes W [in, out] (the RWKV-7 low-rank matrices, y = x W). Plain loops on contiguous
-// row-major arrays, templated on the scalar (float for training, double for gradient checks); every dot
-// product accumulates in double, as the reference backend does, so the float forward matches it.
+// `matmul` takes W [in, out] (the RWKV-7 low-rank matrices, y = x W). Templated on the scalar: float
+// (training) goes to the threaded fp32 GEMM of fast.h; double (gradient checks) runs the plain loops
+// below, which accumulate every dot product in double and are the oracle the fast path is tested against.
 // Backward functions ADD into their outputs (callers zero them once); a null output is skipped.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#include "train/ops/fast.h"
 
 namespace rwkvx::train {
 
@@ -14,6 +17,9 @@ namespace rwkvx::train {
 // reference's order, so the result is the same) instead of one latency-bound chain.
 template <class S>
 void linear_forward(const S* x, const S* W, S* y, int64_t T, int64_t in, int64_t out) {
+  if constexpr (std::is_same_v<S, float>) {
+    return fast::gemm(false, true, T, out, in, x, in, W, in, y, out, false);
+  }
   for (int64_t t = 0; t < T; ++t) {
     const S* xi = x + t * in;
     int64_t o = 0;
@@ -38,6 +44,11 @@ void linear_forward(const S* x, const S* W, S* y, int64_t T, int64_t in, int64_t
 // dx[T, in] += dy @ W;  dW[out, in] += dyᵀ @ x.
 template <class S>
 void linear_backward(const S* dy, const S* x, const S* W, S* dx, S* dW, int64_t T, int64_t in, int64_t out) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (dx) fast::gemm(false, false, T, in, out, dy, out, W, in, dx, in, true);
+    if (dW) fast::gemm(true, false, out, in, T, dy, out, x, in, dW, in, true);
+    return;
+  }
   std::vector<double> acc(static_cast<size_t>(in));
   if (dx) {
     for (int64_t t = 0; t < T; ++t) {
@@ -68,6 +79,9 @@ void linear_backward(const S* dy, const S* x, const S* W, S* dx, S* dW, int64_t 
 // y[T, out] = x[T, in] @ W[in, out].
 template <class S>
 void matmul_forward(const S* x, const S* W, S* y, int64_t T, int64_t in, int64_t out) {
+  if constexpr (std::is_same_v<S, float>) {
+    return fast::gemm(false, false, T, out, in, x, in, W, out, y, out, false);
+  }
   std::vector<double> acc(static_cast<size_t>(out));
   for (int64_t t = 0; t < T; ++t) {
     std::fill(acc.begin(), acc.end(), 0.0);
@@ -83,6 +97,11 @@ void matmul_forward(const S* x, const S* W, S* y, int64_t T, int64_t in, int64_t
 // dx[T, in] += dy @ Wᵀ;  dW[in, out] += xᵀ @ dy.
 template <class S>
 void matmul_backward(const S* dy, const S* x, const S* W, S* dx, S* dW, int64_t T, int64_t in, int64_t out) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (dx) fast::gemm(false, true, T, in, out, dy, out, W, out, dx, in, true);
+    if (dW) fast::gemm(true, false, in, out, T, x, in, dy, out, dW, out, true);
+    return;
+  }
   if (dx) {
     for (int64_t t = 0; t < T; ++t) {
       const S* g = dy + t * out;

@@ -16,6 +16,7 @@
 
 #include "core/error.h"
 #include "train/ops/linear.h"
+#include "train/ops/parallel.h"
 
 namespace rwkvx::train {
 
@@ -63,11 +64,15 @@ void moba_forward(const S* q, const S* k, const S* v, S* out, const MobaShape& s
   saved.selected.assign(size_t(T * H * std::max<int64_t>(K1, 0)), -1);
   saved.lse.assign(size_t(T * H), 0.0);
   const double scale = 1.0 / std::sqrt(double(D));
-  std::vector<double> score, logit, acc(static_cast<size_t>(D));
-  std::vector<int64_t> order, keys;
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t j = t / c;
-    for (int64_t h = 0; h < H; ++h) {
+  // Every (query, head) is independent: tasks of kMobaRows queries of one head (op threads, parallel.h).
+  constexpr int64_t kMobaRows = 32;
+  const int64_t pieces = n_pieces(T, kMobaRows);
+  parallel_tasks(pieces * H, double(T) * double(std::min(T, sh.top_k * c)) * double(C), [&](int64_t task) {
+    const int64_t h = task / pieces, t0 = task % pieces * kMobaRows;
+    std::vector<double> score, logit, acc(static_cast<size_t>(D));
+    std::vector<int64_t> order, keys;
+    for (int64_t t = t0; t < std::min(T, t0 + kMobaRows); ++t) {
+      const int64_t j = t / c;
       const S* qh = q + t * C + h * D;
       score.assign(size_t(j), 0.0);
       for (int64_t n = 0; n < j; ++n) {
@@ -105,7 +110,7 @@ void moba_forward(const S* q, const S* k, const S* v, S* out, const MobaShape& s
       saved.lse[size_t(t * H + h)] = mx + std::log(denom);
       for (int64_t d = 0; d < D; ++d) out[t * C + h * D + d] = S(acc[size_t(d)] / denom);
     }
-  }
+  });
 }
 
 // dout [T, C] → dq, dk, dv (added). With p_s = exp(q·k_s/√D - lse) over the attended positions:
@@ -116,10 +121,11 @@ void moba_backward(const S* dout, const S* q, const S* k, const S* v, const Moba
                    S* dq, S* dk, S* dv) {
   const int64_t T = sh.T, C = sh.C, D = sh.D, H = C / D, c = sh.chunk, K1 = sh.top_k - 1;
   const double scale = 1.0 / std::sqrt(double(D));
-  std::vector<int64_t> keys;
-  std::vector<double> p, o(static_cast<size_t>(D)), gq(static_cast<size_t>(D));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < H; ++h) {
+  // One task per head: dk and dv rows sum over queries, so a head's queries stay in order on one thread.
+  parallel_tasks(H, double(T) * double(std::min(T, sh.top_k * c)) * double(C) * 2, [&](int64_t h) {
+    std::vector<int64_t> keys;
+    std::vector<double> p, o(static_cast<size_t>(D)), gq(static_cast<size_t>(D));
+    for (int64_t t = 0; t < T; ++t) {
       const S* qh = q + t * C + h * D;
       const S* go = dout + t * C + h * D;
       detail::moba_keys(saved.selected.data() + (t * H + h) * K1, K1, t, c, keys);
@@ -153,6 +159,7 @@ void moba_backward(const S* dout, const S* q, const S* k, const S* v, const Moba
       }
       for (int64_t d = 0; d < D; ++d) dq[t * C + h * D + d] += S(gq[size_t(d)]);
     }
+  });
 }
 
 // ---- the attention half of a sparse block ------------------------------------------------------------

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "train/ops/parallel.h"
 
 namespace rwkvx::train {
 
@@ -49,20 +50,22 @@ void wkv7_step(S* st, const S* r, const S* w, const S* k, const S* v, const S* a
 template <class S>
 void wkv7_forward(const S* r, const S* w, const S* k, const S* v, const S* alpha, const S* beta, S* state, S* y,
                   int64_t T, int64_t H, int64_t N, Wkv7Saved<S>* saved) {
-  const int64_t C = H * N, HNN = H * N * N;
-  std::vector<double> sa(static_cast<size_t>(N));
+  const int64_t C = H * N, NN = N * N, HNN = H * NN;
   if (saved) {
     RWKVX_ASSERT(saved->save_every > 0, "wkv7: save_every must be positive");
     saved->snapshots.assign(size_t((T + saved->save_every - 1) / saved->save_every * HNN), S(0));
   }
-  for (int64_t t = 0; t < T; ++t) {
-    if (saved && t % saved->save_every == 0)
-      std::copy(state, state + HNN, saved->snapshots.begin() + (t / saved->save_every) * HNN);
-    for (int64_t h = 0; h < H; ++h) {
+  // Heads are independent: one task per head (op threads, parallel.h).
+  parallel_tasks(H, double(T) * double(H) * double(NN) * 3, [&](int64_t h) {
+    std::vector<double> sa(static_cast<size_t>(N));
+    S* st = state + h * NN;
+    for (int64_t t = 0; t < T; ++t) {
+      if (saved && t % saved->save_every == 0)
+        std::copy(st, st + NN, saved->snapshots.begin() + ((t / saved->save_every) * H + h) * NN);
       const int64_t o = t * C + h * N;
-      detail::wkv7_step(state + h * N * N, r + o, w + o, k + o, v + o, alpha + o, beta + o, y + o, N, sa.data());
+      detail::wkv7_step(st, r + o, w + o, k + o, v + o, alpha + o, beta + o, y + o, N, sa.data());
     }
-  }
+  });
 }
 
 // Given dy [T, H·N], ADDs into dr, dw, dk, dv, dalpha, dbeta. With S_{t-1} the state before token t,
@@ -78,12 +81,12 @@ void wkv7_backward(const S* dy, const S* r, const S* w, const S* k, const S* v, 
   const int64_t C = H * N, NN = N * N, L = saved.save_every;
   const int64_t n_seg = (T + L - 1) / L;
   RWKVX_ASSERT(int64_t(saved.snapshots.size()) == n_seg * H * NN, "wkv7_backward: snapshots do not match T");
-  std::vector<double> sa(static_cast<size_t>(N)), dsa(static_cast<size_t>(N));
-  std::vector<double> dS(static_cast<size_t>(NN));
-  // states[(u + 1)·NN]: state after token t0 + u; states[0..NN): the snapshot before t0.
-  std::vector<S> states(static_cast<size_t>((L + 1) * NN));
-  for (int64_t h = 0; h < H; ++h) {
-    std::fill(dS.begin(), dS.end(), 0.0);
+  // One task per head (op threads, parallel.h); each writes only its head's columns.
+  parallel_tasks(H, double(T) * double(H) * double(NN) * 10, [&](int64_t h) {
+    std::vector<double> sa(static_cast<size_t>(N)), dsa(static_cast<size_t>(N));
+    std::vector<double> dS(static_cast<size_t>(NN), 0.0);
+    // states[(u + 1)·NN]: state after token t0 + u; states[0..NN): the snapshot before t0.
+    std::vector<S> states(static_cast<size_t>((L + 1) * NN));
     for (int64_t seg = n_seg - 1; seg >= 0; --seg) {
       const int64_t t0 = seg * L, t1 = std::min(T, t0 + L);
       const S* snap = saved.snapshots.data() + (seg * H + h) * NN;
@@ -139,7 +142,7 @@ void wkv7_backward(const S* dy, const S* r, const S* w, const S* k, const S* v, 
             dS[size_t(i * N + j)] = dS[size_t(i * N + j)] * double(w[o + j]) + dsa[size_t(i)] * double(alpha[o + j]);
       }
     }
-  }
+  });
 }
 
 }  // namespace rwkvx::train
