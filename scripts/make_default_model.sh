@@ -5,7 +5,8 @@
 #   bash scripts/make_default_model.sh [STEP...]      steps, in order: data rwkv7 expand stage1 stage2 eval ship
 #                                                     (no STEP: all of them)
 # Environment: RX (the rwkvx binary, default build/rwkvx), W (work folder, default work/default-model),
-# THREADS (training threads, default: the processor count; results do not depend on it).
+# THREADS (training threads, default: the processor count) and PARALLEL (sequences trained at once,
+# default THREADS); results do not depend on either.
 #
 # Data (all public domain, from Debian 12 packages, see step_data) plus synthetic passkey documents made by
 # `rwkvx passkey-data`. Model: RWKV-7 L4 D64 (one head of 64) with the World vocabulary (65536), trained
@@ -79,8 +80,8 @@ step_rwkv7() {
       --out "$W/rwkv7-init.safetensors"
   run_train rwkv7 "{
   \"stage\": \"stage2\", \"model\": \"rwkv7-init.safetensors\", \"data\": \"data/train-short\",
-  \"out_dir\": \"rwkv7\", \"ctx_len\": 512, \"micro_bsz\": 16, \"threads\": $THREADS, \"recompute\": false,
-  \"loss\": \"ce\", \"lr_init\": 2e-3, \"lr_final\": 2e-4, \"warmup_steps\": 20, \"tokens\": ${RWKV7_TOKENS:-3000000},
+  \"out_dir\": \"rwkv7\", \"ctx_len\": 512, \"micro_bsz\": 16, \"threads\": $THREADS, \"parallel_sequences\": ${PARALLEL:-$THREADS}, \"recompute\": false,
+  \"loss\": \"ce\", \"lr_init\": 2e-3, \"lr_final\": 2e-4, \"warmup_steps\": 20, \"tokens\": ${RWKV7_TOKENS:-819200},
   \"steps\": ${RWKV7_STEPS:-0}, \"save_every\": 50, \"save_formats\": [\"safetensors\"], \"log_every\": 10
 }"
 }
@@ -93,8 +94,8 @@ step_expand() {
 step_stage1() {
   run_train stage1 "{
   \"stage\": \"stage1\", \"model\": \"rwkvx-expanded.safetensors\", \"data\": \"data/train-short\",
-  \"out_dir\": \"stage1\", \"ctx_len\": 512, \"micro_bsz\": 16, \"threads\": $THREADS, \"recompute\": false,
-  \"loss\": \"ce\", \"lr_init\": 2e-3, \"lr_final\": 2e-4, \"warmup_steps\": 10, \"tokens\": ${STAGE1_TOKENS:-1000000},
+  \"out_dir\": \"stage1\", \"ctx_len\": 512, \"micro_bsz\": 16, \"threads\": $THREADS, \"parallel_sequences\": ${PARALLEL:-$THREADS}, \"recompute\": false,
+  \"loss\": \"ce\", \"lr_init\": 2e-3, \"lr_final\": 2e-4, \"warmup_steps\": 10, \"tokens\": ${STAGE1_TOKENS:-245760},
   \"steps\": ${STAGE1_STEPS:-0}, \"save_every\": 50, \"save_formats\": [\"safetensors\"], \"log_every\": 10
 }"
 }
@@ -102,8 +103,8 @@ step_stage1() {
 step_stage2() {
   run_train stage2 "{
   \"stage\": \"stage2\", \"model\": \"stage1/rwkv-final.safetensors\", \"data\": \"data/train-long\",
-  \"out_dir\": \"stage2\", \"ctx_len\": 1024, \"micro_bsz\": 16, \"threads\": $THREADS, \"recompute\": false,
-  \"loss\": \"ce\", \"lr_init\": 1e-3, \"lr_final\": 1e-4, \"warmup_steps\": 10, \"tokens\": ${STAGE2_TOKENS:-2000000},
+  \"out_dir\": \"stage2\", \"ctx_len\": 1024, \"micro_bsz\": 16, \"threads\": $THREADS, \"parallel_sequences\": ${PARALLEL:-$THREADS}, \"recompute\": false,
+  \"loss\": \"ce\", \"lr_init\": 1e-3, \"lr_final\": 1e-4, \"warmup_steps\": 10, \"tokens\": ${STAGE2_TOKENS:-851968},
   \"steps\": ${STAGE2_STEPS:-0}, \"save_every\": 50, \"save_formats\": [\"safetensors\"], \"log_every\": 10
 }"
 }
