@@ -1,5 +1,6 @@
 // CUDA op timings at the RWKV-X 0.2B shapes (C = 768, 12 heads of 64), for the side-by-side table with
-// fla's chunk_rwkv7 and PyTorch SDPA (scripts/peers/gpu_peers.py) in scripts/bench_cuda.sh:
+// fla's chunk_rwkv7 and PyTorch SDPA (scripts/peers/gpu_peers.py); scripts/bench_cuda.sh runs both
+// with RWKVX_BENCH_PEERS=1:
 //   wkv7 over T tokens from a zero state (the prefill recurrence of one layer);
 //   one sparse-attention layer's prefill: kv_append of T keys/values, then T causal queries
 //   (chunk 2048, top-k 3), and the same with a bf16 KV cache.

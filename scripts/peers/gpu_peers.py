@@ -12,7 +12,7 @@
 Usage: gpu_peers.py [--model M.safetensors] [--tokens 4096,16384,65536,131072] [--repeat 5]
                     [--official-tokens 4096,16384,65536,131072] [--skip sdpa,fla,official]
 The wheels the device image lacks (fla-core, rwkv-x) are installed beforehand by
-scripts/bench_cuda_peers.sh from a folder of wheels (pip download on a machine with network).
+scripts/bench_cuda.sh (RWKVX_PEER_WHEELS) from a folder of wheels (pip download on a machine with network).
 Prints one JSON object per line; a peer that cannot run prints {"peer": ..., "error": ...} and the rest go on.
 """
 import argparse

@@ -50,6 +50,24 @@ struct KvEvictionParams {
   int64_t min_len = 16000;  // Mn: rows kept after eviction (Mn - W chosen by attention votes, per head)
 };
 
+// ---- optional whole-step decoder ---------------------------------------------------------------------
+// A backend may offer a decode step for the whole model at once (the CUDA backend: fused kernels replayed
+// as a CUDA graph). It sees model types only through these forward declarations; Model::forward uses it for
+// calls where every sequence has exactly one row, and falls back to the op path when it is absent or
+// declines a step. It must compute what the op path computes (same state updates, same logits).
+struct ModelConfig;
+struct ModelWeights;
+struct State;
+
+class StepDecoder {
+ public:
+  virtual ~StepDecoder() = default;
+  // One token for each sequence of `batch` (every sequence has one row; ids [n_seq]). Advances the state's
+  // token shifts, WKV states and KV caches (not State::pos: the caller does that) and returns logits
+  // [n_seq, V] in `logits`. Returns false, having changed nothing, when it cannot run this step.
+  virtual bool step(const int32_t* ids, const SeqBatch& batch, State& state, Tensor& logits) = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -122,6 +140,9 @@ class Backend {
   // attention votes Σ_q softmax(q·k/√D) from this call's queries q [T, C], in descending-vote order;
   // chunk means are recomputed over the new slot order.
   virtual void kv_evict(KvCache& cache, const Tensor& q, const KvEvictionParams& e, const SparseAttnParams& p) = 0;
+
+  // A whole-step decoder for this model, or nullptr (the default: decode runs op by op).
+  virtual std::unique_ptr<StepDecoder> make_step_decoder(const ModelConfig&, const ModelWeights&) { return nullptr; }
 };
 
 // The fp32 reference backend: plain loops, the oracle for every other backend's tests.

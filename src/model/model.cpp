@@ -78,6 +78,15 @@ std::unique_ptr<Model> Model::from_store(const TensorStore& store, const ModelOp
   return m;
 }
 
+bool Model::step_decoder_active() const {
+  if (!use_step_decoder_ || cfg_.eviction.max_len > 0) return false;
+  if (!step_decoder_tried_) {
+    step_decoder_tried_ = true;
+    step_decoder_ = be_->make_step_decoder(cfg_, w_);
+  }
+  return step_decoder_ != nullptr;
+}
+
 State Model::new_state(int n_slots) const {
   const ModelConfig& c = cfg_;
   State s;
@@ -126,6 +135,17 @@ Tensor Model::forward(const int32_t* ids, const SeqBatch& batch, State& state, L
     used[size_t(slot)] = true;
   }
   if (T == 0) return Tensor{};
+  if (T == batch.n_seq() && use_step_decoder_ && c.eviction.max_len <= 0) {  // one row per sequence: decode
+    if (!step_decoder_tried_) {
+      step_decoder_tried_ = true;
+      step_decoder_ = be.make_step_decoder(cfg_, w_);
+    }
+    Tensor logits;
+    if (step_decoder_ && step_decoder_->step(ids, batch, state, logits)) {
+      for (int64_t s = 0; s < batch.n_seq(); ++s) state.pos[size_t(batch.slot[size_t(s)])] += 1;
+      return mode == LogitsMode::none ? Tensor{} : logits;
+    }
+  }
   if (T <= c.max_rows_per_call) return forward_rows(ids, batch, state, mode);
 
   // Long input: consecutive windows of rows, each a SeqBatch of the sequence parts it covers. Logits of a

@@ -35,6 +35,11 @@ class Model {
   // Calls of more than config().max_rows_per_call rows run as consecutive windows of that many rows.
   Tensor forward(const int32_t* ids, const SeqBatch& batch, State& state, LogitsMode mode) const;
 
+  // Calls where every sequence has one row go through the backend's whole-step decoder when it offers one
+  // (on by default; results equal the op path to fp32 rounding). Off: always op by op.
+  void set_step_decoder(bool on) { use_step_decoder_ = on; }
+  bool step_decoder_active() const;
+
  private:
   Model(ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(&be) {}
   // One backend pass over all rows of `batch` (already validated).
@@ -42,6 +47,9 @@ class Model {
   ModelConfig cfg_;
   Backend* be_;
   ModelWeights w_;
+  bool use_step_decoder_ = true;
+  mutable bool step_decoder_tried_ = false;
+  mutable std::unique_ptr<StepDecoder> step_decoder_;
 };
 
 // Block bodies (rwkv7.cpp, sparse_block.cpp). `x` is the block input after its LayerNorm, `out` receives

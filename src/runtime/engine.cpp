@@ -28,6 +28,10 @@ std::unique_ptr<Backend> make_backend(const std::string& device, bool int8) {
       CudaBackendOptions o;
       const char* fast = std::getenv("RWKVX_CUDA_FAST_BF16");
       o.single_bf16_activations = fast && std::string(fast) == "1";
+      const char* step = std::getenv("RWKVX_CUDA_STEP_DECODER");
+      const char* graph = std::getenv("RWKVX_CUDA_GRAPH");
+      o.step_decoder = !(step && std::string(step) == "0");
+      o.decode_graph = !(graph && std::string(graph) == "0");
       return make_cuda_backend(o);
     }
     std::fprintf(stderr, "rwkvx: --device cuda: no usable GPU (%s); running on the CPU backend instead\n", why.c_str());

@@ -16,6 +16,12 @@ struct CudaBackendOptions {
   // choices (golden rwkvx-tiny: 7e-2); `--device cuda` reads it from RWKVX_CUDA_FAST_BF16=1. Up to 8 rows
   // (decode) always use fp32 activations.
   bool single_bf16_activations = false;
+  // Decode steps (one row per sequence) of supported models run as one fused step (cuda_decode.cu): false =
+  // op by op. `decode_graph`: the fused step's kernels are captured once per batch size as a CUDA graph and
+  // replayed; false = launched one by one (same kernels, same results). Environment: RWKVX_CUDA_STEP_DECODER=0
+  // and RWKVX_CUDA_GRAPH=0 turn them off for `--device cuda`.
+  bool step_decoder = true;
+  bool decode_graph = true;
 };
 
 // True when a CUDA device can be used; otherwise false and `why` (if given) says what is missing.

@@ -2,6 +2,7 @@
 //   cuda_backend.cu   memory (caching allocator), transfers, dense ops, cuBLASLt GEMMs, token shift
 //   cuda_rwkv7.cu     the RWKV-7 time-mix ops and the WKV-7 recurrence kernel
 //   cuda_sparse.cu    KV cache append with chunk means, top-k chunk sparse attention, eviction
+//   cuda_decode.cu    the whole-step decoder: fused decode kernels for B streams, captured as a CUDA graph
 // Every op runs on the backend's one stream, in order; to_host synchronises. Temporary device buffers come
 // from the same caching allocator as tensors and go back to it when released: the stream's order makes a
 // buffer freed by the host safe to hand out again for later work on that stream.
@@ -98,6 +99,9 @@ class CudaBackend final : public Backend {
   void kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) override;
   void sparse_attention(const Tensor& q, const KvCache& cache, const SparseAttnParams& p, Tensor& out) override;
   void kv_evict(KvCache& cache, const Tensor& q, const KvEvictionParams& e, const SparseAttnParams& p) override;
+  // cuda_decode.cu: fused kernels for a whole decode step, replayed as a CUDA graph (nullptr when the model's
+  // shapes are outside what they support, or RWKVX_CUDA_STEP_DECODER=0).
+  std::unique_ptr<StepDecoder> make_step_decoder(const ModelConfig& cfg, const ModelWeights& w) override;
 
   // ---- helpers for the backend's own translation units ----
   cudaStream_t stream() const { return stream_; }

@@ -1,0 +1,956 @@
+// The whole-step decoder of the CUDA backend: one token for each of B streams through the whole model in
+// about 90 kernels (B ≤ 8; the same count for any B), captured once per batch size as a CUDA graph and
+// replayed. It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations
+// (no bf16 rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its
+// logits equal the op path's to fp32 rounding and its chunk choices are the op path's.
+//
+// Kernels of one step (per RWKV block: 5, per sparse block: 7):
+//   gemv_kernel       multi-matrix GEMV for up to 8 rows per tile (grid.y = row tiles): optional prologue
+//                     LayerNorm(x) with token-shift mixes computed on the fly (xn + (shift − xn) ⊙ μ per
+//                     matrix), epilogues store / tanh / σ / relu² / residual add / KV-cache store.
+//   rwkv_head_kernel  per (stream, head): LoRA second stages (decay, learning rate, gate, value residual),
+//                     the WKV-7 input prep, one WKV-7 state step, GroupNorm + bonus + gate, token-shift store.
+//   gate_mean_kernel  per (stream, head) warp: fp64 top-(k−1) chunk gate; extra blocks store the mean of a
+//                     chunk the new key completed.
+//   attend_kernel / combine_kernel: split-key decode attention over the chosen chunks + the own chunk.
+// Everything that changes between steps (token ids, state slots, positions, state and KV-cache pointers)
+// is a table in device memory uploaded before each replay, so one graph serves every step of a batch size;
+// KV caches grow (capacity doubling) on the host between steps. Eviction (§7.4) is not done here: models
+// with it enabled decode op by op.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "backend/cuda/cuda_internal.h"
+#include "model/config.h"
+#include "model/state.h"
+#include "model/weights.h"
+
+namespace rwkvx::cuda {
+namespace {
+
+constexpr int kRT = 8;       // rows per GEMV tile (= warps per block)
+constexpr int kHN = 64;      // RWKV head size and sparse head dim of this path
+constexpr int kMaxSel = 8;   // top_k − 1 at most
+constexpr int kMaxJobs = 8;  // matrices per GEMV launch
+constexpr float kLnXEps = 64e-5f;
+
+// Device tables for one step; pointers into the batch size's parameter buffer.
+struct Tabs {
+  const int32_t* ids;       // [B]
+  const int32_t* slot;      // [B] state slot of row b
+  const int64_t* pos;       // [B] cache slot of the new token (= keys before it)
+  float* const* att_shift;  // [n_rwkv] → [slots, C]
+  float* const* wkv;        // [n_rwkv] → [slots, H, N, N]
+  float* const* ffn_shift;  // [n_rwkv + n_sparse] → [slots, C]
+  void* const* kc;          // [n_sparse · B] → [cap, C] (f32 or bf16)
+  void* const* vc;          // [n_sparse · B]
+  float* const* mean;       // [n_sparse · B] → [cap / chunk, C]
+  int B;
+};
+
+enum Epi : int { kStore = 0, kTanh, kSigmoid, kRelu2, kAdd, kKvK, kKvV };
+
+struct GemvJob {
+  const void* W;  // [N, K] row-major (torch Linear layout)
+  int bf16;       // W dtype: 1 bf16, 0 f32
+  int N;
+  const float* mu;  // prologue mix coefficients [K] (nullptr: input = xn)
+  float* out;       // [rows, ldo]
+  int ldo;
+  int epi;
+  int layer;   // kKvK / kKvV: sparse block index
+  int block0;  // first blockIdx.x of this job
+};
+
+struct GemvArgs {
+  GemvJob job[kMaxJobs];
+  int n_jobs;
+  int K;
+  const float* in;  // input rows [B, K]; nullptr: prologue LayerNorm of x
+  const float *x, *ln_w, *ln_b;
+  int shift_kind;  // prologue mixes read 0: none, 1: att_shift[shift_layer], 2: ffn_shift[shift_layer]
+  int shift_layer;
+  float* save_xn;           // prologue: xn rows stored here (blockIdx.x == 0)
+  const float* copy_src;    // rows [B, C] copied into ffn_shift[copy_layer] (blockIdx.x == 0)
+  int copy_layer;
+  int kv_bf16;
+  int C;
+};
+
+__device__ __forceinline__ void bf16x8(const uint4 u, float* f) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    f[2 * e] = __uint_as_float(w[e] << 16);
+    f[2 * e + 1] = __uint_as_float(w[e] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ void load_w8(const GemvJob& jb, int64_t o, int K, int i, float* f) {
+  if (jb.bf16) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(jb.W) + o * K + i));
+    bf16x8(u, f);
+  } else {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(jb.W) + o * K + i);
+    const float4 a = __ldg(p), b = __ldg(p + 1);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+  }
+}
+
+// Grid (Σ jobs ⌈N/8⌉, ⌈B/8⌉), 256 threads: warp w of a block computes output o of its job for the tile's
+// rows. Dynamic shared memory: xs [R][K] (+ ds [R][K] when a job mixes with the shift), R = min(8, B).
+__global__ void __launch_bounds__(256) gemv_kernel(const GemvArgs a, const Tabs tb) {
+  extern __shared__ __align__(16) float sm[];
+  const int K = a.K;
+  const int r0 = blockIdx.y * kRT, nr = min(kRT, tb.B - r0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* xs = sm;
+  float* ds = sm + min(kRT, tb.B) * K;  // shared memory is sized for the rows of a tile
+  if (a.in) {
+    const float4* src = reinterpret_cast<const float4*>(a.in + int64_t(r0) * K);
+    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
+  } else {
+    // Rows of x into xs with 16-byte loads by every thread (one round trip), statistics per row from shared
+    // memory (warp w: row r0 + w), then normalise and form the shift deltas, again with independent loads.
+    __shared__ float s_mean[kRT], s_inv[kRT];
+    const float4* src = reinterpret_cast<const float4*>(a.x + int64_t(r0) * K);
+    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
+    __syncthreads();
+    if (warp < nr) {
+      const float* xr = xs + warp * K;
+      float s = 0.f;
+      for (int i = lane; i < K; i += 32) s += xr[i];
+      const float mean = warp_sum(s) / float(K);
+      float v = 0.f;
+      for (int i = lane; i < K; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
+      const float inv = rsqrtf(warp_sum(v) / float(K) + 1e-5f);
+      if (lane == 0) s_mean[warp] = mean, s_inv[warp] = inv;
+    }
+    __syncthreads();
+    const bool save = a.save_xn && blockIdx.x == 0;
+    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) {
+      const int t = (e * 4) / K, i = (e * 4) % K, r = r0 + t;
+      const float4 w4 = __ldg(reinterpret_cast<const float4*>(a.ln_w + i));
+      const float4 b4 = __ldg(reinterpret_cast<const float4*>(a.ln_b + i));
+      float4 x4 = reinterpret_cast<float4*>(xs)[e];
+      const float mean = s_mean[t], inv = s_inv[t];
+      x4.x = (x4.x - mean) * inv * w4.x + b4.x, x4.y = (x4.y - mean) * inv * w4.y + b4.y;
+      x4.z = (x4.z - mean) * inv * w4.z + b4.z, x4.w = (x4.w - mean) * inv * w4.w + b4.w;
+      reinterpret_cast<float4*>(xs)[e] = x4;
+      if (a.shift_kind) {
+        const float* sh = (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[r]) * K;
+        const float4 s4 = *reinterpret_cast<const float4*>(sh + i);
+        reinterpret_cast<float4*>(ds)[e] = make_float4(s4.x - x4.x, s4.y - x4.y, s4.z - x4.z, s4.w - x4.w);
+      }
+      if (save) *reinterpret_cast<float4*>(a.save_xn + int64_t(r) * K + i) = x4;
+    }
+  }
+  if (a.copy_src && blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < nr * a.C; e += blockDim.x) {
+      const int r = r0 + e / a.C, c = e % a.C;
+      tb.ffn_shift[a.copy_layer][int64_t(tb.slot[r]) * a.C + c] = a.copy_src[int64_t(r) * a.C + c];
+    }
+  }
+  __syncthreads();
+  int j = 0;
+  while (j + 1 < a.n_jobs && int(blockIdx.x) >= a.job[j + 1].block0) ++j;
+  const GemvJob jb = a.job[j];
+  const int64_t o = int64_t(blockIdx.x - jb.block0) * kRT + warp;
+  if (o >= jb.N) return;
+  const bool mix = jb.mu != nullptr;
+  float acc[kRT];
+#pragma unroll
+  for (int t = 0; t < kRT; ++t) acc[t] = 0.f;
+  constexpr int U = 4;  // 16-byte weight loads in flight per lane
+  for (int base = 0; base < K; base += 256 * U) {
+    float w[U][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * 256 + lane * 8;
+      if (i < K) load_w8(jb, o, K, i, w[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * 256 + lane * 8;
+      if (i >= K) break;
+      float m[8];
+      if (mix) {
+        const float4 m0 = __ldg(reinterpret_cast<const float4*>(jb.mu + i)), m1 = __ldg(reinterpret_cast<const float4*>(jb.mu + i + 4));
+        m[0] = m0.x, m[1] = m0.y, m[2] = m0.z, m[3] = m0.w, m[4] = m1.x, m[5] = m1.y, m[6] = m1.z, m[7] = m1.w;
+      }
+#pragma unroll
+      for (int t = 0; t < kRT; ++t) {
+        if (t >= nr) break;
+        const float4 x0 = *reinterpret_cast<const float4*>(xs + t * K + i);
+        const float4 x1 = *reinterpret_cast<const float4*>(xs + t * K + i + 4);
+        float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        if (mix) {
+          const float4 d0 = *reinterpret_cast<const float4*>(ds + t * K + i);
+          const float4 d1 = *reinterpret_cast<const float4*>(ds + t * K + i + 4);
+          const float dv[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xv[e] = xv[e] + dv[e] * m[e];
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[t] += w[u][e] * xv[e];
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kRT; ++t)
+    if (t < nr) acc[t] = warp_sum(acc[t]);
+  float v = 0.f;
+#pragma unroll
+  for (int t = 0; t < kRT; ++t)
+    if (t == lane) v = acc[t];
+  if (lane >= nr) return;
+  const int r = r0 + lane;
+  switch (jb.epi) {
+    case kStore: jb.out[int64_t(r) * jb.ldo + o] = v; break;
+    case kTanh: jb.out[int64_t(r) * jb.ldo + o] = tanhf(v); break;
+    case kSigmoid: jb.out[int64_t(r) * jb.ldo + o] = 1.0f / (1.0f + expf(-v)); break;
+    case kRelu2: {
+      const float p = v > 0.f ? v : 0.f;
+      jb.out[int64_t(r) * jb.ldo + o] = p * p;
+      break;
+    }
+    case kAdd: jb.out[int64_t(r) * jb.ldo + o] += v; break;
+    default: {
+      void* base = (jb.epi == kKvK ? tb.kc : tb.vc)[jb.layer * tb.B + r];
+      const int64_t idx = tb.pos[r] * a.C + o;
+      if (a.kv_bf16) static_cast<__nv_bfloat16*>(base)[idx] = __float2bfloat16_rn(v);
+      else static_cast<float*>(base)[idx] = v;
+    }
+  }
+}
+
+// x[b] = LayerNorm0(emb[ids[b]]): block per row.
+__global__ void embed_kernel(const void* E, int bf16, int C, const float* w, const float* bias, const Tabs tb, float* x) {
+  const int b = blockIdx.x;
+  const int64_t row = int64_t(tb.ids[b]) * C;
+  float* xo = x + int64_t(b) * C;
+  auto get = [&](int c) {
+    return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(E)[row + c]) : static_cast<const float*>(E)[row + c];
+  };
+  float s = 0.f;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) s += get(c);
+  const float mean = block_sum(s) / float(C);
+  float v = 0.f;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) v += (get(c) - mean) * (get(c) - mean);
+  const float inv = rsqrtf(block_sum(v) / float(C) + 1e-5f);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) xo[c] = (get(c) - mean) * inv * w[c] + bias[c];
+}
+
+struct HeadArgs {
+  const float *r, *k, *v, *hw, *ha, *hg, *hv;  // [B, C], [B, d*]
+  float* vfirst;
+  int first;
+  const void *w2t, *a2t, *g2t, *v2t;  // transposed second LoRA stages [C, d*]
+  int bf16;
+  int dw, da, dg, dv;
+  const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *ln_w, *ln_b;
+  const float* xsave;  // LayerNorm1 output rows (the new token shift)
+  int layer;
+  float* y;  // [B, C]
+  int C;
+};
+
+__device__ __forceinline__ float wat(const void* W, int bf16, int64_t i) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(W)[i]) : static_cast<const float*>(W)[i];
+}
+
+// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows.
+__global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb) {
+  extern __shared__ float lora[];
+  __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_al[kHN], s_be[kHN], s_y[kHN];
+  __shared__ float s_norm;
+  const int H = a.C / kHN, b = blockIdx.x / H, h = blockIdx.x % H, tid = threadIdx.x, lane = tid & 31;
+  float *lw = lora, *la = lw + a.dw, *lg = la + a.da, *lv = lg + a.dg;
+  for (int d = tid; d < a.dw; d += 256) lw[d] = a.hw[int64_t(b) * a.dw + d];
+  for (int d = tid; d < a.da; d += 256) la[d] = a.ha[int64_t(b) * a.da + d];
+  for (int d = tid; d < a.dg; d += 256) lg[d] = a.hg[int64_t(b) * a.dg + d];
+  if (!a.first)
+    for (int d = tid; d < a.dv; d += 256) lv[d] = a.hv[int64_t(b) * a.dv + d];
+  __syncthreads();
+  {  // second LoRA stages: 4 threads per channel
+    const int j = tid >> 2, q = tid & 3, c = h * kHN + j;
+    float dec = 0.f, lr = 0.f, gt = 0.f, vg = 0.f;
+#pragma unroll 4
+    for (int d = q; d < a.dw; d += 4) dec += lw[d] * wat(a.w2t, a.bf16, int64_t(c) * a.dw + d);
+#pragma unroll 4
+    for (int d = q; d < a.da; d += 4) lr += la[d] * wat(a.a2t, a.bf16, int64_t(c) * a.da + d);
+#pragma unroll 4
+    for (int d = q; d < a.dg; d += 4) gt += lg[d] * wat(a.g2t, a.bf16, int64_t(c) * a.dg + d);
+    if (!a.first) {
+#pragma unroll 4
+      for (int d = q; d < a.dv; d += 4) vg += lv[d] * wat(a.v2t, a.bf16, int64_t(c) * a.dv + d);
+    }
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      dec += __shfl_xor_sync(0xffffffffu, dec, o);
+      lr += __shfl_xor_sync(0xffffffffu, lr, o);
+      gt += __shfl_xor_sync(0xffffffffu, gt, o);
+      vg += __shfl_xor_sync(0xffffffffu, vg, o);
+    }
+    if (q == 0) {
+      const int64_t o = int64_t(b) * a.C + c;
+      s_w[j] = expf(-0.60653065971263342f / (1.0f + expf(-(a.w0[c] + dec))));
+      const float av = 1.0f / (1.0f + expf(-(a.a0[c] + lr)));
+      s_a[j] = av;
+      const float kv = a.k[o];
+      s_kk[j] = kv * a.k_k[c];
+      s_k[j] = kv * (1.0f + (av - 1.0f) * a.k_a[c]);
+      float vv = a.v[o];
+      if (a.first) {
+        a.vfirst[o] = vv;
+      } else {
+        const float g = 1.0f / (1.0f + expf(-(a.v0[c] + vg)));
+        vv += (a.vfirst[o] - vv) * g;
+      }
+      s_v[j] = vv;
+      s_r[j] = a.r[o];
+      s_g[j] = gt;
+    }
+  }
+  __syncthreads();
+  if (tid < 32) {
+    const float n2 = warp_sum(s_kk[lane] * s_kk[lane] + s_kk[lane + 32] * s_kk[lane + 32]);
+    if (lane == 0) s_norm = fmaxf(sqrtf(n2), 1e-12f);
+  }
+  __syncthreads();
+  if (tid < kHN) {
+    const float kn = s_kk[tid] / s_norm;
+    s_al[tid] = -kn;
+    s_be[tid] = kn * s_a[tid];
+  }
+  __syncthreads();
+  {  // one WKV-7 step: thread (i, g) owns state row i, columns g·16 … g·16 + 15
+    const int i = tid >> 2, g = tid & 3;
+    float* S = tb.wkv[a.layer] + ((int64_t(tb.slot[b]) * H + h) * kHN + i) * kHN + g * 16;
+    float st[16];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float4 f = reinterpret_cast<const float4*>(S)[e];
+      st[4 * e] = f.x, st[4 * e + 1] = f.y, st[4 * e + 2] = f.z, st[4 * e + 3] = f.w;
+    }
+    float sa = 0.f;
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) sa += st[jj] * s_al[g * 16 + jj];
+    sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+    sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+    const float vi = s_v[i];
+    float yv = 0.f;
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) {
+      const int jc = g * 16 + jj;
+      st[jj] = st[jj] * s_w[jc] + sa * s_be[jc] + vi * s_k[jc];
+      yv += st[jj] * s_r[jc];
+    }
+    yv += __shfl_xor_sync(0xffffffffu, yv, 1);
+    yv += __shfl_xor_sync(0xffffffffu, yv, 2);
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      reinterpret_cast<float4*>(S)[e] = make_float4(st[4 * e], st[4 * e + 1], st[4 * e + 2], st[4 * e + 3]);
+    if (g == 0) s_y[i] = yv;
+  }
+  __syncthreads();
+  if (tid < 32) {  // GroupNorm of the head, bonus (Σ r k r_k) v, gate
+    const int c0 = h * kHN + lane, c1 = c0 + 32;
+    const float y0 = s_y[lane], y1 = s_y[lane + 32];
+    const float mean = warp_sum(y0 + y1) / float(kHN);
+    const float d0 = y0 - mean, d1 = y1 - mean;
+    const float inv = rsqrtf(warp_sum(d0 * d0 + d1 * d1) / float(kHN) + kLnXEps);
+    const float u = warp_sum(s_r[lane] * s_k[lane] * a.r_k[c0] + s_r[lane + 32] * s_k[lane + 32] * a.r_k[c1]);
+    float* yo = a.y + int64_t(b) * a.C;
+    yo[c0] = (d0 * inv * a.ln_w[c0] + a.ln_b[c0] + u * s_v[lane]) * s_g[lane];
+    yo[c1] = (d1 * inv * a.ln_w[c1] + a.ln_b[c1] + u * s_v[lane + 32]) * s_g[lane + 32];
+  } else if (tid >= 64 && tid < 64 + kHN) {  // the new token shift of this head's channels
+    const int c = h * kHN + tid - 64;
+    tb.att_shift[a.layer][int64_t(tb.slot[b]) * a.C + c] = a.xsave[int64_t(b) * a.C + c];
+  }
+}
+
+struct GateArgs {
+  const float* q;  // [B, C]
+  int layer, C, H, Kp, gate_blocks, mean_blocks_per_row;
+  int64_t chunk;
+  int32_t* sel;  // [B·H, kMaxSel]
+  int kv_bf16;
+};
+
+// Blocks [0, gate_blocks): warp per (row, head): q·mean_n in fp64 over the complete past chunks n < j, the top
+// min(k−1, j) (ties: lower n), written in ascending chunk order, −1 after. Later blocks: the mean of the chunk
+// the new key completed, if it completed one (fp64 sum in row order, as the op path's chunk_mean_kernel).
+__global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const Tabs tb) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (int(blockIdx.x) < a.gate_blocks) {
+    const int wid = blockIdx.x * 8 + warp;
+    if (wid >= tb.B * a.H) return;
+    const int b = wid / a.H, h = wid % a.H;
+    const int64_t t = tb.pos[b], j = t / a.chunk;
+    const int n_sel = int(min_i64(a.Kp, j));
+    const float* qh = a.q + int64_t(b) * a.C + int64_t(h) * kHN;
+    const float* mean = tb.mean[a.layer * tb.B + b];
+    double bs[kMaxSel];
+    int64_t bn[kMaxSel];
+#pragma unroll
+    for (int u = 0; u < kMaxSel; ++u) bs[u] = 0, bn[u] = -1;
+    for (int64_t n = lane; n < j; n += 32) {
+      const float* m = mean + n * a.C + int64_t(h) * kHN;
+      double s = 0;
+      for (int d = 0; d < kHN; ++d) s += double(qh[d]) * double(m[d]);
+      int p = n_sel;
+#pragma unroll
+      for (int u = kMaxSel - 1; u >= 0; --u)
+        if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
+#pragma unroll
+      for (int u = kMaxSel - 1; u > 0; --u)
+        if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
+#pragma unroll
+      for (int u = 0; u < kMaxSel; ++u)
+        if (u == p) bs[u] = s, bn[u] = n;
+    }
+    int hd = 0;
+    int32_t res[kMaxSel];
+#pragma unroll
+    for (int r = 0; r < kMaxSel; ++r) res[r] = -1;
+    for (int r = 0; r < n_sel; ++r) {
+      double cs = 0;
+      int64_t cn = -1;
+#pragma unroll
+      for (int u = 0; u < kMaxSel; ++u)
+        if (u == hd) cs = bs[u], cn = bn[u];
+      for (int o = 16; o > 0; o >>= 1) {
+        const double os = __shfl_xor_sync(0xffffffffu, cs, o);
+        const int64_t on = __shfl_xor_sync(0xffffffffu, cn, o);
+        if (on >= 0 && (cn < 0 || os > cs || (os == cs && on < cn))) cs = os, cn = on;
+      }
+      int64_t mine = -1;
+#pragma unroll
+      for (int u = 0; u < kMaxSel; ++u)
+        if (u == hd) mine = bn[u];
+      if (mine == cn && hd < n_sel) ++hd;
+#pragma unroll
+      for (int u = 0; u < kMaxSel; ++u)
+        if (u == r) res[u] = int32_t(cn);
+    }
+    if (lane == 0) {
+      for (int x = 1; x < n_sel; ++x)  // ascending chunk order
+        for (int y = x; y > 0 && res[y - 1] > res[y]; --y) {
+          const int32_t tmp = res[y];
+          res[y] = res[y - 1], res[y - 1] = tmp;
+        }
+      int32_t* out = a.sel + int64_t(wid) * kMaxSel;
+      for (int r = 0; r < kMaxSel; ++r) out[r] = r < n_sel ? res[r] : -1;
+    }
+    return;
+  }
+  const int idx = blockIdx.x - a.gate_blocks, b = idx / a.mean_blocks_per_row;
+  const int col = (idx % a.mean_blocks_per_row) * 256 + threadIdx.x;
+  if (b >= tb.B || col >= a.C) return;
+  const int64_t t = tb.pos[b];
+  if ((t + 1) % a.chunk != 0) return;
+  const int64_t n = t / a.chunk;
+  const void* K = tb.kc[a.layer * tb.B + b];
+  double s = 0;
+  for (int64_t r = n * a.chunk; r < (n + 1) * a.chunk; ++r)
+    s += a.kv_bf16 ? double(__bfloat162float(static_cast<const __nv_bfloat16*>(K)[r * a.C + col]))
+                   : double(static_cast<const float*>(K)[r * a.C + col]);
+  tb.mean[a.layer * tb.B + b][n * a.C + col] = float(s / double(a.chunk));
+}
+
+template <typename KT>
+__device__ __forceinline__ float dot64(const float* qs, const KT* kr);
+template <>
+__device__ __forceinline__ float dot64<float>(const float* qs, const float* kr) {
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < 16; ++e) {
+    const float4 k4 = __ldg(reinterpret_cast<const float4*>(kr) + e);
+    s += qs[4 * e] * k4.x + qs[4 * e + 1] * k4.y + qs[4 * e + 2] * k4.z + qs[4 * e + 3] * k4.w;
+  }
+  return s;
+}
+template <>
+__device__ __forceinline__ float dot64<__nv_bfloat16>(const float* qs, const __nv_bfloat16* kr) {
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    float f[8];
+    bf16x8(__ldg(reinterpret_cast<const uint4*>(kr) + e), f);
+#pragma unroll
+    for (int x = 0; x < 8; ++x) s += qs[8 * e + x] * f[x];
+  }
+  return s;
+}
+
+struct AttendArgs {
+  const float* q;
+  const int32_t* sel;
+  int layer, C, H;
+  int64_t chunk;
+  float scale;
+  float *pm, *pl, *pacc;  // [B·H·S], [B·H·S], [B·H·S, 64]
+};
+
+// Grid (B·H, S), 128 threads: split `split` of the query's keys (chosen chunks in order, then the own chunk up
+// to the query) under an online softmax; 4 warps score 32 keys at a time (a key per lane, 16-byte loads),
+// lanes then accumulate V over dims (2 per lane). Partial (max, sum, acc) per split.
+template <typename KT>
+__global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const Tabs tb) {
+  __shared__ __align__(16) float qs[kHN];
+  __shared__ float acc_s[4][kHN], ms[4], ls[4];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = gridDim.y, split = blockIdx.y;
+  const int bt = blockIdx.x, b = bt / a.H, h = bt % a.H;
+  const int64_t t = tb.pos[b], j = t / a.chunk, off = int64_t(h) * kHN;
+  const KT* K = static_cast<const KT*>(tb.kc[a.layer * tb.B + b]);
+  const KT* V = static_cast<const KT*>(tb.vc[a.layer * tb.B + b]);
+  if (threadIdx.x < kHN) qs[threadIdx.x] = a.q[int64_t(b) * a.C + off + threadIdx.x];
+  __syncthreads();
+  const int32_t* my = a.sel + int64_t(bt) * kMaxSel;
+  int n_sel = 0;
+  while (n_sel < kMaxSel && my[n_sel] >= 0) ++n_sel;
+  const int64_t n_keys = int64_t(n_sel) * a.chunk + (t - j * a.chunk + 1);
+  const int64_t per = (n_keys + S - 1) / S, k0 = split * per, k1 = min_i64(n_keys, k0 + per);
+  float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
+  for (int64_t base = k0 + int64_t(warp) * 32; base < k1; base += 4 * 32) {
+    const int64_t idx = base + lane;
+    const bool valid = idx < k1;
+    int64_t slot = 0;
+    float sc = -INFINITY;
+    if (valid) {
+      slot = idx < int64_t(n_sel) * a.chunk ? int64_t(my[idx / a.chunk]) * a.chunk + idx % a.chunk
+                                            : j * a.chunk + (idx - int64_t(n_sel) * a.chunk);
+      sc = dot64<KT>(qs, K + slot * a.C + off) * a.scale;
+    }
+    const float m_new = fmaxf(m, warp_max(sc));  // finite: lane 0 of every batch is valid
+    const float corr = expf(m - m_new);
+    const float p = valid ? expf(sc - m_new) : 0.f;
+    l = l * corr + warp_sum(p);
+    m = m_new;
+    acc0 *= corr, acc1 *= corr;
+    const int n_valid = int(min_i64(32, k1 - base));
+#pragma unroll 8
+    for (int i = 0; i < n_valid; ++i) {  // unrolled: the V loads of several keys in flight
+      const float pi = __shfl_sync(0xffffffffu, p, i);
+      const int64_t si = __shfl_sync(0xffffffffu, slot, i);
+      const KT* vr = V + si * a.C + off;
+      acc0 += pi * to_f32(vr[lane]);
+      acc1 += pi * to_f32(vr[lane + 32]);
+    }
+  }
+  acc_s[warp][lane] = acc0, acc_s[warp][lane + 32] = acc1;
+  if (lane == 0) ms[warp] = m, ls[warp] = l;
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < 4; ++w) M = fmaxf(M, ms[w]);
+  float L = 0.f, wt[4];
+  for (int w = 0; w < 4; ++w) {
+    wt[w] = ms[w] == -INFINITY ? 0.f : expf(ms[w] - M);
+    L += ls[w] * wt[w];
+  }
+  const int64_t o = int64_t(bt) * S + split;
+  if (threadIdx.x == 0) a.pm[o] = M, a.pl[o] = L;
+  if (threadIdx.x < kHN) {
+    float s = 0.f;
+    for (int w = 0; w < 4; ++w) s += acc_s[w][threadIdx.x] * wt[w];
+    a.pacc[o * kHN + threadIdx.x] = s;
+  }
+}
+
+// Block per (row, head), 64 threads: merges the S partials into out [B, C].
+__global__ void combine_kernel(const float* pm, const float* pl, const float* pacc, int S, int C, int H, float* out) {
+  const int bt = blockIdx.x, b = bt / H, h = bt % H, d = threadIdx.x;
+  float M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, pm[bt * S + s]);
+  float L = 0.f, acc = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float ms = pm[bt * S + s];
+    if (ms == -INFINITY) continue;
+    const float w = expf(ms - M);
+    L += pl[bt * S + s] * w;
+    acc += pacc[(int64_t(bt) * S + s) * kHN + d] * w;
+  }
+  out[int64_t(b) * C + int64_t(h) * kHN + d] = acc / L;
+}
+
+template <typename T>
+__global__ void transpose_kernel(const T* src, int64_t rows, int64_t cols, T* dst) {  // dst [cols, rows]
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows * cols; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    dst[c * rows + r] = src[i];
+  }
+}
+
+int is_bf16(const Tensor& t) { return t.dtype == DType::bf16 ? 1 : 0; }
+const float* fp(const Tensor& t) { return static_cast<const float*>(t.data); }
+
+class CudaStepDecoder final : public StepDecoder {
+ public:
+  CudaStepDecoder(CudaBackend& be, const ModelConfig& cfg, const ModelWeights& w, bool graph)
+      : be_(be), c_(cfg), w_(w), graph_(graph) {
+    for (const RwkvBlockWeights& b : w.rwkv) {
+      Lora l;
+      l.w1t = transposed(b.att.w1), l.w2t = transposed(b.att.w2);
+      l.a1t = transposed(b.att.a1), l.a2t = transposed(b.att.a2);
+      l.g1t = transposed(b.att.g1), l.g2t = transposed(b.att.g2);
+      if (!b.att.v1.empty()) l.v1t = transposed(b.att.v1), l.v2t = transposed(b.att.v2);
+      lora_.push_back(std::move(l));
+    }
+    const int64_t C = c_.n_embd, F = c_.n_ffn;
+    gemv_smem_ = size_t(kRT) * size_t(std::max<int64_t>(2 * C, F)) * 4;
+    RWKVX_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
+    be_.synchronize();
+  }
+  ~CudaStepDecoder() override {
+    for (auto& [n, b] : bufs_)
+      if (b.exec) cudaGraphExecDestroy(b.exec);
+  }
+
+  // Shapes this decoder handles (others decode op by op).
+  static bool supports(const ModelConfig& c, const ModelWeights& w, const cudaDeviceProp& prop) {
+    const int64_t C = c.n_embd, F = c.n_ffn;
+    if (c.head_size != kHN || C % kHN != 0 || C % 8 != 0 || F % 8 != 0) return false;
+    if (c.n_sparse > 0 && (c.sparse.head_dim != kHN || c.sparse.top_k - 1 > kMaxSel || c.sparse.chunk <= 0)) return false;
+    if (c.eviction.max_len > 0) return false;
+    if (size_t(kRT) * size_t(std::max<int64_t>(2 * C, F)) * 4 > size_t(prop.sharedMemPerBlockOptin)) return false;
+    auto ok = [](const Tensor& t) { return t.dtype == DType::f32 || t.dtype == DType::bf16; };
+    if (!ok(w.emb) || !ok(w.head)) return false;
+    for (const RwkvBlockWeights& b : w.rwkv) {
+      const TimeMixWeights& a = b.att;
+      for (const Tensor* t : {&a.receptance, &a.key, &a.value, &a.output, &b.ffn.key, &b.ffn.value})
+        if (!ok(*t)) return false;
+      // The head kernel reads the second LoRA stages with one dtype flag.
+      const DType d = a.w2.dtype;
+      if (a.a2.dtype != d || a.g2.dtype != d || (!a.v2.empty() && a.v2.dtype != d) || !ok(a.w2)) return false;
+      for (const Tensor* t : {&a.w1, &a.a1, &a.g1}) if (!ok(*t)) return false;
+      if (!a.v1.empty() && !ok(a.v1)) return false;
+    }
+    for (const SparseBlockWeights& b : w.sparse)
+      for (const Tensor* t : {&b.query, &b.key, &b.value, &b.output, &b.ffn.key, &b.ffn.value})
+        if (!ok(*t)) return false;
+    return true;
+  }
+
+  bool step(const int32_t* ids, const SeqBatch& batch, State& state, Tensor& logits) override {
+    const int B = int(batch.n_seq());
+    if (B == 0) return false;
+    for (int s = 0; s < B; ++s)
+      if (batch.row_start[size_t(s) + 1] - batch.row_start[size_t(s)] != 1) return false;
+    const int S = int(c_.n_sparse);
+    for (int m = 0; m < S; ++m)
+      for (int s = 0; s < B; ++s) {
+        const KvCache& kc = state.kv[size_t(m)][size_t(batch.slot[size_t(s)])];
+        const KvCache& k0 = state.kv[0][size_t(batch.slot[size_t(s)])];
+        if (kc.len != k0.len) return false;
+        if ((kc.k.empty() ? kc.dtype : kc.k.dtype) != c_.kv_dtype) return false;
+        if (kc.len > 0 && kc.chunk != c_.sparse.chunk) return false;
+      }
+    for (int m = 0; m < S; ++m)
+      for (int s = 0; s < B; ++s) grow(state.kv[size_t(m)][size_t(batch.slot[size_t(s)])]);
+
+    Bufs& bb = bufs_for(B);
+    // Parameter blob (layout as in Bufs::tabs).
+    std::vector<uint8_t>& h = host_blob_;
+    h.assign(bb.blob_bytes, 0);
+    auto put = [&](size_t off, const void* p, size_t n) { std::memcpy(h.data() + off, p, n); };
+    for (int s = 0; s < B; ++s) {
+      const int32_t slot = batch.slot[size_t(s)];
+      put(bb.off_ids + 4 * size_t(s), ids + s, 4);
+      put(bb.off_slot + 4 * size_t(s), &slot, 4);
+      const int64_t pos = S > 0 ? state.kv[0][size_t(slot)].len : state.pos[size_t(slot)];
+      put(bb.off_pos + 8 * size_t(s), &pos, 8);
+      for (int m = 0; m < S; ++m) {
+        KvCache& kc = state.kv[size_t(m)][size_t(slot)];
+        const size_t e = 8 * (size_t(m) * size_t(B) + size_t(s));
+        put(bb.off_kc + e, &kc.k.data, 8);
+        put(bb.off_vc + e, &kc.v.data, 8);
+        put(bb.off_mean + e, &kc.chunk_mean.data, 8);
+      }
+    }
+    for (int64_t i = 0; i < c_.n_rwkv; ++i) {
+      put(bb.off_att + 8 * size_t(i), &state.att_shift[size_t(i)].data, 8);
+      put(bb.off_wkv + 8 * size_t(i), &state.wkv[size_t(i)].data, 8);
+    }
+    for (int64_t i = 0; i < c_.n_rwkv + c_.n_sparse; ++i) put(bb.off_ffn + 8 * size_t(i), &state.ffn_shift[size_t(i)].data, 8);
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(bb.blob.data, h.data(), h.size(), cudaMemcpyHostToDevice, be_.stream()));
+
+    if (graph_) {
+      if (!bb.exec) {
+        cudaGraph_t g = nullptr;
+        RWKVX_CUDA_CHECK(cudaStreamBeginCapture(be_.stream(), cudaStreamCaptureModeThreadLocal));
+        try {
+          enqueue(bb);
+        } catch (...) {
+          cudaStreamEndCapture(be_.stream(), &g);
+          if (g) cudaGraphDestroy(g);
+          throw;
+        }
+        RWKVX_CUDA_CHECK(cudaStreamEndCapture(be_.stream(), &g));
+        const cudaError_t e = cudaGraphInstantiate(&bb.exec, g, 0);
+        cudaGraphDestroy(g);
+        RWKVX_CUDA_CHECK(e);
+      }
+      RWKVX_CUDA_CHECK(cudaGraphLaunch(bb.exec, be_.stream()));
+    } else {
+      enqueue(bb);
+    }
+    for (int m = 0; m < S; ++m)
+      for (int s = 0; s < B; ++s) {
+        KvCache& kc = state.kv[size_t(m)][size_t(batch.slot[size_t(s)])];
+        kc.len += 1;
+        kc.n_chunks = kc.len / kc.chunk;
+      }
+    logits = be_.scratch(size_t(B) * size_t(c_.n_vocab) * 4);
+    logits.ndim = 2;
+    logits.shape = {B, c_.n_vocab, 0, 0};
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(logits.data, bb.logits.data, logits.nbytes(), cudaMemcpyDeviceToDevice, be_.stream()));
+    return true;
+  }
+
+ private:
+  struct Lora {
+    Tensor w1t, w2t, a1t, a2t, g1t, g2t, v1t, v2t;
+  };
+  struct Bufs {
+    int B = 0, S = 1;
+    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, logits, blob;
+    size_t blob_bytes = 0, off_ids = 0, off_slot = 0, off_pos = 0, off_att = 0, off_wkv = 0, off_ffn = 0, off_kc = 0,
+           off_vc = 0, off_mean = 0;
+    cudaGraphExec_t exec = nullptr;
+    Tabs tabs{};
+  };
+
+  Tensor transposed(const Tensor& W) {  // [R, Cc] → [Cc, R], same dtype
+    const int64_t R = W.rows(), Cc = W.row_size();
+    Tensor t = be_.alloc(W.dtype, {Cc, R});
+    const unsigned g = std::min<unsigned>(grid_for(R * Cc, 256), 65536u);
+    if (W.dtype == DType::bf16)
+      transpose_kernel<<<g, 256, 0, be_.stream()>>>(static_cast<const __nv_bfloat16*>(W.data), R, Cc,
+                                                    static_cast<__nv_bfloat16*>(t.data));
+    else
+      transpose_kernel<<<g, 256, 0, be_.stream()>>>(static_cast<const float*>(W.data), R, Cc, static_cast<float*>(t.data));
+    RWKVX_CUDA_LAUNCHED();
+    return t;
+  }
+
+  // Room for one more row (capacity doubling, rounded to whole chunks, as kv_append does).
+  void grow(KvCache& cache) {
+    const int64_t C = c_.n_embd, chunk = c_.sparse.chunk;
+    if (!cache.k.empty()) cache.dtype = cache.k.dtype;
+    cache.chunk = chunk;
+    const int64_t need = cache.len + 1, cap = cache.k.empty() ? 0 : cache.k.rows();
+    if (need <= cap && !cache.chunk_mean.empty() && cache.chunk_mean.rows() * chunk >= need) return;
+    int64_t new_cap = std::max<int64_t>(need, 2 * cap);
+    new_cap = (new_cap + chunk - 1) / chunk * chunk;
+    Tensor nk = be_.alloc(cache.dtype, {new_cap, C}), nv = be_.alloc(cache.dtype, {new_cap, C});
+    Tensor nm = be_.alloc(DType::f32, {new_cap / chunk, C});
+    if (cache.len > 0) {
+      const size_t row = size_t(C) * dtype_size(cache.dtype);
+      RWKVX_CUDA_CHECK(cudaMemcpyAsync(nk.data, cache.k.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, be_.stream()));
+      RWKVX_CUDA_CHECK(cudaMemcpyAsync(nv.data, cache.v.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, be_.stream()));
+      if (cache.n_chunks > 0)
+        RWKVX_CUDA_CHECK(cudaMemcpyAsync(nm.data, cache.chunk_mean.data, size_t(cache.n_chunks * C) * 4,
+                                         cudaMemcpyDeviceToDevice, be_.stream()));
+    }
+    cache.k = nk, cache.v = nv, cache.chunk_mean = nm;
+  }
+
+  Tensor buf(size_t floats) {
+    Tensor t = be_.scratch(std::max<size_t>(floats, 1) * 4);
+    RWKVX_CUDA_CHECK(cudaMemsetAsync(t.data, 0xff, std::max<size_t>(floats, 1) * 4, be_.stream()));  // NaN poison
+    return t;
+  }
+
+  Bufs& bufs_for(int B) {
+    auto it = bufs_.find(B);
+    if (it != bufs_.end()) return it->second;
+    Bufs& b = bufs_[B];
+    const size_t Bz = size_t(B), C = size_t(c_.n_embd), F = size_t(c_.n_ffn), H = C / kHN;
+    b.B = B;
+    for (Tensor* t : {&b.x, &b.xsave, &b.xsave2, &b.r, &b.k, &b.v, &b.vfirst, &b.y, &b.q, &b.o}) *t = buf(Bz * C);
+    b.hw = buf(Bz * size_t(c_.dim_w)), b.ha = buf(Bz * size_t(c_.dim_a)), b.hg = buf(Bz * size_t(c_.dim_g));
+    b.hv = buf(Bz * size_t(std::max<int64_t>(c_.dim_v, 1)));
+    b.hbuf = buf(Bz * F);
+    b.logits = buf(Bz * size_t(c_.n_vocab));
+    if (c_.n_sparse > 0) {
+      const int64_t max_keys = int64_t(c_.sparse.top_k) * c_.sparse.chunk;
+      int64_t S = std::clamp<int64_t>((max_keys + 255) / 256, 1, 64);
+      const int64_t fill = (4 * int64_t(be_.sm_count()) + int64_t(Bz * H) - 1) / int64_t(Bz * H);
+      b.S = int(std::max<int64_t>(1, std::min(S, fill)));
+      b.sel = buf(Bz * H * kMaxSel);
+      b.part = buf(Bz * H * size_t(b.S) * (kHN + 2));
+    }
+    const size_t L = size_t(c_.n_rwkv), M = size_t(c_.n_sparse);
+    size_t off = 0;
+    auto take = [&](size_t n) {
+      const size_t o = off;
+      off = (off + n + 7) / 8 * 8;
+      return o;
+    };
+    b.off_ids = take(4 * Bz), b.off_slot = take(4 * Bz), b.off_pos = take(8 * Bz);
+    b.off_att = take(8 * std::max<size_t>(L, 1)), b.off_wkv = take(8 * std::max<size_t>(L, 1));
+    b.off_ffn = take(8 * (L + M)), b.off_kc = take(8 * std::max<size_t>(M * Bz, 1));
+    b.off_vc = take(8 * std::max<size_t>(M * Bz, 1)), b.off_mean = take(8 * std::max<size_t>(M * Bz, 1));
+    b.blob_bytes = off;
+    b.blob = be_.scratch(off);
+    auto* base = static_cast<uint8_t*>(b.blob.data);
+    b.tabs.ids = reinterpret_cast<const int32_t*>(base + b.off_ids);
+    b.tabs.slot = reinterpret_cast<const int32_t*>(base + b.off_slot);
+    b.tabs.pos = reinterpret_cast<const int64_t*>(base + b.off_pos);
+    b.tabs.att_shift = reinterpret_cast<float* const*>(base + b.off_att);
+    b.tabs.wkv = reinterpret_cast<float* const*>(base + b.off_wkv);
+    b.tabs.ffn_shift = reinterpret_cast<float* const*>(base + b.off_ffn);
+    b.tabs.kc = reinterpret_cast<void* const*>(base + b.off_kc);
+    b.tabs.vc = reinterpret_cast<void* const*>(base + b.off_vc);
+    b.tabs.mean = reinterpret_cast<float* const*>(base + b.off_mean);
+    b.tabs.B = B;
+    return b;
+  }
+
+  // ---- the step's kernels ----
+  struct Gemv {
+    GemvArgs a{};
+    int blocks = 0;
+  };
+  static Gemv ln_gemv(const Tensor& x, const LayerNormWeights& ln, int K) {
+    Gemv g;
+    g.a.K = K, g.a.x = fp(x), g.a.ln_w = fp(ln.weight), g.a.ln_b = fp(ln.bias);
+    return g;
+  }
+  static Gemv buf_gemv(const Tensor& in, int K) {
+    Gemv g;
+    g.a.K = K, g.a.in = fp(in);
+    return g;
+  }
+  static void job(Gemv& g, const Tensor& W, const Tensor* mu, float* out, int ldo, int epi, int layer = 0) {
+    RWKVX_ASSERT(g.a.n_jobs < kMaxJobs, "gemv: too many jobs");
+    GemvJob& j = g.a.job[g.a.n_jobs++];
+    j.W = W.data, j.bf16 = is_bf16(W), j.N = int(W.rows()), j.mu = mu ? fp(*mu) : nullptr;
+    j.out = out, j.ldo = ldo, j.epi = epi, j.layer = layer, j.block0 = g.blocks;
+    RWKVX_ASSERT(W.row_size() == g.a.K, "gemv: weight " + W.shape_str() + " does not take K inputs");
+    g.blocks += (j.N + kRT - 1) / kRT;
+  }
+  void run(Gemv& g, const Bufs& b) {
+    g.a.C = int(c_.n_embd);
+    g.a.kv_bf16 = c_.kv_dtype == DType::bf16;
+    bool mix = false;
+    for (int i = 0; i < g.a.n_jobs; ++i) mix = mix || g.a.job[i].mu;
+    const size_t smem = size_t(std::min(kRT, b.B)) * size_t(g.a.K) * 4 * (mix ? 2 : 1);
+    RWKVX_ASSERT(smem <= gemv_smem_, "gemv: shared memory");
+    gemv_kernel<<<dim3(unsigned(g.blocks), unsigned((b.B + kRT - 1) / kRT)), 256, smem, be_.stream()>>>(g.a, b.tabs);
+    RWKVX_CUDA_LAUNCHED();
+  }
+
+  void ffn(const Bufs& b, const ChannelMixWeights& w, const LayerNormWeights& ln2, int idx) {
+    const int C = int(c_.n_embd), F = int(c_.n_ffn);
+    Gemv k = ln_gemv(b.x, ln2, C);
+    k.a.shift_kind = 2, k.a.shift_layer = idx, k.a.save_xn = const_cast<float*>(fp(b.xsave2));
+    job(k, w.key, &w.x_k, const_cast<float*>(fp(b.hbuf)), F, kRelu2);
+    run(k, b);
+    Gemv v = buf_gemv(b.hbuf, F);
+    v.a.copy_src = fp(b.xsave2), v.a.copy_layer = idx;
+    job(v, w.value, nullptr, const_cast<float*>(fp(b.x)), C, kAdd);
+    run(v, b);
+  }
+
+  void enqueue(const Bufs& b) {
+    const int C = int(c_.n_embd), H = C / kHN, B = b.B;
+    auto mp = [](const Tensor& t) { return const_cast<float*>(fp(t)); };
+    embed_kernel<<<unsigned(B), 256, 0, be_.stream()>>>(w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight), fp(w_.ln0.bias),
+                                                        b.tabs, mp(b.x));
+    RWKVX_CUDA_LAUNCHED();
+    for (const BlockRef& ref : c_.exec_order) {
+      if (ref.kind == BlockRef::Kind::rwkv) {
+        const int i = ref.index;
+        const RwkvBlockWeights& bw = w_.rwkv[size_t(i)];
+        const TimeMixWeights& a = bw.att;
+        const Lora& lo = lora_[size_t(i)];
+        const bool first = i == 0;
+        Gemv p = ln_gemv(b.x, bw.ln1, C);
+        p.a.shift_kind = 1, p.a.shift_layer = i, p.a.save_xn = mp(b.xsave);
+        job(p, a.receptance, &a.x_r, mp(b.r), C, kStore);
+        job(p, a.key, &a.x_k, mp(b.k), C, kStore);
+        job(p, a.value, &a.x_v, mp(b.v), C, kStore);
+        job(p, lo.w1t, &a.x_w, mp(b.hw), int(c_.dim_w), kTanh);
+        job(p, lo.a1t, &a.x_a, mp(b.ha), int(c_.dim_a), kStore);
+        job(p, lo.g1t, &a.x_g, mp(b.hg), int(c_.dim_g), kSigmoid);
+        if (!first) job(p, lo.v1t, &a.x_v, mp(b.hv), int(c_.dim_v), kStore);
+        run(p, b);
+        HeadArgs h{};
+        h.r = fp(b.r), h.k = fp(b.k), h.v = fp(b.v), h.hw = fp(b.hw), h.ha = fp(b.ha), h.hg = fp(b.hg), h.hv = fp(b.hv);
+        h.vfirst = mp(b.vfirst), h.first = first;
+        h.w2t = lo.w2t.data, h.a2t = lo.a2t.data, h.g2t = lo.g2t.data, h.v2t = first ? nullptr : lo.v2t.data;
+        h.bf16 = is_bf16(lo.w2t);
+        h.dw = int(c_.dim_w), h.da = int(c_.dim_a), h.dg = int(c_.dim_g), h.dv = first ? 0 : int(c_.dim_v);
+        h.w0 = fp(a.w0), h.a0 = fp(a.a0), h.v0 = first ? nullptr : fp(a.v0), h.k_k = fp(a.k_k), h.k_a = fp(a.k_a);
+        h.r_k = fp(a.r_k), h.ln_w = fp(a.ln_x.weight), h.ln_b = fp(a.ln_x.bias);
+        h.xsave = fp(b.xsave), h.layer = i, h.y = mp(b.y), h.C = C;
+        const size_t smem = size_t(h.dw + h.da + h.dg + std::max(h.dv, 0)) * 4;
+        rwkv_head_kernel<<<unsigned(B * H), 256, smem, be_.stream()>>>(h, b.tabs);
+        RWKVX_CUDA_LAUNCHED();
+        Gemv o = buf_gemv(b.y, C);
+        job(o, a.output, nullptr, mp(b.x), C, kAdd);
+        run(o, b);
+        ffn(b, bw.ffn, bw.ln2, i);
+      } else {
+        const int m = ref.index;
+        const SparseBlockWeights& sw = w_.sparse[size_t(m)];
+        Gemv p = ln_gemv(b.x, sw.ln1, C);
+        job(p, sw.query, nullptr, mp(b.q), C, kStore);
+        job(p, sw.key, nullptr, nullptr, C, kKvK, m);
+        job(p, sw.value, nullptr, nullptr, C, kKvV, m);
+        run(p, b);
+        GateArgs g{};
+        g.q = fp(b.q), g.layer = m, g.C = C, g.H = H, g.Kp = std::max(0, c_.sparse.top_k - 1);
+        g.chunk = c_.sparse.chunk, g.sel = static_cast<int32_t*>(b.sel.data), g.kv_bf16 = c_.kv_dtype == DType::bf16;
+        g.gate_blocks = (B * H + 7) / 8, g.mean_blocks_per_row = (C + 255) / 256;
+        gate_mean_kernel<<<unsigned(g.gate_blocks + B * g.mean_blocks_per_row), 256, 0, be_.stream()>>>(g, b.tabs);
+        RWKVX_CUDA_LAUNCHED();
+        AttendArgs at{};
+        float* pm = mp(b.part);
+        const size_t n = size_t(B) * size_t(H) * size_t(b.S);
+        at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
+        at.chunk = c_.sparse.chunk, at.scale = 1.0f / std::sqrt(float(kHN)), at.pm = pm, at.pl = pm + n, at.pacc = pm + 2 * n;
+        if (c_.kv_dtype == DType::bf16)
+          attend_kernel<__nv_bfloat16><<<dim3(unsigned(B * H), unsigned(b.S)), 128, 0, be_.stream()>>>(at, b.tabs);
+        else
+          attend_kernel<float><<<dim3(unsigned(B * H), unsigned(b.S)), 128, 0, be_.stream()>>>(at, b.tabs);
+        RWKVX_CUDA_LAUNCHED();
+        combine_kernel<<<unsigned(B * H), kHN, 0, be_.stream()>>>(at.pm, at.pl, at.pacc, b.S, C, H, mp(b.o));
+        RWKVX_CUDA_LAUNCHED();
+        Gemv o = buf_gemv(b.o, C);
+        job(o, sw.output, nullptr, mp(b.x), C, kAdd);
+        run(o, b);
+        ffn(b, sw.ffn, sw.ln2, int(c_.n_rwkv) + m);
+      }
+    }
+    Gemv hd = ln_gemv(b.x, w_.ln_out, C);
+    job(hd, w_.head, nullptr, mp(b.logits), int(c_.n_vocab), kStore);
+    run(hd, b);
+  }
+
+  CudaBackend& be_;
+  const ModelConfig& c_;
+  const ModelWeights& w_;
+  bool graph_;
+  size_t gemv_smem_ = 0;
+  std::vector<Lora> lora_;
+  std::map<int, Bufs> bufs_;
+  std::vector<uint8_t> host_blob_;
+};
+
+}  // namespace
+
+std::unique_ptr<StepDecoder> CudaBackend::make_step_decoder(const ModelConfig& cfg, const ModelWeights& w) {
+  if (!opt_.step_decoder) return nullptr;
+  cudaDeviceProp prop{};
+  RWKVX_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+  if (!CudaStepDecoder::supports(cfg, w, prop)) return nullptr;
+  return std::make_unique<CudaStepDecoder>(*this, cfg, w, opt_.decode_graph);
+}
+
+}  // namespace rwkvx::cuda
