@@ -60,8 +60,8 @@ std::string ModelConfig::describe() const {
        std::to_string(dim_v) + ", g " + std::to_string(dim_g) + "\n";
   s += "block order:    " + block_order_str() + "\n";
   if (n_sparse > 0) {
-    s += "sparse attn:    chunk " + std::to_string(sparse.chunk) + ", top-k " + std::to_string(sparse.top_k) +
-         ", " + std::to_string(n_embd / sparse.head_dim) + " heads x " + std::to_string(sparse.head_dim) + "\n";
+    s += "sparse attn:    chunk " + std::to_string(sparse.chunk) + " (" + chunk_source + "), top-k " +
+         std::to_string(sparse.top_k) + " (" + top_k_source + "), " + std::to_string(n_embd / sparse.head_dim) + " heads x " + std::to_string(sparse.head_dim) + "\n";
     s += "kv eviction:    " +
          (eviction.max_len > 0 ? "max " + std::to_string(eviction.max_len) + ", window " +
                                      std::to_string(eviction.window) + ", keep " + std::to_string(eviction.min_len)
@@ -156,8 +156,8 @@ ModelConfig infer_config(const TensorStore& s, const ModelOptions& opt) {
   if (c.n_sparse > 0) {
     if (c.n_embd % 64 != 0)
       throw Error(s.path + ": sparse attention uses heads of 64 channels, but n_embd = " + std::to_string(c.n_embd));
-    if (opt.chunk < 1) throw Error("option --chunk-size must be >= 1 (got " + std::to_string(opt.chunk) + ")");
-    if (opt.top_k < 1) throw Error("option --top-k must be >= 1 (got " + std::to_string(opt.top_k) + ")");
+    if (opt.chunk < 0) throw Error("option --chunk-size must be >= 1 (got " + std::to_string(opt.chunk) + ")");
+    if (opt.top_k < 0) throw Error("option --top-k must be >= 1 (got " + std::to_string(opt.top_k) + ")");
     if (c.n_sparse >= 2 && c.n_rwkv % c.n_sparse != 0)
       throw Error(s.path + ": " + std::to_string(c.n_rwkv) + " RWKV blocks do not divide into " +
                   std::to_string(c.n_sparse) + " sparse-attention groups; the official code would silently skip the last " +
@@ -167,8 +167,32 @@ ModelConfig infer_config(const TensorStore& s, const ModelOptions& opt) {
       throw Error("KV eviction options need 0 < window < keep <= max (got max " + std::to_string(e.max_len) +
                   ", window " + std::to_string(e.window) + ", keep " + std::to_string(e.min_len) + ")");
   }
-  c.sparse.chunk = opt.chunk;
-  c.sparse.top_k = opt.top_k;
+  // Chunk size and top-k: the option, else the checkpoint's metadata, else the official default.
+  auto pick = [&](int given, const char* key, int fallback, std::string& source) {
+    if (given > 0) {
+      source = "option";
+      return given;
+    }
+    auto it = s.metadata.find(key);
+    if (it == s.metadata.end()) {
+      source = "default";
+      return fallback;
+    }
+    const std::string& v = it->second;
+    size_t used = 0;
+    long long x = 0;
+    try {
+      x = std::stoll(v, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (v.empty() || used != v.size() || x < 1 || x > (1 << 30))
+      throw Error(s.path + ": metadata '" + key + "' is '" + v.substr(0, 40) + "', expected a positive integer");
+    source = "checkpoint";
+    return int(x);
+  };
+  c.sparse.chunk = pick(opt.chunk, kMetaChunkSize, kDefaultChunkSize, c.chunk_source);
+  c.sparse.top_k = pick(opt.top_k, kMetaTopK, kDefaultTopK, c.top_k_source);
   c.sparse.head_dim = 64;
   c.eviction = opt.eviction;
   if (opt.kv_dtype != DType::f32 && opt.kv_dtype != DType::bf16)
@@ -212,6 +236,15 @@ ModelConfig infer_config(const TensorStore& s, const ModelOptions& opt) {
     if (!known.count(name))
       throw Error(s.path + ": unexpected tensor '" + name + "' (not part of an RWKV-7 / RWKV-X checkpoint)");
   return c;
+}
+
+std::map<std::string, std::string> sparse_metadata(int chunk, int top_k, int64_t n_sparse) {
+  if (n_sparse == 0) return {};
+  return {{kMetaChunkSize, std::to_string(chunk)}, {kMetaTopK, std::to_string(top_k)}};
+}
+
+std::map<std::string, std::string> sparse_metadata(const ModelConfig& c) {
+  return sparse_metadata(c.sparse.chunk, c.sparse.top_k, c.n_sparse);
 }
 
 }  // namespace rwkvx

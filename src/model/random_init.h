@@ -15,6 +15,12 @@ struct RandomModelSpec {
   int64_t dim_w = 32, dim_a = 32, dim_v = 32, dim_g = 32;  // n_ffn = 4 * n_embd
   DType dtype = DType::f32;
   uint64_t seed = 1;
+  // false: values for tests and benchmarks (every tensor non-zero, activations in a realistic range).
+  // true: the official RWKV-7 training init (BlinkDL RWKV-LM v7 `generate_init` / block __init__: per-layer
+  // token-shift ramps, decay and rate biases, zero first LoRA matrices and output projections, orthogonal
+  // second LoRA matrices and head, embedding U(±1e-4)); RWKV-7 only (n_sparse 0: add sparse blocks with
+  // `rwkvx expand`).
+  bool train_init = false;
 };
 
 // Tensors of a model whose activations stay in a realistic range (LayerNorms near 1, decays spread

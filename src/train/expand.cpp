@@ -229,11 +229,12 @@ ExpandResult expand_rwkv7(const TensorStore& src, const ExpandOptions& opt) {
   return res;
 }
 
-void save_checkpoint(const std::string& path, const std::vector<TensorData>& tensors) {
+void save_checkpoint(const std::string& path, const std::vector<TensorData>& tensors,
+                     const std::map<std::string, std::string>& metadata) {
   if (path.ends_with(".pth")) {
     save_pth(path, tensors);
   } else if (path.ends_with(".safetensors")) {
-    save_safetensors(path, tensors);
+    save_safetensors(path, tensors, metadata);
   } else {
     throw Error(path + ": unknown checkpoint extension (use .pth or .safetensors)");
   }

@@ -3,6 +3,7 @@
 // §3.3 describes. Used by `rwkvx expand` and by training (stage 1 starts from an expanded model).
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -63,8 +64,9 @@ struct ExpandResult {
 // rwkvx::Error naming the file for an RWKV-X source, an invalid checkpoint or an impossible layout.
 ExpandResult expand_rwkv7(const TensorStore& source, const ExpandOptions& options);
 
-// Writes tensors as .pth or .safetensors, chosen by the extension of `path` (atomically). Throws
-// rwkvx::Error for any other extension.
-void save_checkpoint(const std::string& path, const std::vector<TensorData>& tensors);
+// Writes tensors as .pth or .safetensors, chosen by the extension of `path` (atomically); `metadata` goes
+// into the safetensors header (a .pth file has no place for it). Throws rwkvx::Error for any other extension.
+void save_checkpoint(const std::string& path, const std::vector<TensorData>& tensors,
+                     const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace rwkvx

@@ -53,7 +53,8 @@ struct TrainConfig {
   uint64_t seed = 1;
   int64_t threads = 1;             // threads of the whole run
   int64_t parallel_sequences = 1;  // sequences trained at once (each on its own model copy), ≤ threads
-  int chunk_size = 2048, top_k = 3;
+  // Sparse attention; 0: the starting model's rwkvx.chunk_size / rwkvx.top_k metadata, else 2048 / 3.
+  int chunk_size = 0, top_k = 0;
 
   int64_t save_every = 0;  // steps between checkpoints (0: only the final one)
   bool save_pth = true, save_safetensors = false;

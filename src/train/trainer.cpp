@@ -404,7 +404,7 @@ void Run::save_checkpoint(const std::string& stem) {
     po.archive_name = stem;  // torch.save names the archive after the file
     save_pth(c_.out_dir + "/" + stem + ".pth", t, po);
   }
-  if (c_.save_safetensors) save_safetensors(c_.out_dir + "/" + stem + ".safetensors", t);
+  if (c_.save_safetensors) save_safetensors(c_.out_dir + "/" + stem + ".safetensors", t, sparse_metadata(model_->config()));
 }
 
 std::string Run::save_state(int64_t step) {
@@ -415,7 +415,7 @@ std::string Run::save_state(int64_t step) {
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) throw Error(tmp.string() + ": cannot create: " + ec.message());
-  save_safetensors((tmp / "weights.safetensors").string(), m.to_tensor_data(DType::f32));
+  save_safetensors((tmp / "weights.safetensors").string(), m.to_tensor_data(DType::f32), sparse_metadata(m.config()));
   std::vector<TensorData> moments;
   for (size_t i = 0; i < m.n_params(); ++i) {
     if (!m.param(i).trainable) continue;

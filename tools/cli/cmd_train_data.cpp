@@ -6,12 +6,16 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
 
 #include "commands.h"
 #include "core/error.h"
 #include "model/formats/tensor_store.h"
 #include "runtime/tokenizer.h"
 #include "train/data/make_data.h"
+#include "train/data/passkey_data.h"
 #include "train/data/sampler.h"
 #include "train/expand.h"
 
@@ -21,11 +25,16 @@ namespace {
 struct ExpandArgs {
   std::string model, out, sparse_layers, init = "paper";
   uint64_t seed = 1;
+  int chunk = 0, top_k = 0;
 };
 
 void run_expand(const ExpandArgs& a) {
   if (!a.out.ends_with(".pth") && !a.out.ends_with(".safetensors"))
     throw Error("--out " + a.out + ": unknown checkpoint extension (use .pth or .safetensors)");
+  const int chunk = a.chunk > 0 ? a.chunk : kDefaultChunkSize, top_k = a.top_k > 0 ? a.top_k : kDefaultTopK;
+  if ((a.chunk > 0 || a.top_k > 0) && !a.out.ends_with(".safetensors"))
+    throw Error("--chunk-size/--top-k are stored as safetensors metadata; write a .safetensors file (a .pth file "
+                "cannot hold them: pass them to every command that loads it instead)");
   std::error_code ec;
   if (std::filesystem::equivalent(a.model, a.out, ec))
     throw Error("--out " + a.out + " is the input model; write the expanded model to a new file");
@@ -38,17 +47,20 @@ void run_expand(const ExpandArgs& a) {
     opt.n_sparse = parse_sparse_layers(a.sparse_layers, c.n_rwkv);
   }
   ExpandResult r = expand_rwkv7(src, opt);
-  save_checkpoint(a.out, r.tensors);
+  save_checkpoint(a.out, r.tensors, sparse_metadata(chunk, top_k, r.n_sparse));
   int64_t params = 0;
   for (const TensorData& t : r.tensors) params += int64_t(t.bytes.size() / dtype_size(t.dtype));
   std::string after;
   for (int64_t p : r.positions) after += (after.empty() ? "" : ", ") + std::to_string(p);
   std::printf("wrote %s: RWKV-X with %lld RWKV blocks and %lld sparse-attention blocks (after RWKV blocks %s), "
-              "init %s%s, %lld parameters\n",
+              "init %s%s, %lld parameters%s\n",
               a.out.c_str(), static_cast<long long>(r.source.n_rwkv), static_cast<long long>(r.n_sparse),
               after.c_str(), expand_init_name(opt.init),
               opt.init == ExpandInit::random ? (", seed " + std::to_string(a.seed)).c_str() : "",
-              static_cast<long long>(params));
+              static_cast<long long>(params),
+              a.out.ends_with(".safetensors")
+                  ? (", chunk " + std::to_string(chunk) + " and top-k " + std::to_string(top_k) + " stored").c_str()
+                  : "");
 }
 
 struct DataArgs {
@@ -80,9 +92,12 @@ void run_data(DataArgs& a) {
   std::fprintf(stderr, "%llu documents, %llu tokens in %.1f s (%.0f tokens/s)\n",
                static_cast<unsigned long long>(s.documents), static_cast<unsigned long long>(s.tokens), s.seconds,
                s.seconds > 0 ? double(s.tokens) / s.seconds : 0.0);
-  std::printf("wrote %s.bin and %s.idx: %llu documents, %llu tokens (%s)\n", out.c_str(), out.c_str(),
+  std::printf("wrote %s.bin and %s.idx: %llu documents, %llu tokens (%s)", out.c_str(), out.c_str(),
               static_cast<unsigned long long>(s.documents), static_cast<unsigned long long>(s.tokens),
               binidx_dtype_name(uint8_t(s.dtype)));
+  if (a.opt.align > 0)
+    std::printf(", %llu of them alignment padding", static_cast<unsigned long long>(s.padding));
+  std::printf("\n");
   if (a.ctx_len > 0) {
     const uint64_t p = magic_prime(s.tokens, a.ctx_len);
     if (p == 0)
@@ -94,6 +109,36 @@ void run_data(DataArgs& a) {
                   static_cast<unsigned long long>(s.tokens), static_cast<unsigned long long>(p),
                   static_cast<unsigned long long>(a.ctx_len));
   }
+}
+
+struct PasskeyDataArgs {
+  PasskeyDataOptions opt;
+  std::string out;
+  std::vector<std::string> haystack_files;
+};
+
+void run_passkey_data(PasskeyDataArgs& a) {
+  a.opt.haystack.clear();
+  for (const std::string& f : a.haystack_files) {
+    std::ifstream in(f, std::ios::binary);
+    if (!in) throw Error(f + ": cannot open");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    a.opt.haystack.push_back(ss.str());
+  }
+  write_passkey_jsonl(a.out, a.opt);
+  std::map<std::string, uint64_t> kinds;
+  uint64_t chars = 0;
+  for (uint64_t i = 0; i < a.opt.docs; ++i) {
+    const PasskeyDocument d = passkey_document(a.opt, i);
+    ++kinds[d.kind];
+    chars += d.text.size();
+  }
+  std::printf("wrote %s: %llu documents (%llu official, %llu haystack, %llu sentences), %llu characters, seed %llu\n",
+              a.out.c_str(), static_cast<unsigned long long>(a.opt.docs),
+              static_cast<unsigned long long>(kinds["official"]), static_cast<unsigned long long>(kinds["haystack"]),
+              static_cast<unsigned long long>(kinds["sentences"]), static_cast<unsigned long long>(chars),
+              static_cast<unsigned long long>(a.opt.seed));
 }
 
 }  // namespace
@@ -118,6 +163,12 @@ void register_train_data_commands(CLI::App& app) {
                  "copied; random: the official temporary init with zero output projections (uses --seed)")
       ->default_val("paper");
   ex->add_option("--seed", ea.seed, "seed for --init random (other inits draw no random numbers)")->default_val(1);
+  ex->add_option("--chunk-size", ea.chunk,
+                 "sparse-attention chunk size stored in the .safetensors metadata (rwkvx.chunk_size; default 2048), "
+                 "used by every command that loads the model without --chunk-size")
+      ->check(CLI::PositiveNumber);
+  ex->add_option("--top-k", ea.top_k, "chunks per query stored in the .safetensors metadata (rwkvx.top_k; default 3)")
+      ->check(CLI::PositiveNumber);
   ex->callback([] { run_expand(ea); });
 
   static DataArgs da;
@@ -144,5 +195,32 @@ void register_train_data_commands(CLI::App& app) {
   d->add_flag("--shuffle", da.opt.shuffle, "shuffle the documents of every copy (seeded; holds the text in memory)");
   d->add_option("--seed", da.opt.seed, "shuffle seed")->default_val(1);
   d->add_option("--ctx-len", da.ctx_len, "also print the magic_prime for this context length (spec §4.2)");
+  d->add_option("--align", da.opt.align,
+                "window-aligned packing (0 = off, as make_data.py): a document of at most N tokens that would cross a "
+                "multiple of N is preceded by 0s up to it, so training windows of ctx_len N hold it whole");
   d->callback([] { run_data(da); });
+
+  static PasskeyDataArgs pa;
+  CLI::App* pk = app.add_subcommand(
+      "passkey-data",
+      "write synthetic passkey-retrieval training documents as jsonl ({\"text\": ...} per line, for `rwkvx data`): a "
+      "key hidden in filler and asked for at the end, followed by the answer. A share has exactly the evaluation's "
+      "form (spec system.md §5.1); the others vary the instruction, the filler (other repeated sentences or "
+      "passages of --haystack text), the key sentence and question, and the key's digits. Deterministic per seed");
+  pk->add_option("--out", pa.out, "output .jsonl file (written atomically)")->required();
+  pk->add_option("--docs", pa.opt.docs, "number of documents")->default_val(1000)->check(CLI::PositiveNumber);
+  pk->add_option("--seed", pa.opt.seed, "seed (document i depends only on the options, the seed and i)")->default_val(1);
+  pk->add_option("--min-chars", pa.opt.min_chars, "fewest filler characters per document (log-uniform)")
+      ->default_val(400);
+  pk->add_option("--max-chars", pa.opt.max_chars, "most filler characters per document (about 3.75 per token)")
+      ->default_val(4000);
+  pk->add_option("--min-digits", pa.opt.min_digits, "fewest key digits")->default_val(1);
+  pk->add_option("--max-digits", pa.opt.max_digits, "most key digits (at most 9)")->default_val(6);
+  pk->add_option("--official-fraction", pa.opt.official_fraction, "share of documents in the exact §5.1 form")
+      ->default_val(0.4);
+  pk->add_option("--haystack-fraction", pa.opt.haystack_fraction, "share of documents with --haystack passages as filler")
+      ->default_val(0.3);
+  pk->add_option("--haystack", pa.haystack_files, "UTF-8 text file(s) to cut filler passages from; repeatable")
+      ->check(CLI::ExistingFile);
+  pk->callback([] { run_passkey_data(pa); });
 }

@@ -6,14 +6,29 @@
 #include <fstream>
 
 #include "core/error.h"
+#include "runtime/default_model.h"
 
 namespace rwkvx {
 
 void add_model_args(CLI::App* cmd, ModelArgs& a) {
-  cmd->add_option("--model,-m", a.path, "checkpoint (.pth or .safetensors)")->required();
-  cmd->add_option("--chunk-size", a.options.chunk, "sparse-attention chunk size (not stored in checkpoints)")
-      ->default_val(2048);
-  cmd->add_option("--top-k", a.options.top_k, "chunks attended per query, own chunk included")->default_val(3);
+  cmd->add_option("--model,-m", a.path,
+                  "checkpoint (.pth or .safetensors); default: the shipped model data/models/rwkvx-default.safetensors "
+                  "(or $RWKVX_MODEL)")
+      ->default_str(default_model_path());
+  if (a.path.empty()) a.path = default_model_path();
+  // 0 in ModelOptions means "the checkpoint's value"; a given value must be >= 1 (one-line error).
+  auto positive = [](const char* name, int& dst) {
+    return [name, &dst](const int& v) {
+      if (v < 1) throw Error(std::string("option ") + name + " must be >= 1 (got " + std::to_string(v) + ")");
+      dst = v;
+    };
+  };
+  cmd->add_option_function<int>("--chunk-size", positive("--chunk-size", a.options.chunk),
+                                "sparse-attention chunk size (default: the checkpoint's rwkvx.chunk_size metadata, "
+                                "else 2048)");
+  cmd->add_option_function<int>("--top-k", positive("--top-k", a.options.top_k),
+                                "chunks attended per query, own chunk included (default: the checkpoint's "
+                                "rwkvx.top_k, else 3)");
   cmd->add_option("--kv-evict-max", a.options.eviction.max_len,
                   "official bounded KV cache: evict when a cache exceeds this many rows (0 = off, exact)")
       ->default_val(0);

@@ -35,7 +35,13 @@ TensorStore parse_safetensors(std::shared_ptr<const MappedFile> file) {
     // Not a structured binding: clang 14 (the fuzz build) cannot capture one in the lambda below.
     const std::string& name = item.key();
     const nlohmann::json& info = item.value();
-    if (name == "__metadata__") continue;
+    if (name == "__metadata__") {
+      // The format's metadata is a string → string map; other values are ignored, never dumped.
+      if (info.is_object())
+        for (const auto& m : info.items())
+          if (m.value().is_string()) store.metadata[m.key()] = m.value().get<std::string>();
+      continue;
+    }
     auto fail = [&](const std::string& msg) { throw Error(path + ": tensor '" + name + "': " + msg); };
     if (!info.is_object()) fail("header entry is not an object");
     if (!info.contains("dtype") || !info["dtype"].is_string()) fail("missing or non-string 'dtype'");

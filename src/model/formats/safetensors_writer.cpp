@@ -12,10 +12,16 @@ namespace rwkvx {
 namespace {
 
 // Header bytes (length prefix included) and the tensors in file order.
-std::vector<uint8_t> make_header(const std::vector<TensorData>& tensors, std::vector<const TensorData*>& order) {
+std::vector<uint8_t> make_header(const std::vector<TensorData>& tensors, const SafetensorsMetadata& metadata,
+                                 std::vector<const TensorData*>& order) {
   for (const TensorData& t : tensors) order.push_back(&t);
   std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->name < b->name; });
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) {
+    nlohmann::ordered_json m = nlohmann::ordered_json::object();
+    for (const auto& [k, v] : metadata) m[k] = v;
+    header["__metadata__"] = std::move(m);
+  }
   uint64_t off = 0;
   for (const TensorData* t : order) {
     const char* dt = t->dtype == DType::f32 ? "F32" : t->dtype == DType::f16 ? "F16" : "BF16";
@@ -33,16 +39,17 @@ std::vector<uint8_t> make_header(const std::vector<TensorData>& tensors, std::ve
 
 }  // namespace
 
-std::vector<uint8_t> serialize_safetensors(const std::vector<TensorData>& tensors) {
+std::vector<uint8_t> serialize_safetensors(const std::vector<TensorData>& tensors, const SafetensorsMetadata& metadata) {
   std::vector<const TensorData*> order;
-  std::vector<uint8_t> out = make_header(tensors, order);
+  std::vector<uint8_t> out = make_header(tensors, metadata, order);
   for (const TensorData* t : order) out.insert(out.end(), t->bytes.begin(), t->bytes.end());
   return out;
 }
 
-void save_safetensors(const std::string& path, const std::vector<TensorData>& tensors) {
+void save_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
+                      const SafetensorsMetadata& metadata) {
   std::vector<const TensorData*> order;
-  std::vector<uint8_t> header = make_header(tensors, order);
+  std::vector<uint8_t> header = make_header(tensors, metadata, order);
   AtomicFile f(path);
   f.write(header.data(), header.size());
   for (const TensorData* t : order) f.write(t->bytes.data(), t->bytes.size());

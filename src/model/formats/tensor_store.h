@@ -31,6 +31,8 @@ class TensorStore {
   std::string path;  // for error messages
   std::string format;  // "pth" or "safetensors"
   std::map<std::string, StoredTensor> tensors;
+  // safetensors "__metadata__": its string values (others are ignored); empty for .pth files.
+  std::map<std::string, std::string> metadata;
 
   const StoredTensor* find(const std::string& name) const;
   // Throws rwkvx::Error "<path>: missing tensor '<name>'".

@@ -157,6 +157,13 @@ MakeDataStats make_binidx(const Tokenizer& tok, const MakeDataOptions& opt,
   auto add = [&](std::string_view text) {
     ids = tok.encode(text);
     ids.push_back(0);  // end of document
+    if (opt.align > 0 && ids.size() <= opt.align) {
+      const uint64_t room = opt.align - st.tokens % opt.align;
+      if (ids.size() > room) {
+        ids.insert(ids.begin(), size_t(room), 0);
+        st.padding += room;
+      }
+    }
     writer.add_document(ids);
     st.documents++;
     st.tokens += ids.size();

@@ -30,10 +30,16 @@ struct MakeDataOptions {
   uint64_t epochs = 1;
   bool shuffle = false;
   uint64_t seed = 1;                // shuffle seed (our own portable generator; Python's order cannot be reproduced)
+  // Window-aligned packing (not in make_data.py; 0 = off): a document of at most `align` tokens (its
+  // end-of-document 0 included) that would cross a multiple of `align` tokens is preceded by 0s up to that
+  // multiple, so every pretraining window of ctx_len = align (they start at multiples of ctx_len, §4.2)
+  // holds such documents whole. Longer documents are written as they come.
+  uint64_t align = 0;
 };
 
 struct MakeDataStats {
-  uint64_t documents = 0, tokens = 0;  // tokens include the end-of-document 0s
+  uint64_t documents = 0, tokens = 0;  // tokens include the end-of-document 0s (and the padding)
+  uint64_t padding = 0;                // 0s added by `align`
   uint64_t input_bytes = 0;            // text bytes encoded so far
   double seconds = 0;
   BinIdxDType dtype = BinIdxDType::u16;
