@@ -135,13 +135,9 @@ Tensor Model::forward(const int32_t* ids, const SeqBatch& batch, State& state, L
     used[size_t(slot)] = true;
   }
   if (T == 0) return Tensor{};
-  if (T == batch.n_seq() && use_step_decoder_ && c.eviction.max_len <= 0) {  // one row per sequence: decode
-    if (!step_decoder_tried_) {
-      step_decoder_tried_ = true;
-      step_decoder_ = be.make_step_decoder(cfg_, w_);
-    }
+  if (T == batch.n_seq() && step_decoder_active()) {  // one row per sequence: a decode step
     Tensor logits;
-    if (step_decoder_ && step_decoder_->step(ids, batch, state, logits)) {
+    if (step_decoder_->step(ids, batch, state, logits)) {
       for (int64_t s = 0; s < batch.n_seq(); ++s) state.pos[size_t(batch.slot[size_t(s)])] += 1;
       return mode == LogitsMode::none ? Tensor{} : logits;
     }
