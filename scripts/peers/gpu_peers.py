@@ -17,15 +17,15 @@ Prints one JSON object per line; a peer that cannot run prints {"peer": ..., "er
 """
 import argparse
 import json
-import math
 import os
 import statistics
-import struct
 import sys
 import tempfile
 import time
 
 import torch
+
+from official_rwkvx_cpu import load_safetensors  # beside this file: same reader, same .pth conversion
 
 H, D = 12, 64
 
@@ -95,21 +95,6 @@ def bench_fla(tokens, repeat):
             emit(peer="fla_chunk_rwkv7", T=T, error=str(e).splitlines()[0][:200])
         del r, k, v, w, a, b, kk
         torch.cuda.empty_cache()
-
-
-def load_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = info["data_offsets"]
-        out[name] = torch.frombuffer(bytearray(data[b:e]), dtype=dtypes[info["dtype"]]).reshape(info["shape"]).clone()
-    return out
 
 
 def bench_official(model_path, tokens, repeat, decode_steps=32, time_cap_s=120.0):
