@@ -28,11 +28,13 @@ inline std::vector<float> read_f32_file(const std::string& path) {
 }
 
 // max |a - b| / max |b|: the golden-case criterion (spec model.md §8).
-inline double rel_max_err(const std::vector<float>& a, const std::vector<float>& b) {
+// The reference b may be float or double (a double reference is not rounded first).
+template <class R>
+double rel_max_err(const std::vector<float>& a, const std::vector<R>& b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    num = std::max(num, double(std::fabs(a[i] - b[i])));
-    den = std::max(den, double(std::fabs(b[i])));
+    num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
+    den = std::max(den, std::fabs(double(b[i])));
   }
   if (a.size() != b.size()) return INFINITY;
   return den > 0 ? num / den : num;

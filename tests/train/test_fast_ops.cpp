@@ -9,6 +9,7 @@
 #include <random>
 
 #include "core/thread_pool.h"
+#include "support/test_util.h"
 #include "train/ops/embedding.h"
 #include "train/ops/fast.h"
 #include "train/ops/linear.h"
@@ -30,15 +31,7 @@ std::vector<double> to_d(const std::vector<float>& v) { return std::vector<doubl
 // relative to the largest entry (rounding grows like √K · 2⁻²⁴); 2e-5 leaves room without hiding a
 // wrong index, which gives errors of order 1.
 constexpr double kTol = 2e-5;
-double rel_err(const std::vector<float>& got, const std::vector<double>& ref) {
-  double num = 0, den = 0;
-  EXPECT_EQ(got.size(), ref.size());
-  for (size_t i = 0; i < got.size() && i < ref.size(); ++i) {
-    num = std::max(num, std::fabs(double(got[i]) - ref[i]));
-    den = std::max(den, std::fabs(ref[i]));
-  }
-  return den > 0 ? num / den : num;
-}
+using test::rel_max_err;
 
 // C (+)= op(A) op(B) in double, straight from the definition.
 std::vector<double> gemm_ref(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const std::vector<float>& A,
@@ -70,7 +63,7 @@ TEST(FastOps, GemmAllLayoutsMatchDouble) {
         std::vector<float> C = rand_f(s.M * s.N, rng);
         const std::vector<double> ref = gemm_ref(ta, tb, s.M, s.N, s.K, A, B, C, acc);
         fast::gemm(ta, tb, s.M, s.N, s.K, A.data(), ta ? s.M : s.K, B.data(), tb ? s.K : s.N, C.data(), s.N, acc);
-        EXPECT_LE(rel_err(C, ref), kTol) << s.M << "x" << s.N << "x" << s.K << " ta " << ta << " tb " << tb
+        EXPECT_LE(rel_max_err(C, ref), kTol) << s.M << "x" << s.N << "x" << s.K << " ta " << ta << " tb " << tb
                                          << " acc " << acc;
       }
     }
@@ -96,9 +89,9 @@ TEST(FastOps, LinearAndMatmulMatchDouble) {
       matmul_backward(dy.data(), x.data(), W.data(), dx.data(), dW.data(), T, in, out);
       matmul_backward(dyd.data(), xd.data(), Wd.data(), dxd.data(), dWd.data(), T, in, out);
     }
-    EXPECT_LE(rel_err(y, yd), kTol) << (lin ? "linear" : "matmul");
-    EXPECT_LE(rel_err(dx, dxd), kTol) << (lin ? "linear" : "matmul");
-    EXPECT_LE(rel_err(dW, dWd), kTol) << (lin ? "linear" : "matmul");
+    EXPECT_LE(rel_max_err(y, yd), kTol) << (lin ? "linear" : "matmul");
+    EXPECT_LE(rel_max_err(dx, dxd), kTol) << (lin ? "linear" : "matmul");
+    EXPECT_LE(rel_max_err(dW, dWd), kTol) << (lin ? "linear" : "matmul");
   }
 }
 
@@ -157,10 +150,10 @@ TEST(FastOps, HeadWithLossMatchesDouble) {
     EXPECT_NEAR(f.lse[size_t(t)], lse[size_t(t)], 1e-5) << t;
     EXPECT_NEAR(f.row_max[size_t(t)], row_max[size_t(t)], 1e-5) << t;
   }
-  EXPECT_LE(rel_err(f.dx, dx), kTol);
-  EXPECT_LE(rel_err(f.dln_w, dw), kTol);
-  EXPECT_LE(rel_err(f.dln_b, db), kTol);
-  EXPECT_LE(rel_err(f.dhead, dh), kTol);
+  EXPECT_LE(rel_max_err(f.dx, dx), kTol);
+  EXPECT_LE(rel_max_err(f.dln_w, dw), kTol);
+  EXPECT_LE(rel_max_err(f.dln_b, db), kTol);
+  EXPECT_LE(rel_max_err(f.dhead, dh), kTol);
 }
 
 // Same calls with 1, 2 and 3 op threads: every output bit-identical.
@@ -233,7 +226,7 @@ TEST(FastOps, ModelFloatGradientsMatchDouble) {
   EXPECT_NEAR(lf, ld, 1e-5 * std::fabs(ld));
   double worst = 0;
   for (size_t i = 0; i < mf.n_params(); ++i) {
-    const double e = rel_err(mf.grad(i), md.grad(i));
+    const double e = rel_max_err(mf.grad(i), md.grad(i));
     EXPECT_LE(e, 1e-3) << mf.param(i).name;
     worst = std::max(worst, e);
   }
