@@ -15,7 +15,7 @@ namespace rwkvx {
 namespace {
 
 class CudaOps : public testing::Test {
- protected:
+ public:
   void SetUp() override {
     std::string why;
     if (!cuda_device_available(&why)) GTEST_SKIP() << "no CUDA device (" << why << "): CUDA op tests skipped";
@@ -257,37 +257,56 @@ TEST_F(CudaOps, Rwkv7ElementwiseOps) {
   }
 }
 
-TEST_F(CudaOps, Wkv7BatchedAllHeadSizes) {
-  for (int N : {64, 32, 128, 24}) {
-    const int64_t H = 2, C = H * N;
-    SeqBatch b{{0, 1, 38, 38, 75}, {1, 3, 0, 2}};  // decode row, 37 rows, empty, 37 rows
-    const int64_t T = b.n_rows();
-    // Inputs shaped like the model's: decays in (0, 1), α = -k̂, β = k̂ ⊙ a with k̂ unit per head.
-    std::vector<float> r = random(T * C), w = random(T * C, 0.3f, 0.999f), k = random(T * C), v = random(T * C);
-    std::vector<float> kk = random(T * C), a = random(T * C, 0, 1), al(kk.size()), be(kk.size());
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < H; ++h) {
-        double n2 = 0;
-        for (int64_t j = 0; j < N; ++j) n2 += double(kk[size_t(t * C + h * N + j)]) * kk[size_t(t * C + h * N + j)];
-        for (int64_t j = 0; j < N; ++j) {
-          const size_t i = size_t(t * C + h * N + j);
-          const float u = float(kk[i] / std::sqrt(n2));
-          al[i] = -u, be[i] = u * a[i];
-        }
+// wkv7 on the GPU against the reference for one batch: outputs and the new states.
+void check_wkv7(CudaOps& t, int N, const SeqBatch& b, const std::string& what) {
+  const int64_t H = 2, C = H * N, T = b.n_rows();
+  // Inputs shaped like the model's: decays in (0, 1), α = -k̂, β = k̂ ⊙ a with k̂ unit per head.
+  std::vector<float> r = t.random(T * C), w = t.random(T * C, 0.3f, 0.999f), k = t.random(T * C), v = t.random(T * C);
+  std::vector<float> kk = t.random(T * C), a = t.random(T * C, 0, 1), al(kk.size()), be(kk.size());
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t h = 0; h < H; ++h) {
+      double n2 = 0;
+      for (int64_t j = 0; j < N; ++j) n2 += double(kk[size_t(i * C + h * N + j)]) * kk[size_t(i * C + h * N + j)];
+      for (int64_t j = 0; j < N; ++j) {
+        const size_t e = size_t(i * C + h * N + j);
+        const float u = float(kk[e] / std::sqrt(n2));
+        al[e] = -u, be[e] = u * a[e];
       }
-    auto [tr, gr] = both(r, {T, C});
-    auto [tw, gw] = both(w, {T, C});
-    auto [tk, gk] = both(k, {T, C});
-    auto [tv, gv] = both(v, {T, C});
-    auto [ta, ga] = both(al, {T, C});
-    auto [tb, gb] = both(be, {T, C});
-    auto [ts, gs] = rand({4, H, N, N}, -0.5f, 0.5f);
-    Tensor y = ref->alloc(DType::f32, {T, C}), yg = poisoned({T, C});
-    ref->wkv7(tr, tw, tk, tv, ta, tb, ts, b, y, N);
-    gpu->wkv7(gr, gw, gk, gv, ga, gb, gs, b, yg, N);
-    EXPECT_LE(err(y, yg), 2e-5) << "y N=" << N;
-    EXPECT_LE(err(ts, gs), 2e-5) << "state N=" << N;
+    }
+  auto [tr, gr] = t.both(r, {T, C});
+  auto [tw, gw] = t.both(w, {T, C});
+  auto [tk, gk] = t.both(k, {T, C});
+  auto [tv, gv] = t.both(v, {T, C});
+  auto [ta, ga] = t.both(al, {T, C});
+  auto [tb, gb] = t.both(be, {T, C});
+  auto [ts, gs] = t.rand({int64_t(b.n_seq()) + 1, H, N, N}, -0.5f, 0.5f);
+  Tensor y = t.ref->alloc(DType::f32, {T, C}), yg = t.poisoned({T, C});
+  t.ref->wkv7(tr, tw, tk, tv, ta, tb, ts, b, y, N);
+  t.gpu->wkv7(gr, gw, gk, gv, ga, gb, gs, b, yg, N);
+  EXPECT_LE(t.err(y, yg), 2e-5) << "y N=" << N << " " << what;
+  EXPECT_LE(t.err(ts, gs), 2e-5) << "state N=" << N << " " << what;
+}
+
+TEST_F(CudaOps, Wkv7BatchedAllHeadSizes) {
+  for (int N : {64, 32, 128, 24})
+    check_wkv7(*this, N, SeqBatch{{0, 1, 38, 38, 75}, {1, 3, 0, 2}}, "");  // decode row, 37 rows, empty, 37 rows
+}
+
+// Long sequences run segment-parallel (transitions, chain, outputs): segment lengths that do and do not divide
+// the sequences or the 16-token staging, a sequence shorter than a segment, an empty one and a decode row in
+// the same batch, and the automatic choice; the sequential path (segments off) on the same batch.
+TEST_F(CudaOps, Wkv7SegmentParallel) {
+  const SeqBatch b{{0, 300, 301, 301, 1000, 1037}, {2, 0, 4, 1, 3}};
+  for (int seg : {16, 37, 64, -1, 0}) {
+    CudaBackendOptions o;
+    o.wkv_segment_rows = seg;
+    gpu = make_cuda_backend(o);
+    for (int N : {64, 32, 128}) check_wkv7(*this, N, b, "segment rows " + std::to_string(seg));
   }
+  // One sequence of 20 000 rows, automatic segments (the prefill shape): the chain walks many segments.
+  CudaBackendOptions o;
+  gpu = make_cuda_backend(o);
+  check_wkv7(*this, 64, SeqBatch::single(20000), "20000 rows");
 }
 
 // Builds the same KV cache on both backends in `pieces` appends; bf16 caches get bf16-rounded keys/values on

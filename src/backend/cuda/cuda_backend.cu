@@ -139,6 +139,8 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
   RWKVX_CUBLAS_CHECK(cublasLtCreate(&lt_));
   const char* prof = std::getenv("RWKVX_CUDA_PROFILE");
   profile_ = prof && std::string(prof) == "1";
+  if (opt_.wkv_segment_rows < 0)
+    if (const char* seg = std::getenv("RWKVX_CUDA_WKV_SEGMENT"); seg && *seg) opt_.wkv_segment_rows = std::atoi(seg);
   workspace_ = scratch(size_t(32) << 20);
 }
 
@@ -258,19 +260,24 @@ void CudaBackend::fill_zero(Tensor& t) {
   if (t.nbytes()) RWKVX_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
 }
 
+const int64_t* CudaBackend::upload_cached(const std::vector<int64_t>& host, std::vector<int64_t>& cached_host,
+                                          Tensor& dev) {
+  if (host != cached_host || dev.empty()) {
+    if (dev.empty() || dev.nbytes() < host.size() * 8) dev = scratch(std::max<size_t>(host.size() * 8, 4096));
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(dev.data, host.data(), host.size() * 8, cudaMemcpyHostToDevice, stream_));
+    cached_host = host;
+  }
+  return static_cast<const int64_t*>(dev.data);
+}
+
 DeviceBatch CudaBackend::upload_batch(const SeqBatch& batch) {
   const int n = int(batch.n_seq());
   std::vector<int64_t> h(size_t(2 * n + 2));
   for (int s = 0; s <= n; ++s) h[size_t(s)] = batch.row_start[size_t(s)];
   auto* slots = reinterpret_cast<int32_t*>(h.data() + n + 1);
   for (int s = 0; s < n; ++s) slots[s] = batch.slot[size_t(s)];
-  if (h != batch_host_ || batch_dev_.empty()) {
-    if (batch_dev_.empty() || batch_dev_.nbytes() < h.size() * 8) batch_dev_ = scratch(std::max<size_t>(h.size() * 8, 4096));
-    RWKVX_CUDA_CHECK(cudaMemcpyAsync(batch_dev_.data, h.data(), h.size() * 8, cudaMemcpyHostToDevice, stream_));
-    batch_host_ = std::move(h);
-  }
   DeviceBatch d;
-  d.row_start = static_cast<const int64_t*>(batch_dev_.data);
+  d.row_start = upload_cached(h, batch_host_, batch_dev_);
   d.slot = reinterpret_cast<const int32_t*>(d.row_start + n + 1);
   d.n_seq = n;
   return d;

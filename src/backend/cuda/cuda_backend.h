@@ -22,6 +22,10 @@ struct CudaBackendOptions {
   // and RWKVX_CUDA_GRAPH=0 turn them off for `--device cuda`.
   bool step_decoder = true;
   bool decode_graph = true;
+  // WKV-7 over long sequences runs segment-parallel (cuda_rwkv7.cu): the rows of a sequence are cut into
+  // segments of this many rows, which run at once. -1 = chosen from the size of the call and the GPU
+  // (RWKVX_CUDA_WKV_SEGMENT overrides it), 0 = no segments (one sequential pass per sequence and head).
+  int wkv_segment_rows = -1;
 };
 
 // True when a CUDA device can be used; otherwise false and `why` (if given) says what is missing.

@@ -120,6 +120,9 @@ class CudaBackend final : public Backend {
   void count_op(const char* op, double seconds);
   void synchronize();
   int sm_count() const { return sm_count_; }
+  // Device copy of `host` (int64 words), uploaded only when it differs from `cached_host` (the last upload
+  // into `dev`): an upload from pageable memory waits for the stream, so repeated tables must not re-upload.
+  const int64_t* upload_cached(const std::vector<int64_t>& host, std::vector<int64_t>& cached_host, Tensor& dev);
 
  private:
   struct GemmPlan;
@@ -143,6 +146,9 @@ class CudaBackend final : public Backend {
   // upload_batch cache
   std::vector<int64_t> batch_host_;
   Tensor batch_dev_;
+  // wkv7's segment table, re-uploaded only when it changes (every layer of a prefill window reuses it)
+  std::vector<int64_t> wkv_segments_host_;
+  Tensor wkv_segments_dev_;
 };
 
 // Kernel-side helpers shared by the .cu files.

@@ -1,36 +1,64 @@
 // CUDA kernels for the RWKV-7 time-mix ops (spec model.md §3): the fused per-head elementwise steps and
 // the WKV-7 recurrence.
 //
-// WKV-7 (sequential form): value row i of a head's state evolves on its own (sa_i reads row i only), so
-// a block owns 16 value rows of one (sequence, head), 4 lanes own each row (N/4 state columns each, in
-// registers) and reduce sa_i and y_i with two shuffles. The per-token vectors r, w, k, α, β are staged in
-// shared memory 16 tokens at a time with 16-byte loads. The same kernel serves prefill (a block walks the
-// sequence's rows) and batched decode (blocks per sequence and head). Head sizes other than 32/64/128, or
-// unaligned rows, use a plain kernel with the state in global memory.
+// WKV-7 recurrence, per (sequence, head): every value row i of the state evolves on its own,
+//   s_i ← s_i · G_t + v_i k_tᵀ,  G_t = diag(w_t) + α_t β_tᵀ   (sa_i = s_i·α reads row i only),
+// and y_i = s_i · r_t. The sequential kernel below walks a sequence's rows in order: a block owns 16 value
+// rows of one (sequence, head), 4 lanes own each row (N/4 state columns each, in registers) and reduce sa_i
+// and y_i with two shuffles; the per-token vectors r, w, k, α, β are staged in shared memory 16 tokens at
+// a time with 16-byte loads. It serves decode (blocks per sequence and head) and short prefills, but a long
+// sequence is then latency-bound (≈0.5 µs per token step, one step after the other).
+//
+// Long sequences run segment-parallel instead, in three launches:
+//  1. transitions: every segment of L rows runs the same recurrence at once from a zero state (giving E,
+//     the state it would end with from zero) and, in N more rows with v = 0 started from the identity, the
+//     product of its G_t (P, so that a segment started from S ends at S·P + E);
+//  2. chain: per (sequence, head), one block walks the segments: start_{j+1} = start_j · P_j + E_j;
+//  3. outputs: every segment runs the sequential kernel again from its start state, writing y.
+// This does ≈3× the arithmetic of the sequential walk, but with ~L× the parallelism; results equal it to
+// fp32 rounding. Head sizes other than 32/64/128, or unaligned rows, use a plain kernel with the state in
+// global memory.
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <vector>
 
 #include "backend/cuda/cuda_internal.h"
 
 namespace rwkvx::cuda {
 namespace {
 
-template <int N, int R>
+// Lane g of a row's 4 lanes owns the state columns (jj / 4)·16 + 4g + jj % 4, jj < N/4: its 16-byte
+// shared-memory reads then hit 4 different bank groups across the 4 lanes (no conflicts).
+template <int N>
+__device__ __forceinline__ int wkv_column(int g, int jj) {
+  return (jj / 4) * 16 + g * 4 + (jj % 4);
+}
+
+// kTransitions = false: the sequential recurrence; sequence s reads/writes its state at slot bt.slot[s].
+// kTransitions = true: step 1 above; "sequence" s is a segment, rows 0..N-1 of its 2N-row output at slot
+// bt.slot[s] are E, rows N..2N-1 are P; a segment with slot < 0 (the last of its sequence) is skipped.
+template <int N, int R, bool kTransitions>
 __global__ void __launch_bounds__(R * 4) wkv7_kernel(const float* __restrict__ r, const float* __restrict__ w,
                                                      const float* __restrict__ k, const float* __restrict__ v,
                                                      const float* __restrict__ al, const float* __restrict__ be,
                                                      float* __restrict__ state, DeviceBatch bt, int64_t C, int H,
                                                      float* __restrict__ y) {
-  constexpr int G = 4, J = N / G, TT = 16, NB = N / R, N4 = N / 4;
+  constexpr int G = 4, J = N / G, TT = 16, ROWS = kTransitions ? 2 * N : N, NB = ROWS / R, N4 = N / 4;
   __shared__ __align__(16) float sr[TT][N], sw[TT][N], sk[TT][N], sa[TT][N], sb[TT][N];
   __shared__ float sv[TT][R];
   const int s = blockIdx.x / (H * NB), h = (blockIdx.x / NB) % H, i0 = (blockIdx.x % NB) * R;
   const int tid = threadIdx.x, il = tid / G, g = tid % G, i = i0 + il;
   const int64_t r0 = bt.row_start[s], r1 = bt.row_start[s + 1];
-  if (r1 <= r0) return;
-  float* S = state + (int64_t(bt.slot[s]) * H + h) * N * N + int64_t(i) * N + g * J;
+  if (r1 <= r0 || bt.slot[s] < 0) return;
+  const bool identity_rows = kTransitions && i0 >= N;  // P rows: v = 0, start from e_(i-N)
+  float* S = state + (int64_t(bt.slot[s]) * H + h) * ROWS * N + int64_t(i) * N;
   float st[J];
 #pragma unroll
-  for (int jj = 0; jj < J; ++jj) st[jj] = S[jj];
+  for (int jj = 0; jj < J; ++jj) {
+    const int j = wkv_column<N>(g, jj);
+    st[jj] = kTransitions ? (identity_rows && j == i - N ? 1.f : 0.f) : S[j];
+  }
   for (int64_t t0 = r0; t0 < r1; t0 += TT) {
     const int nt = int(min_i64(TT, r1 - t0));
     __syncthreads();
@@ -45,12 +73,14 @@ __global__ void __launch_bounds__(R * 4) wkv7_kernel(const float* __restrict__ r
       *reinterpret_cast<float4*>(&sk[tt][j]) = c4, *reinterpret_cast<float4*>(&sa[tt][j]) = d4;
       *reinterpret_cast<float4*>(&sb[tt][j]) = e4;
     }
-    for (int e = tid; e < nt * R; e += R * G) sv[e / R][e % R] = v[(t0 + e / R) * C + int64_t(h) * N + i0 + e % R];
+    for (int e = tid; e < nt * R; e += R * G)
+      sv[e / R][e % R] = identity_rows ? 0.f : v[(t0 + e / R) * C + int64_t(h) * N + i0 + e % R];
     __syncthreads();
     for (int tt = 0; tt < nt; ++tt) {
       float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-      for (int jj = 0; jj < J; jj += 2) s0 += st[jj] * sa[tt][g * J + jj], s1 += st[jj + 1] * sa[tt][g * J + jj + 1];
+      for (int jj = 0; jj < J; jj += 2)
+        s0 += st[jj] * sa[tt][wkv_column<N>(g, jj)], s1 += st[jj + 1] * sa[tt][wkv_column<N>(g, jj + 1)];
       float sacc = s0 + s1;
       sacc += __shfl_xor_sync(0xffffffffu, sacc, 1);
       sacc += __shfl_xor_sync(0xffffffffu, sacc, 2);
@@ -58,19 +88,110 @@ __global__ void __launch_bounds__(R * 4) wkv7_kernel(const float* __restrict__ r
       float y0 = 0.f, y1 = 0.f;
 #pragma unroll
       for (int jj = 0; jj < J; ++jj) {
-        const int j = g * J + jj;
+        const int j = wkv_column<N>(g, jj);
         st[jj] = st[jj] * sw[tt][j] + sacc * sb[tt][j] + vi * sk[tt][j];
-        if (jj % 2) y1 += st[jj] * sr[tt][j];
-        else y0 += st[jj] * sr[tt][j];
+        if (!kTransitions) {
+          if (jj % 2) y1 += st[jj] * sr[tt][j];
+          else y0 += st[jj] * sr[tt][j];
+        }
       }
-      float yacc = y0 + y1;
-      yacc += __shfl_xor_sync(0xffffffffu, yacc, 1);
-      yacc += __shfl_xor_sync(0xffffffffu, yacc, 2);
-      if (g == 0) y[(t0 + tt) * C + int64_t(h) * N + i] = yacc;
+      if (!kTransitions) {
+        float yacc = y0 + y1;
+        yacc += __shfl_xor_sync(0xffffffffu, yacc, 1);
+        yacc += __shfl_xor_sync(0xffffffffu, yacc, 2);
+        if (g == 0) y[(t0 + tt) * C + int64_t(h) * N + i] = yacc;
+      }
     }
   }
 #pragma unroll
-  for (int jj = 0; jj < J; ++jj) S[jj] = st[jj];
+  for (int jj = 0; jj < J; ++jj) S[wkv_column<N>(g, jj)] = st[jj];
+}
+
+// Step 2 of the segment-parallel WKV-7: grid n_seq × H, 256 threads as a 16 × 16 grid of (N/16)² output
+// tiles; dynamic shared memory holds two N × N states and one P. Segments g0..g1-1 of sequence s: starts[g]
+// gets the state segment g starts from; transitions[g] holds E then P (rows N..2N-1). The walk is
+// sequential, so each step's E and P are fetched into registers during the step before (a step is then
+// ≈2 µs of arithmetic instead of a chain of global-memory round trips).
+template <int N>
+__global__ void __launch_bounds__(256) wkv7_chain_kernel(const float* __restrict__ state, DeviceBatch bt,
+                                                         const int64_t* __restrict__ seq_first_segment,
+                                                         const float* __restrict__ transitions,
+                                                         float* __restrict__ starts, int H) {
+  constexpr int TL = N / 16, NN = N * N, PV = NN / 4 / 256 > 0 ? NN / 4 / 256 : 1;  // float4s of P per thread
+  extern __shared__ __align__(16) float chain_smem[];
+  const int s = blockIdx.x / H, h = blockIdx.x % H, tid = threadIdx.x;
+  const int64_t g0 = seq_first_segment[s], g1 = seq_first_segment[s + 1];
+  if (g1 <= g0) return;
+  float* cur = chain_smem;
+  float* nxt = chain_smem + NN;
+  float* Ps = chain_smem + 2 * NN;
+  const int ti = (tid / 16) * TL, tj = (tid % 16) * TL;
+  float e_next[TL][TL];
+  float4 p_next[PV];
+  auto fetch = [&](int64_t gi) {  // E and P of segment gi into registers
+    const float* E = transitions + (gi * H + h) * 2 * NN;
+#pragma unroll
+    for (int a = 0; a < TL; ++a)
+#pragma unroll
+      for (int b = 0; b < TL; ++b) e_next[a][b] = E[(ti + a) * N + tj + b];
+#pragma unroll
+    for (int q = 0; q < PV; ++q)
+      if (q * 1024 + tid * 4 < NN) p_next[q] = *reinterpret_cast<const float4*>(E + NN + q * 1024 + tid * 4);
+  };
+  auto stage_p = [&] {
+#pragma unroll
+    for (int q = 0; q < PV; ++q)
+      if (q * 1024 + tid * 4 < NN) *reinterpret_cast<float4*>(Ps + q * 1024 + tid * 4) = p_next[q];
+  };
+  const float* S0 = state + (int64_t(bt.slot[s]) * H + h) * NN;
+  for (int o = tid; o < NN; o += 256) cur[o] = S0[o];
+  if (g0 < g1 - 1) fetch(g0), stage_p();
+  __syncthreads();
+  for (int64_t gi = g0;; ++gi) {
+    float* dst = starts + (gi * H + h) * NN;
+    for (int o = tid; o < NN; o += 256) dst[o] = cur[o];
+    if (gi == g1 - 1) break;
+    float acc[TL][TL];
+#pragma unroll
+    for (int a = 0; a < TL; ++a)
+#pragma unroll
+      for (int b = 0; b < TL; ++b) acc[a][b] = e_next[a][b];
+    if (gi + 1 < g1 - 1) fetch(gi + 1);  // in flight during the product below
+#pragma unroll 4
+    for (int m = 0; m < N; ++m) {
+      float pr[TL], sc[TL];
+#pragma unroll
+      for (int b = 0; b < TL; ++b) pr[b] = Ps[m * N + tj + b];
+#pragma unroll
+      for (int a = 0; a < TL; ++a) sc[a] = cur[(ti + a) * N + m];
+#pragma unroll
+      for (int a = 0; a < TL; ++a)
+#pragma unroll
+        for (int b = 0; b < TL; ++b) acc[a][b] += sc[a] * pr[b];
+    }
+#pragma unroll
+    for (int a = 0; a < TL; ++a)
+#pragma unroll
+      for (int b = 0; b < TL; ++b) nxt[(ti + a) * N + tj + b] = acc[a][b];
+    __syncthreads();  // every read of cur and Ps for this step is done, nxt is complete
+    if (gi + 1 < g1 - 1) stage_p();
+    __syncthreads();
+    float* t = cur;
+    cur = nxt, nxt = t;
+  }
+}
+
+// After step 3: the last segment's end state of sequence s (in starts) is the sequence's new state.
+template <int N>
+__global__ void wkv7_store_final_kernel(float* __restrict__ state, DeviceBatch bt,
+                                        const int64_t* __restrict__ seq_first_segment,
+                                        const float* __restrict__ starts, int H) {
+  const int s = blockIdx.x / H, h = blockIdx.x % H;
+  const int64_t g0 = seq_first_segment[s], g1 = seq_first_segment[s + 1];
+  if (g1 <= g0) return;
+  const float* src = starts + ((g1 - 1) * H + h) * N * N;
+  float* dst = state + (int64_t(bt.slot[s]) * H + h) * N * N;
+  for (int o = threadIdx.x; o < N * N; o += blockDim.x) dst[o] = src[o];
 }
 
 // Any head size: thread i owns value row i, the state stays in global memory.
@@ -162,6 +283,56 @@ void CudaBackend::rwkv7_value_residual(Tensor& v, const Tensor& v_first, const T
   RWKVX_CUDA_LAUNCHED();
 }
 
+namespace {
+
+// Segment length for the segment-parallel WKV-7 (0: run sequentially). Aims at ≈16 blocks of 64 threads
+// per multiprocessor in the output pass; segments under 64 rows would spend more on the chain than they save.
+int64_t wkv_segment_length(int option, int64_t rows, int64_t longest, int64_t H, int64_t N, int sm_count) {
+  if (option >= 0) return option == 0 || longest <= option ? 0 : option;
+  const int64_t target_blocks = 16 * int64_t(sm_count);
+  const int64_t L = std::max<int64_t>(64, (rows * H * (N / 16) + target_blocks - 1) / target_blocks);
+  return longest <= L ? 0 : (L + 15) / 16 * 16;
+}
+
+// The inputs of one wkv7 call and, for the segment-parallel form, its segment batches and buffers.
+struct WkvSegmentRun {
+  const float *r, *w, *k, *v, *al, *be;
+  float* state;
+  float* y;
+  int64_t C;
+  int H;
+  DeviceBatch seq, trans_batch, out_batch;  // sequences; segments for step 1; segments for step 3
+  const int64_t* seq_first_segment;
+  float* transitions;  // per (segment, head): E then P, 2N × N
+  float* starts;       // per (segment, head): the state it starts from, N × N
+};
+
+// The sequential kernel over `b`'s sequences with their states in `state`, R value rows (4R threads) a block.
+template <int N, int R>
+void wkv7_sequential(cudaStream_t stream, const WkvSegmentRun& a, DeviceBatch b, float* state) {
+  wkv7_kernel<N, R, false><<<unsigned(b.n_seq * a.H * (N / R)), 4 * R, 0, stream>>>(a.r, a.w, a.k, a.v, a.al, a.be,
+                                                                                   state, b, a.C, a.H, a.y);
+  RWKVX_CUDA_LAUNCHED();
+}
+
+template <int N, int R>
+void wkv7_segments(cudaStream_t stream, const WkvSegmentRun& a) {
+  wkv7_kernel<N, R, true><<<unsigned(a.trans_batch.n_seq * a.H * (2 * N / R)), 4 * R, 0, stream>>>(
+      a.r, a.w, a.k, a.v, a.al, a.be, a.transitions, a.trans_batch, a.C, a.H, nullptr);
+  RWKVX_CUDA_LAUNCHED();
+  constexpr int smem = 3 * N * N * 4;  // N = 128: 192 KiB, above the default 48 KiB
+  RWKVX_CUDA_CHECK(cudaFuncSetAttribute(wkv7_chain_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const unsigned seq_blocks = unsigned(a.seq.n_seq * a.H);
+  wkv7_chain_kernel<N><<<seq_blocks, 256, smem, stream>>>(a.state, a.seq, a.seq_first_segment, a.transitions,
+                                                          a.starts, a.H);
+  RWKVX_CUDA_LAUNCHED();
+  wkv7_sequential<N, R>(stream, a, a.out_batch, a.starts);
+  wkv7_store_final_kernel<N><<<seq_blocks, 256, 0, stream>>>(a.state, a.seq, a.seq_first_segment, a.starts, a.H);
+  RWKVX_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
 void CudaBackend::wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& alpha,
                        const Tensor& beta, Tensor& state, const SeqBatch& batch, Tensor& y, int head_size) {
   OpTimer timer_(this, "wkv7");
@@ -169,24 +340,70 @@ void CudaBackend::wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const 
   RWKVX_ASSERT(C % N == 0 && state.numel() % (H * N * N) == 0, "wkv7: state shape " + state.shape_str());
   RWKVX_ASSERT(N <= 1024, "wkv7: head size above 1024");
   if (batch.n_seq() == 0) return;
-  const DeviceBatch b = upload_batch(batch);
-  const unsigned blocks = unsigned(batch.n_seq() * H);
   auto f = [](const Tensor& t) { return static_cast<const float*>(t.data); };
   float* S = static_cast<float*>(state.data);
   float* out = static_cast<float*>(y.data);
-  // The tiled kernel reads 16-byte vectors: every row start must be 16-byte aligned.
+  // The tiled kernels read 16-byte vectors: every row start must be 16-byte aligned.
   bool aligned = C % 4 == 0;
   for (const Tensor* t : {&r, &w, &k, &alpha, &beta}) aligned = aligned && reinterpret_cast<uintptr_t>(t->data) % 16 == 0;
-  // 16 value rows (64 threads) per block: a head spreads over N/16 multiprocessors.
-  switch (aligned ? N : 0) {
-    case 32: wkv7_kernel<32, 16><<<blocks * 2, 64, 0, stream()>>>(f(r), f(w), f(k), f(v), f(alpha), f(beta), S, b, C, int(H), out); break;
-    case 64: wkv7_kernel<64, 16><<<blocks * 4, 64, 0, stream()>>>(f(r), f(w), f(k), f(v), f(alpha), f(beta), S, b, C, int(H), out); break;
-    case 128: wkv7_kernel<128, 16><<<blocks * 8, 64, 0, stream()>>>(f(r), f(w), f(k), f(v), f(alpha), f(beta), S, b, C, int(H), out); break;
-    default:
-      wkv7_generic_kernel<<<blocks, round_up_warp(N), 0, stream()>>>(f(r), f(w), f(k), f(v), f(alpha), f(beta), S, b, C,
-                                                                     int(H), int(N), out);
+  if (!aligned || (N != 32 && N != 64 && N != 128)) {
+    const DeviceBatch b = upload_batch(batch);
+    wkv7_generic_kernel<<<unsigned(batch.n_seq() * H), round_up_warp(N), 0, stream()>>>(
+        f(r), f(w), f(k), f(v), f(alpha), f(beta), S, b, C, int(H), int(N), out);
+    RWKVX_CUDA_LAUNCHED();
+    return;
   }
-  RWKVX_CUDA_LAUNCHED();
+  int64_t longest = 0;
+  for (size_t s = 0; s + 1 < batch.row_start.size(); ++s)
+    longest = std::max(longest, batch.row_start[s + 1] - batch.row_start[s]);
+  const int64_t L = wkv_segment_length(opt_.wkv_segment_rows, batch.n_rows(), longest, H, N, sm_count_);
+  if (L == 0) {
+    const WkvSegmentRun run{f(r), f(w), f(k), f(v), f(alpha), f(beta), S, out, C, int(H)};
+    const DeviceBatch b = upload_batch(batch);
+    switch (N) {  // 16 value rows a block: a head spreads over N/16 multiprocessors
+      case 32: wkv7_sequential<32, 16>(stream(), run, b, S); break;
+      case 64: wkv7_sequential<64, 16>(stream(), run, b, S); break;
+      default: wkv7_sequential<128, 16>(stream(), run, b, S);
+    }
+    return;
+  }
+  // Segment table: row_start (n_seg + 1), transition slots (n_seg int32: -1 for each sequence's last
+  // segment), output slots (n_seg int32), then each sequence's first segment (n_seq + 1).
+  const int n_seq = int(batch.n_seq());
+  std::vector<int64_t> row_start{batch.row_start[0]}, first{0};
+  for (int s = 0; s < n_seq; ++s) {
+    for (int64_t t = batch.row_start[size_t(s)]; t < batch.row_start[size_t(s) + 1]; t += L)
+      row_start.push_back(std::min(t + L, batch.row_start[size_t(s) + 1]));
+    first.push_back(int64_t(row_start.size()) - 1);
+  }
+  const int64_t n_seg = int64_t(row_start.size()) - 1;
+  std::vector<int64_t> table(row_start);
+  table.resize(size_t(n_seg + 1 + n_seg));  // two int32 slot arrays share n_seg words
+  auto* trans_slot = reinterpret_cast<int32_t*>(table.data() + n_seg + 1);
+  int32_t* out_slot = trans_slot + n_seg;
+  for (int s = 0; s < n_seq; ++s)
+    for (int64_t g = first[size_t(s)]; g < first[size_t(s) + 1]; ++g) {
+      trans_slot[g] = g + 1 < first[size_t(s) + 1] ? int32_t(g) : -1;
+      out_slot[g] = int32_t(g);
+    }
+  table.insert(table.end(), first.begin(), first.end());
+  const int64_t* dev = upload_cached(table, wkv_segments_host_, wkv_segments_dev_);
+  const DeviceBatch seq = upload_batch(batch);
+  DeviceBatch trans_batch, out_batch;
+  trans_batch.row_start = out_batch.row_start = dev;
+  trans_batch.slot = reinterpret_cast<const int32_t*>(dev + n_seg + 1);
+  out_batch.slot = trans_batch.slot + n_seg;
+  trans_batch.n_seq = out_batch.n_seq = int(n_seg);
+  Tensor transitions = scratch(size_t(n_seg * H * 2 * N * N) * 4), starts = scratch(size_t(n_seg * H * N * N) * 4);
+  const WkvSegmentRun run{f(r), f(w), f(k), f(v), f(alpha), f(beta), S, out, C, int(H), seq, trans_batch, out_batch,
+                          dev + 2 * n_seg + 1, static_cast<float*>(transitions.data), static_cast<float*>(starts.data)};
+  const char* rows_env = std::getenv("RWKVX_WKV_R");  // EXPERIMENT: rows per block in the segment passes
+  const bool wide = rows_env && std::atoi(rows_env) > 16;
+  switch (N) {
+    case 32: wide ? wkv7_segments<32, 32>(stream(), run) : wkv7_segments<32, 16>(stream(), run); break;
+    case 64: wide ? wkv7_segments<64, 64>(stream(), run) : wkv7_segments<64, 16>(stream(), run); break;
+    default: wide ? wkv7_segments<128, 64>(stream(), run) : wkv7_segments<128, 16>(stream(), run);
+  }
 }
 
 void CudaBackend::rwkv7_output(Tensor& y, const Tensor& r, const Tensor& k, const Tensor& v, const Tensor& r_k,
