@@ -78,6 +78,8 @@ class Backend {
 
   // ---- memory -------------------------------------------------------------------------------------
   virtual Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) = 0;  // zero-filled
+  // Contents undefined: for an op's output that the op writes whole (saves the zero-fill, a full memory pass).
+  virtual Tensor alloc_uninit(DType dtype, std::initializer_list<int64_t> shape) { return alloc(dtype, shape); }
   // A checkpoint tensor in the backend's weight format; `shape` reinterprets it (same numel).
   virtual Tensor upload_weight(const StoredTensor& src, std::initializer_list<int64_t> shape) = 0;
   virtual void to_host(const Tensor& src, float* dst) = 0;    // src fp32, or bf16 (widened exactly)

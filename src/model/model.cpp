@@ -181,7 +181,9 @@ Tensor Model::forward_rows(const int32_t* ids, const SeqBatch& batch, State& sta
   const ModelConfig& c = cfg_;
   Backend& be = *be_;
   const int64_t T = batch.n_rows(), C = c.n_embd;
-  Tensor x = be.alloc(DType::f32, {T, C}), xn = be.alloc(DType::f32, {T, C}), dx = be.alloc(DType::f32, {T, C});
+  // x, xn, dx: whole outputs of embedding / layer_norm / each block's last linear.
+  Tensor x = be.alloc_uninit(DType::f32, {T, C}), xn = be.alloc_uninit(DType::f32, {T, C});
+  Tensor dx = be.alloc_uninit(DType::f32, {T, C});
   be.embedding(w_.emb, ids, T, x);
   be.layer_norm(x, w_.ln0.weight, w_.ln0.bias, 1e-5f, x);
   Tensor v_first = be.alloc(DType::f32, {T, C});
@@ -211,7 +213,7 @@ Tensor Model::forward_rows(const int32_t* ids, const SeqBatch& batch, State& sta
   Tensor logits;
   if (mode == LogitsMode::all) {
     be.layer_norm(x, w_.ln_out.weight, w_.ln_out.bias, 1e-5f, xn);
-    logits = be.alloc(DType::f32, {T, c.n_vocab});
+    logits = be.alloc_uninit(DType::f32, {T, c.n_vocab});
     be.linear(xn, w_.head, logits);
   } else {
     logits = be.alloc(DType::f32, {batch.n_seq(), c.n_vocab});

@@ -12,7 +12,8 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
                     Tensor& wkv, const SeqBatch& batch, Tensor& v_first, bool first_block, Tensor& out) {
   const int64_t T = x.rows(), C = cfg.n_embd;
   const int N = int(cfg.head_size);
-  auto act = [&](int64_t cols) { return be.alloc(DType::f32, {T, cols}); };
+  // Every activation below is the whole output of the op that first writes it.
+  auto act = [&](int64_t cols) { return be.alloc_uninit(DType::f32, {T, cols}); };
 
   // 1. Token shift: each projection sees a lerp between x_t and x_{t-1}.
   Tensor delta = act(C);
@@ -67,10 +68,10 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
 void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x, Tensor& shift,
                        const SeqBatch& batch, Tensor& out) {
   const int64_t T = x.rows(), C = x.row_size(), F = w.key.rows();
-  Tensor delta = be.alloc(DType::f32, {T, C}), kx = be.alloc(DType::f32, {T, C});
+  Tensor delta = be.alloc_uninit(DType::f32, {T, C}), kx = be.alloc_uninit(DType::f32, {T, C});
   be.token_shift(x, shift, batch, delta);
   be.shift_mix(x, delta, w.x_k, kx);
-  Tensor h = be.alloc(DType::f32, {T, F});
+  Tensor h = be.alloc_uninit(DType::f32, {T, F});
   be.linear(kx, w.key, h);
   be.relu_square_(h);
   be.linear(h, w.value, out);

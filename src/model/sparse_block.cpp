@@ -7,11 +7,13 @@ namespace rwkvx {
 void sparse_attention_block(Backend& be, const SparseBlockWeights& w, const ModelConfig& cfg, const Tensor& x,
                             std::vector<KvCache>& caches, const SeqBatch& batch, Tensor& out) {
   const int64_t T = x.rows(), C = cfg.n_embd;
-  Tensor q = be.alloc(DType::f32, {T, C}), k = be.alloc(DType::f32, {T, C}), v = be.alloc(DType::f32, {T, C});
+  // q, k, v, o: whole outputs of linear / sparse_attention (every row belongs to a sequence of the batch).
+  Tensor q = be.alloc_uninit(DType::f32, {T, C}), k = be.alloc_uninit(DType::f32, {T, C});
+  Tensor v = be.alloc_uninit(DType::f32, {T, C});
   be.linear(x, w.query, q);
   be.linear(x, w.key, k);
   be.linear(x, w.value, v);
-  Tensor o = be.alloc(DType::f32, {T, C});
+  Tensor o = be.alloc_uninit(DType::f32, {T, C});
   for (int64_t s = 0; s < batch.n_seq(); ++s) {
     const int64_t r0 = batch.row_start[size_t(s)], n = batch.row_start[size_t(s) + 1] - r0;
     if (n == 0) continue;

@@ -18,7 +18,9 @@ namespace {
 
 std::unique_ptr<Backend> gpu_or_skip(std::string* why) {
   if (!cuda_device_available(why)) return nullptr;
-  return make_cuda_backend();
+  CudaBackendOptions o;
+  o.poison_uninit = true;  // an op that leaves part of an alloc_uninit output unwritten turns the logits NaN
+  return make_cuda_backend(o);
 }
 
 #define REQUIRE_GPU(be)                                                                   \

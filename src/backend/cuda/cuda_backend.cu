@@ -199,7 +199,7 @@ Tensor CudaBackend::scratch(size_t bytes) {
   return t;
 }
 
-Tensor CudaBackend::alloc(DType dtype, std::initializer_list<int64_t> shape) {
+Tensor CudaBackend::alloc_uninit(DType dtype, std::initializer_list<int64_t> shape) {
   OpTimer timer_(this, "alloc");
   RWKVX_ASSERT(shape.size() <= 4, "too many dimensions");
   RWKVX_ASSERT(dtype == DType::f32 || dtype == DType::bf16, std::string("CUDA alloc: unsupported dtype ") + std::string(dtype_name(dtype)));
@@ -214,7 +214,13 @@ Tensor CudaBackend::alloc(DType dtype, std::initializer_list<int64_t> shape) {
   std::shared_ptr<DevicePool> pool = pool_;
   t.storage = std::shared_ptr<void>(p, [pool, rounded](void* q) { pool->put(q, rounded); });
   t.data = p;
-  RWKVX_CUDA_CHECK(cudaMemsetAsync(p, 0, t.nbytes(), stream_));
+  if (opt_.poison_uninit) RWKVX_CUDA_CHECK(cudaMemsetAsync(p, 0xff, t.nbytes(), stream_));  // NaN in f32 and bf16
+  return t;
+}
+
+Tensor CudaBackend::alloc(DType dtype, std::initializer_list<int64_t> shape) {
+  Tensor t = alloc_uninit(dtype, shape);
+  RWKVX_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
   return t;
 }
 
@@ -315,11 +321,6 @@ __global__ void to_bf16_kernel(const float* x, int64_t n, bool split, __nv_bfloa
   }
 }
 
-__global__ void add_halves_kernel(const float* d, int64_t n, float* out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = d[i] + d[n + i];
-}
-
 enum class Unary { tanh, sigmoid, relu_square };
 
 template <Unary U>
@@ -373,15 +374,16 @@ __global__ void token_shift_store_kernel(const float* x, DeviceBatch b, int64_t 
   }
 }
 
-// D[t·m + o] = Σ_i B[t·k + i] · (trans_a ? A[o·k + i] : A[i·m + o]): the GEMM used when cuBLASLt offers no
+// D[t·m + o] (+)= Σ_i B[t·k + i] · (trans_a ? A[o·k + i] : A[i·m + o]): the GEMM used when cuBLASLt offers no
 // algorithm for a shape or alignment (one thread per output, fp32 accumulate).
 template <typename T>
-__global__ void gemm_fallback_kernel(bool trans_a, const T* A, const T* B, float* D, int64_t m, int64_t n, int64_t k) {
+__global__ void gemm_fallback_kernel(bool trans_a, const T* A, const T* B, float* D, int64_t m, int64_t n, int64_t k,
+                                     bool accumulate) {
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < m * n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = idx / m, o = idx % m;
     float acc = 0.f;
     for (int64_t i = 0; i < k; ++i) acc += to_f32(B[t * k + i]) * to_f32(trans_a ? A[o * k + i] : A[i * m + o]);
-    D[idx] = acc;
+    D[idx] = accumulate ? D[idx] + acc : acc;
   }
 }
 
@@ -476,7 +478,7 @@ void CudaBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, 
 }
 
 void CudaBackend::gemm(bool trans_a, const void* A, cudaDataType ta, const void* B, cudaDataType tb, float* D,
-                       int64_t m, int64_t n, int64_t k) {
+                       int64_t m, int64_t n, int64_t k, bool accumulate) {
   auto align = [](const void* p) {
     const uintptr_t u = reinterpret_cast<uintptr_t>(p);
     return int(u % 16 == 0 ? 16 : u % 8 == 0 ? 8 : u % 4 == 0 ? 4 : 2);
@@ -516,14 +518,14 @@ void CudaBackend::gemm(bool trans_a, const void* A, cudaDataType ta, const void*
     const unsigned g = std::min<unsigned>(grid_for(m * n, kThreads), 65536u);
     if (ta == CUDA_R_16BF)
       gemm_fallback_kernel<<<g, kThreads, 0, stream_>>>(trans_a, static_cast<const __nv_bfloat16*>(A),
-                                                        static_cast<const __nv_bfloat16*>(B), D, m, n, k);
+                                                        static_cast<const __nv_bfloat16*>(B), D, m, n, k, accumulate);
     else
       gemm_fallback_kernel<<<g, kThreads, 0, stream_>>>(trans_a, static_cast<const float*>(A),
-                                                        static_cast<const float*>(B), D, m, n, k);
+                                                        static_cast<const float*>(B), D, m, n, k, accumulate);
     RWKVX_CUDA_LAUNCHED();
     return;
   }
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   RWKVX_CUBLAS_CHECK(cublasLtMatmul(lt_, p.op, &alpha, A, p.a, B, p.b, &beta, D, p.d, D, p.d, &p.algo,
                                     workspace_.data, workspace_.nbytes(), stream_));
 }
@@ -546,9 +548,9 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
     gemm(trans_w, W.data, CUDA_R_32F, x.data, CUDA_R_32F, static_cast<float*>(out.data), N, T, K);
     return;
   }
-  // bf16 weights: the activations go in as bf16 pairs (hi, lo) stacked as 2T columns of one GEMM (the weights
-  // are read once), and out = W·hi + W·lo keeps ~16 mantissa bits of x; single rounding (opt-in) is one
-  // GEMM of T columns. The products are exact in fp32 either way.
+  // bf16 weights: the activations go in as bf16 pairs (hi, lo), and out = W·hi + W·lo (the second GEMM adds
+  // into the first's output) keeps ~16 mantissa bits of x; single rounding (opt-in) is one GEMM. The
+  // products are exact in fp32 either way.
   const int64_t n = T * K;
   const bool split = !opt_.single_bf16_activations;
   Tensor xb = scratch(size_t(n) * (split ? 4 : 2));
@@ -559,11 +561,9 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
     gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, K);
     return;
   }
-  Tensor d = scratch(size_t(2 * T * N) * 4);
-  gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(d.data), N, 2 * T, K);
-  add_halves_kernel<<<ew_grid(T * N), kThreads, 0, stream_>>>(static_cast<const float*>(d.data), T * N,
-                                                              static_cast<float*>(out.data));
-  RWKVX_CUDA_LAUNCHED();
+  float* o = static_cast<float*>(out.data);
+  gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, o, N, T, K);
+  gemm(trans_w, W.data, CUDA_R_16BF, static_cast<const __nv_bfloat16*>(xb.data) + n, CUDA_R_16BF, o, N, T, K, true);
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {

@@ -26,6 +26,8 @@ struct CudaBackendOptions {
   // segments of this many rows, which run at once. -1 = chosen from the size of the call and the GPU
   // (RWKVX_CUDA_WKV_SEGMENT overrides it), 0 = no segments (one sequential pass per sequence and head).
   int wkv_segment_rows = -1;
+  // alloc_uninit fills its tensors with NaN (tests: an op that leaves part of its output unwritten shows).
+  bool poison_uninit = false;
 };
 
 // True when a CUDA device can be used; otherwise false and `why` (if given) says what is missing.

@@ -71,6 +71,7 @@ class CudaBackend final : public Backend {
   int64_t preferred_rows_per_call() const override { return 4096; }
 
   Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) override;
+  Tensor alloc_uninit(DType dtype, std::initializer_list<int64_t> shape) override;
   Tensor upload_weight(const StoredTensor& src, std::initializer_list<int64_t> shape) override;
   void to_host(const Tensor& src, float* dst) override;
   void from_host(const float* src, Tensor& dst) override;
@@ -126,9 +127,10 @@ class CudaBackend final : public Backend {
 
  private:
   struct GemmPlan;
-  // D[m, n] (column-major, ld m) = op(A) · B, A [k, m] if trans_a else [m, k], B [k, n]; fp32 accumulate.
+  // D[m, n] (column-major, ld m) = op(A) · B (+ D when accumulate), A [k, m] if trans_a else [m, k], B [k, n];
+  // fp32 accumulate.
   void gemm(bool trans_a, const void* A, cudaDataType ta, const void* B, cudaDataType tb, float* D, int64_t m,
-            int64_t n, int64_t k);
+            int64_t n, int64_t k, bool accumulate = false);
   // out [T, N] = x [T, K] · Wᵀ (trans_w: W [N, K]) or x · W (W [K, N]), for fp32 or bf16 W.
   void weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K, int64_t N);
 
