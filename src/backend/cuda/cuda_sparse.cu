@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 
 #include "backend/cuda/cuda_internal.h"
 
@@ -192,11 +193,11 @@ __global__ void attend_combine_kernel(const float* pm, const float* pl, const fl
   }
 }
 
-// ---- prefill, head_dim 64 --------------------------------------------------------------------------------
+// ---- prefill, head_dim 64: bf16 tensor-core tiles --------------------------------------------------------
 
-constexpr int kB = 64;  // queries and keys per tile; also the head dim of this path
-constexpr int kLd = kB + 1;
-constexpr size_t kTileSmem = sizeof(float) * (3 * kB * kLd + kB * kB);
+constexpr int kB = 64;        // queries and keys per tile; also the head dim of this path
+constexpr int kWarps = 4;     // a block: 4 warps of 16 query rows each
+constexpr int kPitch = kB + 8;  // bf16 row pitch of the K/V tiles: 144 bytes, so ldmatrix's 8 rows hit 8 bank groups
 
 __global__ void count_kernel(const int32_t* sel, int64_t n_entries, int H, int Kmax, int64_t nch, int* counts) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_entries; e += int64_t(gridDim.x) * blockDim.x) {
@@ -205,10 +206,15 @@ __global__ void count_kernel(const int32_t* sel, int64_t n_entries, int H, int K
   }
 }
 
-__global__ void scan_kernel(const int* counts, int64_t n, int* offsets) {
+// offsets: exclusive sum of counts; group_offsets [n + 1]: exclusive sum of the 64-query groups per bucket.
+__global__ void scan_kernel(const int* counts, int64_t n, int* offsets, int* group_offsets) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int acc = 0;
-  for (int64_t i = 0; i < n; ++i) offsets[i] = acc, acc += counts[i];
+  int acc = 0, groups = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    offsets[i] = acc, group_offsets[i] = groups;
+    acc += counts[i], groups += (counts[i] + kB - 1) / kB;
+  }
+  group_offsets[n] = groups;
 }
 
 __global__ void scatter_kernel(const int32_t* sel, int64_t n_entries, int H, int Kmax, int64_t nch, const int* offsets,
@@ -221,186 +227,399 @@ __global__ void scatter_kernel(const int32_t* sel, int64_t n_entries, int H, int
   }
 }
 
-// Online-softmax state of 64 query rows × 64 dims over 256 threads: thread (ty, tx) owns rows ty·4 + a,
-// score columns tx + 16·b and output dims tx + 16·e.
-struct TileState {
-  float m[4], l[4], acc[4][4];
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// d += a · b for one m16n8k16 tile (bf16 inputs, fp32 accumulators; fragment layouts of the PTX ISA).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
+// (a, b) rounded to bf16 (a in the low half); lo gets the bf16 rounding of what hi left out.
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) { return bits(__floats2bfloat162_rn(a, b)); }
+__device__ __forceinline__ void split_bf16(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  hi = bits(h);
+  lo = pack_bf16(a - hf.x, b - hf.y);
+}
+
+// Precision of the tile products. kSplit: Q and P are split into bf16 hi + lo, and so are fp32 K and V
+// (bf16 K and V are exact): x·y ≈ xh·yh + xh·yl + xl·yh, ~16 significant bits (the fp32 path's accuracy
+// within ~1e-5). Otherwise one bf16 rounding of each operand (~3 significant digits, a third of the work).
+template <typename KT, bool kSplit>
+struct Prec {
+  static constexpr bool split = kSplit;
+  static constexpr bool kv_lo = kSplit && std::is_same_v<KT, float>;  // K/V low halves in shared memory
 };
 
-// One 64-key tile starting at slot key0 (kn valid keys); valid(row, col) masks (query row, key col).
-template <typename KT, typename Valid>
-__device__ void attend_tile(const float* Qs, float* Ks, float* Vs, float* Ps, const KT* K, const KT* V, int64_t C,
-                            int64_t off, int64_t key0, int kn, float scale, TileState& st, Valid valid) {
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  __syncthreads();
-  for (int idx = tid; idx < kB * kB; idx += 256) {
-    const int key = idx / kB, d = idx % kB;
-    const bool in = key < kn;
-    Ks[key * kLd + d] = in ? to_f32(K[(key0 + key) * C + off + d]) : 0.f;
-    Vs[key * kB + d] = in ? to_f32(V[(key0 + key) * C + off + d]) : 0.f;
-  }
-  __syncthreads();
-  float s[4][4] = {};
-#pragma unroll 8
-  for (int d = 0; d < kB; ++d) {
-    float qa[4], kb[4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a) qa[a] = Qs[(ty * 4 + a) * kLd + d];
-#pragma unroll
-    for (int b = 0; b < 4; ++b) kb[b] = Ks[(tx + 16 * b) * kLd + d];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) s[a][b] += qa[a] * kb[b];
-  }
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int row = ty * 4 + a;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      s[a][b] = valid(row, tx + 16 * b) ? s[a][b] * scale : -INFINITY;
-      mx = fmaxf(mx, s[a][b]);
-    }
-    for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    const float m_new = fmaxf(st.m[a], mx);
-    float corr = 1.f, rs = 0.f, p[4];
-    if (m_new == -INFINITY) {
-#pragma unroll
-      for (int b = 0; b < 4; ++b) p[b] = 0.f;
-    } else {
-      corr = expf(st.m[a] - m_new);
-#pragma unroll
-      for (int b = 0; b < 4; ++b) rs += (p[b] = expf(s[a][b] - m_new));
-    }
-    for (int o = 8; o > 0; o >>= 1) rs += __shfl_xor_sync(0xffffffffu, rs, o);
-    st.l[a] = st.l[a] * corr + rs;
-    st.m[a] = m_new;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st.acc[a][e] *= corr;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) Ps[row * kLd + tx + 16 * b] = p[b];
-  }
-  __syncthreads();
-#pragma unroll 8
-  for (int key = 0; key < kB; ++key) {
-    float pv[4], vv[4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a) pv[a] = Ps[(ty * 4 + a) * kLd + key];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) vv[e] = Vs[key * kB + tx + 16 * e];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st.acc[a][e] += pv[a] * vv[e];
-  }
-}
+// One key tile in shared memory, bf16, rows = keys (pitch kPitch); Kl/Vl only with kv_lo.
+struct KvTile {
+  const __nv_bfloat16 *Kh, *Vh, *Kl, *Vl;
+};
 
-__device__ void init_state(TileState& st) {
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    st.m[a] = -INFINITY, st.l[a] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st.acc[a][e] = 0.f;
-  }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+  // src-size 0 zero-fills: rows past the tile's keys must be 0 for P·V, not stale data.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 16 : 0));
 }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-// Grid (chunks, H, groups): block (n, h, z) attends groups z, z + groups, … of 64 queries that chose chunk n
-// for head h.
-template <typename KT>
-__global__ void __launch_bounds__(256) chunk_attend_kernel(const float* __restrict__ q, const KT* __restrict__ K,
-                                                           const KT* __restrict__ V, const int* counts, const int* offsets,
-                                                           const int* list, int64_t C, int H, int64_t nch,
-                                                           int64_t chunk, int Kmax, float scale, float* pacc,
-                                                           float* plse) {
-  extern __shared__ float sm[];
-  float *Qs = sm, *Ks = Qs + kB * kLd, *Vs = Ks + kB * kLd, *Ps = Vs + kB * kB;
-  __shared__ int entries[kB];
-  const int64_t n = blockIdx.x;
-  const int h = blockIdx.y, tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int cnt = counts[h * nch + n], base = offsets[h * nch + n];
+// Block-wide K/V tile pipeline: fetch(n) starts the asynchronous copy of the next tile (keys [key0, key0 + kn)
+// of head `off`) while the block computes on the current one; acquire() waits for it and returns it as bf16.
+// bf16 caches: two bf16 tile buffers, copied straight in. fp32 caches: one fp32 staging tile, rounded (and
+// split when kv_lo) into one bf16 tile set by acquire().
+template <typename KT, typename P>
+struct KvPipeline {
+  static constexpr bool kF32 = std::is_same_v<KT, float>;
+  static constexpr int kBf16Tile = kB * kPitch;  // elements of one bf16 matrix
+  static constexpr size_t kStaging = kF32 ? size_t(2) * kB * kB * sizeof(float) : 0;
+  static constexpr int kBf16Sets = kF32 ? 1 : 2;
+  static constexpr int kMatrices = P::kv_lo ? 4 : 2;
+  static constexpr size_t smem = kStaging + size_t(kBf16Sets) * kMatrices * kBf16Tile * sizeof(__nv_bfloat16);
+
+  const KT* K;
+  const KT* V;
+  int64_t C, off;
+  unsigned char* base;
+  int next = 0;  // index of the tile fetch() copies next
+
+  __device__ __nv_bfloat16* bf16_set(int i) const {
+    return reinterpret_cast<__nv_bfloat16*>(base + kStaging) + (i % kBf16Sets) * kMatrices * kBf16Tile;
+  }
+
+  __device__ void fetch(int64_t key0, int kn) {
+    const int tid = threadIdx.x;
+    constexpr int kVec = 16 / sizeof(KT);  // elements per 16-byte copy
+    constexpr int kPer = kB * kB / kVec / (kWarps * 32);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = tid + i * kWarps * 32, row = idx / (kB / kVec), col = idx % (kB / kVec) * kVec;
+      const bool in = row < kn;
+      const int64_t src = (in ? key0 + row : 0) * C + off + col;
+      if constexpr (kF32) {
+        float* stage = reinterpret_cast<float*>(base);
+        cp_async16(stage + row * kB + col, K + src, in);
+        cp_async16(stage + kB * kB + row * kB + col, V + src, in);
+      } else {
+        __nv_bfloat16* set = bf16_set(next);
+        cp_async16(set + row * kPitch + col, K + src, in);
+        cp_async16(set + kBf16Tile + row * kPitch + col, V + src, in);
+      }
+    }
+    cp_async_commit();
+    ++next;
+  }
+
+  // The tile of the last fetch(); all threads must call it, and fetch the following tile only after it.
+  __device__ KvTile acquire() {
+    cp_async_wait_all();
+    __syncthreads();  // every thread's copies landed; the previous tile's readers are done
+    __nv_bfloat16* set = bf16_set(next - 1);
+    if constexpr (kF32) {
+      const float* stage = reinterpret_cast<const float*>(base);
+      constexpr int kPer = kB * kB / 4 / (kWarps * 32);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int idx = threadIdx.x + i * kWarps * 32, row = idx / (kB / 4), col = idx % (kB / 4) * 4;
+#pragma unroll
+        for (int mat = 0; mat < 2; ++mat) {  // K, V
+          const float4 x = *reinterpret_cast<const float4*>(stage + mat * kB * kB + row * kB + col);
+          uint2 hi, lo;
+          if constexpr (P::kv_lo) {
+            split_bf16(x.x, x.y, hi.x, lo.x), split_bf16(x.z, x.w, hi.y, lo.y);
+            *reinterpret_cast<uint2*>(set + (2 + mat) * kBf16Tile + row * kPitch + col) = lo;
+          } else {
+            hi = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+          }
+          *reinterpret_cast<uint2*>(set + mat * kBf16Tile + row * kPitch + col) = hi;
+        }
+      }
+      __syncthreads();  // the bf16 tile is complete and the staging tile free for the next fetch
+    }
+    return {set, set + kBf16Tile, P::kv_lo ? set + 2 * kBf16Tile : nullptr, P::kv_lo ? set + 3 * kBf16Tile : nullptr};
+  }
+};
+
+// Flash-attention state of one warp: 16 query rows × 64 dims. Lane (g = lane/4, c = lane%4·2) holds rows g and
+// g + 8 (index rr = 0, 1), score/output columns 8·nt + c, +1 (the m16n8 accumulator layout). m is the running
+// max of the raw (unscaled) scores, l the lane's partial sum (the quad's sum after finish()).
+struct WarpState {
+  uint32_t qh[4][4], ql[4][4];  // Q as A fragments per 16-dim k-step (ql unused without split)
+  float o[8][4], m[2], l[2];
+
+  // rows: the warp's two query rows of this lane (nullptr = padding row, zero query).
+  template <bool kSplit>
+  __device__ void init(const float* row0, const float* row1) {
+    const int c = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // a0a1: (g, c), a2a3: (g+8, c), a4a5: (g, c+8), a6a7: (g+8, c+8)
+        const float* row = i & 1 ? row1 : row0;
+        const float2 v = row ? *reinterpret_cast<const float2*>(row + ks * 16 + (i >> 1) * 8 + c) : make_float2(0, 0);
+        if constexpr (kSplit) split_bf16(v.x, v.y, qh[ks][i], ql[ks][i]);
+        else qh[ks][i] = pack_bf16(v.x, v.y);
+      }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+  }
+
+  // One 64-key tile from shared memory. kMask: valid(rr, col) says whether row rr may see tile key col.
+  // sl2 = softmax scale · log2(e).
+  template <typename P, bool kMask, typename Valid>
+  __device__ void tile(const KvTile& kv, float sl2, Valid valid) {
+    const int lane = threadIdx.x & 31, c = (lane & 3) * 2;
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+    // S = Q·Kᵀ: K rows are keys, so a plain ldmatrix of an 8-key × 8-dim block is a B fragment; x4 takes
+    // dims [32kp, 32kp + 32) = two k-steps.
+#pragma unroll
+    for (int kp = 0; kp < 2; ++kp)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int at = (nt * 8 + (lane & 7)) * kPitch + kp * 32 + (lane >> 3) * 8;
+        uint32_t b[4];
+        ldmatrix_x4(b, smem_addr(kv.Kh + at));
+        if constexpr (P::split) {
+          mma_bf16(s[nt], ql[2 * kp], b[0], b[1]);
+          mma_bf16(s[nt], ql[2 * kp + 1], b[2], b[3]);
+        }
+        if constexpr (P::kv_lo) {
+          uint32_t bl[4];
+          ldmatrix_x4(bl, smem_addr(kv.Kl + at));
+          mma_bf16(s[nt], qh[2 * kp], bl[0], bl[1]);
+          mma_bf16(s[nt], qh[2 * kp + 1], bl[2], bl[3]);
+        }
+        mma_bf16(s[nt], qh[2 * kp], b[0], b[1]);
+        mma_bf16(s[nt], qh[2 * kp + 1], b[2], b[3]);
+      }
+    // Online softmax over the tile (a row's 64 columns live in one quad).
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if constexpr (kMask)
+          if (!valid(e >> 1, nt * 8 + c + (e & 1))) s[nt][e] = -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+      }
+    float base[2], corr[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+      base[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr] * sl2;  // a row with nothing visible yet keeps p = 0
+      corr[rr] = exp2f(m[rr] * sl2 - base[rr]);
+      m[rr] = mx[rr];
+      l[rr] *= corr[rr];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(fmaf(s[nt][e], sl2, -base[e >> 1]));
+        l[e >> 1] += s[nt][e];
+        o[nt][e] *= corr[e >> 1];
+      }
+    // O += P·V: the accumulators of score tiles 2j, 2j+1 are the A fragment of key step j; V rows are keys,
+    // so ldmatrix.trans of 8-key × 8-dim blocks gives B fragments (x4: keys 16j..+16 × dims 16dp..+16).
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t ph[4], pl[4];
+      if constexpr (P::split) {
+        split_bf16(s[2 * j][0], s[2 * j][1], ph[0], pl[0]);
+        split_bf16(s[2 * j][2], s[2 * j][3], ph[1], pl[1]);
+        split_bf16(s[2 * j + 1][0], s[2 * j + 1][1], ph[2], pl[2]);
+        split_bf16(s[2 * j + 1][2], s[2 * j + 1][3], ph[3], pl[3]);
+      } else {
+        ph[0] = pack_bf16(s[2 * j][0], s[2 * j][1]);
+        ph[1] = pack_bf16(s[2 * j][2], s[2 * j][3]);
+        ph[2] = pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]);
+        ph[3] = pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < 4; ++dp) {
+        const int at = (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + dp * 16 + (lane >> 4) * 8;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, smem_addr(kv.Vh + at));
+        if constexpr (P::split) {
+          mma_bf16(o[2 * dp], pl, b[0], b[1]);
+          mma_bf16(o[2 * dp + 1], pl, b[2], b[3]);
+        }
+        if constexpr (P::kv_lo) {
+          uint32_t bl[4];
+          ldmatrix_x4_trans(bl, smem_addr(kv.Vl + at));
+          mma_bf16(o[2 * dp], ph, bl[0], bl[1]);
+          mma_bf16(o[2 * dp + 1], ph, bl[2], bl[3]);
+        }
+        mma_bf16(o[2 * dp], ph, b[0], b[1]);
+        mma_bf16(o[2 * dp + 1], ph, b[2], b[3]);
+      }
+    }
+  }
+
+  // Sums l over the quad; afterwards every lane of a row has its full denominator.
+  __device__ void finish() {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
+      l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+    }
+  }
+};
+
+// Block b covers group b − group_offsets[i] (64 queries) of bucket i = h·nch + n (queries of head h that chose
+// chunk n): attends them to the chunk's keys and writes each pair's normalised output and log-sum-exp.
+// Blocks past the last group exit.
+template <typename KT, bool kSplit>
+__global__ void __launch_bounds__(kWarps * 32) chunk_attend_kernel(
+    const float* __restrict__ q, const KT* __restrict__ K, const KT* __restrict__ V, const int* __restrict__ counts,
+    const int* __restrict__ offsets, const int* __restrict__ group_offsets, const int* __restrict__ list, int64_t C,
+    int H, int64_t nch, int64_t chunk, int Kmax, float scale, float* __restrict__ pacc, float* __restrict__ plse) {
+  using P = Prec<KT, kSplit>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t nb = int64_t(H) * nch;
+  const int b = int(blockIdx.x);
+  if (b >= group_offsets[nb]) return;
+  int64_t lo = 0, hi = nb - 1;  // the bucket i with group_offsets[i] ≤ b < group_offsets[i + 1]
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (group_offsets[mid] <= b) lo = mid;
+    else hi = mid - 1;
+  }
+  const int64_t bucket = lo, n = bucket % nch;
+  const int h = int(bucket / nch);
+  const int g0 = (b - group_offsets[bucket]) * kB, rows = min(kB, counts[bucket] - g0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, c = (lane & 3) * 2;
   const int64_t off = int64_t(h) * kB;
-  // blockIdx.z picks every gridDim.z-th group of 64 queries (most blocks of a lightly chosen chunk exit here).
-  for (int g0 = int(blockIdx.z) * kB; g0 < cnt; g0 += int(gridDim.z) * kB) {
-    const int rows = min(kB, cnt - g0);
-    __syncthreads();  // the previous group is done with Qs and entries
-    if (tid < kB) entries[tid] = tid < rows ? list[base + g0 + tid] : -1;
-    __syncthreads();
-    for (int idx = tid; idx < kB * kB; idx += 256) {
-      const int r = idx / kB, d = idx % kB;
-      const int e = entries[r];
-      Qs[r * kLd + d] = e >= 0 ? q[int64_t(e / (H * Kmax)) * C + off + d] : 0.f;
-    }
-    TileState st;
-    init_state(st);
-    for (int64_t key0 = n * chunk; key0 < (n + 1) * chunk; key0 += kB) {
-      const int kn = int(min_i64(kB, (n + 1) * chunk - key0));
-      attend_tile(Qs, Ks, Vs, Ps, K, V, C, off, key0, kn, scale, st, [&](int row, int col) { return col < kn; });
-    }
+  int64_t entry[2];
+  const float* qrow[2];
 #pragma unroll
-    for (int a = 0; a < 4; ++a) {
-      const int r = ty * 4 + a;
-      if (r >= rows) continue;
-      const int64_t e = entries[r];
-      const float inv = 1.f / st.l[a];
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = warp * 16 + g + rr * 8;
+    entry[rr] = r < rows ? list[offsets[bucket] + g0 + r] : -1;
+    qrow[rr] = entry[rr] >= 0 ? q + entry[rr] / (int64_t(H) * Kmax) * C + off : nullptr;
+  }
+  WarpState st;
+  st.init<kSplit>(qrow[0], qrow[1]);
+  const float sl2 = scale * 1.4426950408889634f;
+  KvPipeline<KT, P> pipe{K, V, C, off, smem_raw};
+  const int64_t key_end = (n + 1) * chunk;
+  pipe.fetch(n * chunk, int(min_i64(kB, chunk)));
+  for (int64_t key0 = n * chunk; key0 < key_end; key0 += kB) {
+    const int kn = int(min_i64(kB, key_end - key0));
+    const KvTile kv = pipe.acquire();
+    if (key0 + kB < key_end) pipe.fetch(key0 + kB, int(min_i64(kB, key_end - key0 - kB)));
+    if (kn == kB) st.tile<P, false>(kv, sl2, [](int, int) { return true; });
+    else st.tile<P, true>(kv, sl2, [&](int, int col) { return col < kn; });
+  }
+  st.finish();
 #pragma unroll
-      for (int x = 0; x < 4; ++x) pacc[e * kB + tx + 16 * x] = st.acc[a][x] * inv;
-      if (tx == 0) plse[e] = st.m[a] + logf(st.l[a]);
-    }
+  for (int rr = 0; rr < 2; ++rr) {
+    if (entry[rr] < 0) continue;
+    const float inv = 1.f / st.l[rr];
+    float* dst = pacc + entry[rr] * kB + c;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+      *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(st.o[nt][2 * rr] * inv, st.o[nt][2 * rr + 1] * inv);
+    if (c == 0) plse[entry[rr]] = st.m[rr] * scale + logf(st.l[rr]);
   }
 }
 
 // Grid (⌈T/64⌉, H): causal own-chunk attention for 64 queries, merged with their chosen chunks' partials.
-template <typename KT>
-__global__ void __launch_bounds__(256) own_attend_kernel(const float* __restrict__ q, const KT* __restrict__ K,
-                                                         const KT* __restrict__ V, const int32_t* __restrict__ sel,
-                                                         const float* __restrict__ pacc, const float* __restrict__ plse,
-                                                         int64_t C, int H, int64_t T, int64_t first, int64_t chunk,
-                                                         int Kmax, float scale, float* __restrict__ out) {
-  extern __shared__ float sm[];
-  float *Qs = sm, *Ks = Qs + kB * kLd, *Vs = Ks + kB * kLd, *Ps = Vs + kB * kB;
-  const int h = blockIdx.y, tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+template <typename KT, bool kSplit>
+__global__ void __launch_bounds__(kWarps * 32) own_attend_kernel(
+    const float* __restrict__ q, const KT* __restrict__ K, const KT* __restrict__ V, const int32_t* __restrict__ sel,
+    const float* __restrict__ pacc, const float* __restrict__ plse, int64_t C, int H, int64_t T, int64_t first,
+    int64_t chunk, int Kmax, float scale, float* __restrict__ out) {
+  using P = Prec<KT, kSplit>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, c = (lane & 3) * 2;
   const int64_t q0 = int64_t(blockIdx.x) * kB, off = int64_t(h) * kB;
   const int rows = int(min_i64(kB, T - q0));
-  for (int idx = tid; idx < kB * kB; idx += 256) {
-    const int r = idx / kB, d = idx % kB;
-    Qs[r * kLd + d] = r < rows ? q[(q0 + r) * C + off + d] : 0.f;
-  }
   const int64_t t_first = first + q0, t_last = t_first + rows - 1;
-  TileState st;
-  init_state(st);
-  for (int64_t key0 = t_first / chunk * chunk; key0 <= t_last; key0 += kB) {
-    const int kn = int(min_i64(kB, t_last - key0 + 1));
-    attend_tile(Qs, Ks, Vs, Ps, K, V, C, off, key0, kn, scale, st, [&](int row, int col) {
-      const int64_t t = t_first + row, s = key0 + col;
-      return row < rows && col < kn && s <= t && s >= t / chunk * chunk;
-    });
-  }
+  int64_t t[2], lo[2];
+  const float* qrow[2];
 #pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int r = ty * 4 + a;
-    if (r >= rows) continue;
-    const int64_t tl = q0 + r;
-    float M = st.m[a] + logf(st.l[a]);
-    const float own_lse = M;
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = warp * 16 + g + rr * 8;
+    t[rr] = r < rows ? t_first + r : -1;  // -1: padding row, sees no key
+    lo[rr] = t[rr] >= 0 ? t[rr] / chunk * chunk : 0;
+    qrow[rr] = r < rows ? q + (q0 + r) * C + off : nullptr;
+  }
+  WarpState st;
+  st.init<kSplit>(qrow[0], qrow[1]);
+  const float sl2 = scale * 1.4426950408889634f;
+  const int64_t last_chunk_start = t_last / chunk * chunk;
+  KvPipeline<KT, P> pipe{K, V, C, off, smem_raw};
+  const int64_t key_begin = t_first / chunk * chunk;
+  pipe.fetch(key_begin, int(min_i64(kB, t_last - key_begin + 1)));
+  for (int64_t key0 = key_begin; key0 <= t_last; key0 += kB) {
+    const int kn = int(min_i64(kB, t_last - key0 + 1));
+    const KvTile kv = pipe.acquire();
+    if (key0 + kB <= t_last) pipe.fetch(key0 + kB, int(min_i64(kB, t_last - key0 - kB + 1)));
+    // Tiles wholly before every query and inside every query's chunk need no mask.
+    if (kn == kB && rows == kB && key0 + kB - 1 <= t_first && key0 >= last_chunk_start)
+      st.tile<P, false>(kv, sl2, [](int, int) { return true; });
+    else
+      st.tile<P, true>(kv, sl2, [&](int rr, int col) {
+        const int64_t s = key0 + col;
+        return s <= t[rr] && s >= lo[rr];
+      });
+  }
+  st.finish();
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    if (t[rr] < 0) continue;
+    const int64_t tl = q0 + warp * 16 + g + rr * 8;
+    const float own_lse = st.m[rr] * scale + logf(st.l[rr]);
+    float M = own_lse;
     for (int i = 0; i < Kmax; ++i) {
       const int64_t e = (tl * H + h) * Kmax + i;
       if (sel[e] >= 0) M = fmaxf(M, plse[e]);
     }
-    const float w_own = expf(own_lse - M) / st.l[a];
-    float res[4], wsum = expf(own_lse - M);
+    const float w_own = expf(own_lse - M);
+    float wsum = w_own, res[8][2];
 #pragma unroll
-    for (int x = 0; x < 4; ++x) res[x] = st.acc[a][x] * w_own;
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int x = 0; x < 2; ++x) res[nt][x] = st.o[nt][2 * rr + x] * (w_own / st.l[rr]);
     for (int i = 0; i < Kmax; ++i) {
       const int64_t e = (tl * H + h) * Kmax + i;
       if (sel[e] < 0) continue;
       const float w = expf(plse[e] - M);
       wsum += w;
 #pragma unroll
-      for (int x = 0; x < 4; ++x) res[x] += w * pacc[e * kB + tx + 16 * x];
+      for (int nt = 0; nt < 8; ++nt) {
+        const float2 p = *reinterpret_cast<const float2*>(pacc + e * kB + nt * 8 + c);
+        res[nt][0] += w * p.x, res[nt][1] += w * p.y;
+      }
     }
+    const float inv = 1.f / wsum;
+    float* dst = out + tl * C + off + c;
 #pragma unroll
-    for (int x = 0; x < 4; ++x) out[tl * C + off + tx + 16 * x] = res[x] / wsum;
+    for (int nt = 0; nt < 8; ++nt) *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(res[nt][0] * inv, res[nt][1] * inv);
   }
 }
 
@@ -482,6 +701,15 @@ template <typename F>
 void with_kv_type(DType dt, F&& f) {
   if (dt == DType::bf16) f.template operator()<__nv_bfloat16>();
   else f.template operator()<float>();
+}
+
+// Calls f.template operator()<KT, kSplit>() for the prefill tile kernels.
+template <typename F>
+void with_prefill_kernel(DType dt, bool split, F&& f) {
+  with_kv_type(dt, [&]<typename KT>() {
+    if (split) f.template operator()<KT, true>();
+    else f.template operator()<KT, false>();
+  });
 }
 
 }  // namespace
@@ -569,37 +797,44 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
 
   // 2. Attention.
   if (D == kB && T >= 32) {
+    // Tile precision follows the GEMMs' activation option: hi + lo split unless single bf16 is asked for.
+    const bool split = !opt_.single_bf16_activations;
     Tensor pacc, plse;
     if (Kmax > 0) {
       OpTimer chunk_timer(this, "sparse_attention.chunks");
       const int64_t n_entries = T * H * Kmax, nb = H * jmax;
-      Tensor meta = alloc(DType::f32, {3 * nb});  // counts, cursor (zeroed), offsets
+      Tensor meta = alloc(DType::f32, {4 * nb + 1});  // counts, cursor (zeroed), offsets, group offsets
       int* counts = static_cast<int*>(meta.data);
       int* cursor = counts + nb;
       int* offsets = cursor + nb;
+      int* group_offsets = offsets + nb;
       Tensor list = scratch(size_t(n_entries) * 4);
       pacc = scratch(size_t(n_entries * kB) * 4);
       plse = scratch(size_t(n_entries) * 4);
       const unsigned g = std::min<unsigned>(grid_for(n_entries, 256), 65536u);
       count_kernel<<<g, 256, 0, stream()>>>(sel, n_entries, int(H), Kmax, jmax, counts);
-      scan_kernel<<<1, 32, 0, stream()>>>(counts, nb, offsets);
+      scan_kernel<<<1, 32, 0, stream()>>>(counts, nb, offsets, group_offsets);
       scatter_kernel<<<g, 256, 0, stream()>>>(sel, n_entries, int(H), Kmax, jmax, offsets, cursor,
                                               static_cast<int*>(list.data));
       RWKVX_CUDA_LAUNCHED();
-      with_kv_type(cache.k.dtype, [&]<typename KT>() {
-        RWKVX_CUDA_CHECK(cudaFuncSetAttribute(chunk_attend_kernel<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              int(kTileSmem)));
-        const unsigned groups = unsigned(std::min<int64_t>((T + kB - 1) / kB, 1024));
-        chunk_attend_kernel<KT><<<dim3(unsigned(jmax), unsigned(H), groups), 256, kTileSmem, stream()>>>(
-            ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), counts, offsets, static_cast<const int*>(list.data), C,
-            int(H), jmax, c, Kmax, scale, mptr<float>(pacc), mptr<float>(plse));
+      // Σ⌈count/64⌉ ≤ n_entries/64 + buckets: an upper bound on the groups, known without a copy back.
+      const unsigned blocks = unsigned((n_entries + kB - 1) / kB + nb);
+      with_prefill_kernel(cache.k.dtype, split, [&]<typename KT, bool kSplit>() {
+        const auto kernel = chunk_attend_kernel<KT, kSplit>;
+        const size_t smem = KvPipeline<KT, Prec<KT, kSplit>>::smem;
+        RWKVX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        kernel<<<blocks, kWarps * 32, smem, stream()>>>(ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), counts,
+                                                        offsets, group_offsets, static_cast<const int*>(list.data),
+                                                        C, int(H), jmax, c, Kmax, scale, mptr<float>(pacc),
+                                                        mptr<float>(plse));
       });
       RWKVX_CUDA_LAUNCHED();
     }
-    with_kv_type(cache.k.dtype, [&]<typename KT>() {
-      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(own_attend_kernel<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            int(kTileSmem)));
-      own_attend_kernel<KT><<<dim3(unsigned((T + kB - 1) / kB), unsigned(H)), 256, kTileSmem, stream()>>>(
+    with_prefill_kernel(cache.k.dtype, split, [&]<typename KT, bool kSplit>() {
+      const auto kernel = own_attend_kernel<KT, kSplit>;
+      const size_t smem = KvPipeline<KT, Prec<KT, kSplit>>::smem;
+      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      kernel<<<dim3(unsigned((T + kB - 1) / kB), unsigned(H)), kWarps * 32, smem, stream()>>>(
           ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), sel, Kmax ? ptr<float>(pacc) : nullptr,
           Kmax ? ptr<float>(plse) : nullptr, C, int(H), T, first, c, Kmax, scale, mptr<float>(out));
     });
