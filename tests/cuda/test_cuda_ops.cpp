@@ -387,6 +387,30 @@ TEST_F(CudaSparse, AttentionPrefillDecodeAndHeadSizes) {
   }
 }
 
+// Every chunk holds the same keys, so all gate scores tie exactly: the lowest chunks must be chosen (spec
+// §5.2), which the values (random per row) make visible in the output. Prefill and decode paths.
+TEST_F(CudaSparse, GateTiesPickLowerChunks) {
+  const int64_t C = 128, L = 200;
+  const int chunk = 16;
+  std::vector<float> base = random(chunk * C), k(size_t(L * C)), v = random(L * C);
+  for (int64_t r = 0; r < L; ++r)
+    std::copy_n(base.begin() + (r % chunk) * C, C, k.begin() + r * C);
+  for (const int64_t T : {int64_t(40), int64_t(1)}) {
+    Caches c;
+    auto [kr, kg] = both(k, {L, C});
+    auto [vr, vg] = both(v, {L, C});
+    ref->kv_append(c.r, kr, vr, chunk);
+    gpu->kv_append(c.g, kg, vg, chunk);
+    auto [q, qg] = rand({T, C}, -2, 2);
+    const SparseAttnParams p{chunk, 3, 64};
+    Tensor o = ref->alloc(DType::f32, {T, C}), og = poisoned({T, C});
+    // The last T rows are the queries (a cache of L rows attended by its last T positions).
+    ref->sparse_attention(q, c.r, p, o);
+    gpu->sparse_attention(qg, c.g, p, og);
+    EXPECT_LE(err(o, og), 5e-5) << "T=" << T;
+  }
+}
+
 TEST_F(CudaSparse, EvictionMatchesReference) {
   for (DType kv : {DType::f32, DType::bf16}) {
     std::vector<float> qv;

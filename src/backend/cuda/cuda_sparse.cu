@@ -2,18 +2,24 @@
 // exact top-k chunk attention, and the official eviction policy.
 //
 // sparse_attention runs in two steps:
-//  1. gate: one warp per (query, head) scores every complete past chunk by q·mean in fp64 (as the reference
-//     does, so the top-(k-1) choice and its ties, lower chunk first, agree with it) and writes the chosen chunks.
+//  1. gate: a thread per (query, head) scores every complete past chunk by q·mean in fp64 (as the reference
+//     does, so the top-(k-1) choice and its ties, lower chunk first, agree with it), from shared tiles of the
+//     chunk means, and writes the chosen chunks.
 //  2. attention, one of two paths:
-//     * prefill (≥ 32 queries, head_dim 64): the chosen (query, chunk) pairs are bucketed by chunk on the
-//       device; one block per (chunk, head) attends its queries, 64 at a time, to the chunk's keys in 64×64
-//       tiles with an online softmax and writes a partial result (normalised output + log-sum-exp) per pair.
-//       Then one block per 64 queries and head runs the causal own-chunk part the same way and merges the
-//       partials. Work is exactly the keys each query attends to, whatever the chunks' popularity.
+//     * prefill (≥ 32 queries, head_dim 64), on bf16 tensor cores (mma.sync m16n8k16, fp32 accumulators,
+//       flash-style online softmax in fp32): the chosen (query, chunk) pairs are bucketed by (head, chunk) on
+//       the device; a block per 64 pairs of a bucket attends them to the chunk's keys in 64-key tiles
+//       (copied asynchronously, 3 stages) and writes a partial result (normalised output + log-sum-exp) per
+//       pair. Then a block per 64 queries and head runs the causal own-chunk part the same way and merges
+//       the partials. Work is exactly the keys each query attends to, whatever the chunks' popularity.
+//       Precision: by default every fp32 operand (Q, P, and fp32 K/V) is split into bf16 hi + lo and each
+//       product takes three tensor-core terms (~16 significant bits); with single_bf16_activations each
+//       operand is rounded once to bf16. fp32 caches are rounded (split) to bf16 once per call, for the rows
+//       the tiles read.
 //     * decode and other head sizes: each query's keys are split over several blocks (flash-decoding); in a
-//       block 4 warps score 32 keys at a time (a key per lane) under an online softmax; a second kernel merges.
-// K and V may be stored fp32 or bf16 (KvCache.dtype); every read widens to fp32, all arithmetic is fp32
-// except the gate and the eviction votes (fp64).
+//       block 4 warps score 32 keys at a time (a key per lane) under an online softmax; a second kernel
+//       merges. All fp32.
+// K and V may be stored fp32 or bf16 (KvCache.dtype). The gate and the eviction votes are fp64.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -47,54 +53,81 @@ __global__ void chunk_mean_kernel(const T* k, int64_t C, int64_t chunk, int64_t 
   mean[n * C + c] = float(s / double(chunk));
 }
 
-// One warp per (query, head) of queries [tq0, tq0 + nq). scores: [nq·H][jmax] fp64 scratch.
-__global__ void gate_kernel(const float* __restrict__ q, const float* __restrict__ mean, int64_t C, int D, int H,
-                            int64_t first, int64_t tq0, int64_t nq, int64_t chunk, int Kp, int Kmax, int64_t jmax,
-                            double* scores, int32_t* sel) {
-  const int64_t wid = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (wid >= nq * H) return;
-  const int64_t tl = tq0 + wid / H;
-  const int h = int(wid % H);
-  const int64_t t = first + tl, j = t / chunk;
+constexpr int kGateQueries = 128;  // queries per gate block (one per thread)
+constexpr int kGateChunks = 16;    // chunk means per shared tile
+constexpr int kGateDims = 16;      // query dims held in registers at a time
+
+// Grid (⌈nq/128⌉, H): thread r scores query tq0 + 128·x + r of head y against each of its candidate chunks in
+// fp64, 16 chunks at a time, from a shared fp64 copy of their means (dims zero-padded to a multiple of 16:
+// adding +0 changes no sum). Products of fp32 values are exact in fp64 and every score sums over d in order,
+// as the reference does. The thread keeps its top-(k−1) list sorted by score descending, lower chunk first
+// on ties (a later chunk must beat, not equal, the last entry), in best (scores, [nq·H][Kmax] scratch) and sel,
+// then writes the chosen chunks in ascending order, −1 after them.
+__global__ void __launch_bounds__(kGateQueries) gate_kernel(const float* __restrict__ q, const float* __restrict__ mean,
+                                                            int64_t C, int D, int H, int64_t first, int64_t tq0,
+                                                            int64_t nq, int64_t chunk, int Kp, int Kmax,
+                                                            double* __restrict__ best, int32_t* __restrict__ sel) {
+  extern __shared__ double means[];  // [kGateChunks][Dp]
+  const int Dp = (D + kGateDims - 1) / kGateDims * kGateDims;
+  const int h = blockIdx.y;
+  const int64_t row0 = tq0 + int64_t(blockIdx.x) * kGateQueries;  // local query index of thread 0
+  const int rows = int(min_i64(kGateQueries, tq0 + nq - row0));
+  const int64_t tl = row0 + threadIdx.x;
+  const bool active = int(threadIdx.x) < rows;
+  const int64_t j = active ? (first + tl) / chunk : 0;  // candidates: chunks [0, j)
+  const int64_t j_block = (first + row0 + rows - 1) / chunk;
   const int n_sel = int(min_i64(Kp, j));
   int32_t* out = sel + (tl * H + h) * Kmax;
-  double* row = scores + wid * jmax;
-  const float* qh = q + tl * C + int64_t(h) * D;
-  for (int64_t n = lane; n < j; n += 32) {
-    const float* m = mean + n * C + int64_t(h) * D;
-    double s = 0;
-    for (int d = 0; d < D; ++d) s += double(qh[d]) * double(m[d]);
-    row[n] = s;
-  }
-  __syncwarp();
-  for (int r = 0; r < n_sel; ++r) {
-    int64_t best = -1;
-    double bs = 0;
-    for (int64_t n = lane; n < j; n += 32) {
-      const double v = row[n];
-      if (isnan(v)) continue;  // already chosen
-      if (best < 0 || v > bs) best = n, bs = v;  // ascending n: ties keep the lower index
+  double* bs = best + ((tl - tq0) * H + h) * Kmax;
+  const float* qr = q + tl * C + int64_t(h) * D;
+  int cnt = 0;
+  double worst = 0;
+  for (int64_t n0 = 0; n0 < j_block; n0 += kGateChunks) {
+    const int nt = int(min_i64(kGateChunks, j_block - n0));
+    __syncthreads();  // the previous tile is consumed
+    for (int i = threadIdx.x; i < kGateChunks * Dp; i += blockDim.x) {
+      const int cc = i / Dp, d = i % Dp;
+      means[i] = cc < nt && d < D ? double(mean[(n0 + cc) * C + int64_t(h) * D + d]) : 0.0;
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const int64_t ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const double os = __shfl_xor_sync(0xffffffffu, bs, o);
-      if (ob >= 0 && (best < 0 || os > bs || (os == bs && ob < best))) best = ob, bs = os;
+    __syncthreads();
+    if (n0 >= j) continue;
+    double sc[kGateChunks];
+#pragma unroll
+    for (int cc = 0; cc < kGateChunks; ++cc) sc[cc] = 0.0;
+    for (int d0 = 0; d0 < Dp; d0 += kGateDims) {
+      double qd[kGateDims];
+#pragma unroll
+      for (int dd = 0; dd < kGateDims; ++dd) qd[dd] = d0 + dd < D ? double(qr[d0 + dd]) : 0.0;
+#pragma unroll
+      for (int cc = 0; cc < kGateChunks; ++cc)
+#pragma unroll
+        for (int dd = 0; dd < kGateDims; dd += 2) {
+          const double2 m = *reinterpret_cast<const double2*>(means + cc * Dp + d0 + dd);
+          sc[cc] += qd[dd] * m.x;
+          sc[cc] += qd[dd + 1] * m.y;
+        }
     }
-    if (lane == 0) {
-      out[r] = int32_t(best);
-      row[best] = nan("");
+#pragma unroll
+    for (int cc = 0; cc < kGateChunks; ++cc) {
+      const int64_t n = n0 + cc;
+      const double v = sc[cc];
+      if (n >= j || isnan(v)) continue;
+      int pos;
+      if (cnt < n_sel) pos = cnt++;
+      else if (v > worst) pos = n_sel - 1;
+      else continue;
+      for (; pos > 0 && bs[pos - 1] < v; --pos) bs[pos] = bs[pos - 1], out[pos] = out[pos - 1];
+      bs[pos] = v, out[pos] = int32_t(n);
+      if (cnt == n_sel) worst = bs[n_sel - 1];
     }
-    __syncwarp();
   }
-  if (lane == 0) {
-    for (int a = 1; a < n_sel; ++a)  // ascending chunk order
-      for (int b = a; b > 0 && out[b - 1] > out[b]; --b) {
-        const int32_t x = out[b];
-        out[b] = out[b - 1], out[b - 1] = x;
-      }
-    for (int r = n_sel; r < Kmax; ++r) out[r] = -1;
-  }
+  if (!active) return;
+  for (int a = 1; a < cnt; ++a)  // ascending chunk order
+    for (int b = a; b > 0 && out[b - 1] > out[b]; --b) {
+      const int32_t x = out[b];
+      out[b] = out[b - 1], out[b - 1] = x;
+    }
+  for (int r = cnt; r < Kmax; ++r) out[r] = -1;
 }
 
 // ---- decode / generic head size --------------------------------------------------------------------------
@@ -257,17 +290,22 @@ __device__ __forceinline__ void split_bf16(float a, float b, uint32_t& hi, uint3
   lo = pack_bf16(a - hf.x, b - hf.y);
 }
 
-// Precision of the tile products. kSplit: Q and P are split into bf16 hi + lo, and so are fp32 K and V
-// (bf16 K and V are exact): x·y ≈ xh·yh + xh·yl + xl·yh, ~16 significant bits (the fp32 path's accuracy
-// within ~1e-5). Otherwise one bf16 rounding of each operand (~3 significant digits, a third of the work).
-template <typename KT, bool kSplit>
+// Precision of the tile products. split: Q and P are split into bf16 hi + lo, and so are fp32 K and V (kv_lo;
+// bf16 K and V are exact): x·y ≈ xh·yh + xh·yl + xl·yh, ~16 significant bits. Otherwise one bf16 rounding
+// of each operand (~3 significant digits, a third of the tensor-core work).
+template <bool kSplit, bool kKvLo>
 struct Prec {
   static constexpr bool split = kSplit;
-  static constexpr bool kv_lo = kSplit && std::is_same_v<KT, float>;  // K/V low halves in shared memory
+  static constexpr bool kv_lo = kKvLo;
 };
 
 // One key tile in shared memory, bf16, rows = keys (pitch kPitch); Kl/Vl only with kv_lo.
 struct KvTile {
+  const __nv_bfloat16 *Kh, *Vh, *Kl, *Vl;
+};
+
+// bf16 keys/values as the tiles read them: [len, C] rows; Kl/Vl (the low halves) only with kv_lo.
+struct KvSource {
   const __nv_bfloat16 *Kh, *Vh, *Kl, *Vl;
 };
 
@@ -276,83 +314,87 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
 
-// Block-wide K/V tile pipeline: fetch(n) starts the asynchronous copy of the next tile (keys [key0, key0 + kn)
-// of head `off`) while the block computes on the current one; acquire() waits for it and returns it as bf16.
-// bf16 caches: two bf16 tile buffers, copied straight in. fp32 caches: one fp32 staging tile, rounded (and
-// split when kv_lo) into one bf16 tile set by acquire().
-template <typename KT, typename P>
+// Block-wide pipeline over the 64-key tiles of keys [key_begin, key_end) of head `off`: tile i goes to stage
+// i % kStages by asynchronous copies issued kStages − 1 tiles ahead of its use. Usage, by every thread:
+//   for (s < kStages − 1) fetch(s);   for (i < tiles) { tile = wait(i); fetch(i + kStages − 1); use tile; }
+// fetch() of a tile past the end commits an empty group, so wait() always waits for the same group count.
+template <typename P>
 struct KvPipeline {
-  static constexpr bool kF32 = std::is_same_v<KT, float>;
-  static constexpr int kBf16Tile = kB * kPitch;  // elements of one bf16 matrix
-  static constexpr size_t kStaging = kF32 ? size_t(2) * kB * kB * sizeof(float) : 0;
-  static constexpr int kBf16Sets = kF32 ? 1 : 2;
-  static constexpr int kMatrices = P::kv_lo ? 4 : 2;
-  static constexpr size_t smem = kStaging + size_t(kBf16Sets) * kMatrices * kBf16Tile * sizeof(__nv_bfloat16);
+  static constexpr int kStages = 3;
+  static constexpr int kMatrices = P::kv_lo ? 4 : 2;  // Kh, Vh (, Kl, Vl)
+  static constexpr int kMatrix = kB * kPitch;         // bf16 elements of one matrix
+  static constexpr size_t smem = size_t(kStages) * kMatrices * kMatrix * sizeof(__nv_bfloat16);
 
-  const KT* K;
-  const KT* V;
-  int64_t C, off;
-  unsigned char* base;
-  int next = 0;  // index of the tile fetch() copies next
+  KvSource src;
+  int64_t C, off, key_begin, key_end;
+  __nv_bfloat16* base;
 
-  __device__ __nv_bfloat16* bf16_set(int i) const {
-    return reinterpret_cast<__nv_bfloat16*>(base + kStaging) + (i % kBf16Sets) * kMatrices * kBf16Tile;
-  }
+  __device__ int tiles() const { return int((key_end - key_begin + kB - 1) / kB); }
 
-  __device__ void fetch(int64_t key0, int kn) {
-    const int tid = threadIdx.x;
-    constexpr int kVec = 16 / sizeof(KT);  // elements per 16-byte copy
-    constexpr int kPer = kB * kB / kVec / (kWarps * 32);
+  __device__ void fetch(int i) {
+    if (i < tiles()) {
+      __nv_bfloat16* stage = base + (i % kStages) * kMatrices * kMatrix;
+      const int64_t key0 = key_begin + int64_t(i) * kB;
+      const int kn = int(min_i64(kB, key_end - key0));
+      const __nv_bfloat16* mats[4] = {src.Kh, src.Vh, src.Kl, src.Vl};
+      constexpr int kPer = kB * (kB / 8) / (kWarps * 32);  // 16-byte copies per thread per matrix
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int idx = tid + i * kWarps * 32, row = idx / (kB / kVec), col = idx % (kB / kVec) * kVec;
-      const bool in = row < kn;
-      const int64_t src = (in ? key0 + row : 0) * C + off + col;
-      if constexpr (kF32) {
-        float* stage = reinterpret_cast<float*>(base);
-        cp_async16(stage + row * kB + col, K + src, in);
-        cp_async16(stage + kB * kB + row * kB + col, V + src, in);
-      } else {
-        __nv_bfloat16* set = bf16_set(next);
-        cp_async16(set + row * kPitch + col, K + src, in);
-        cp_async16(set + kBf16Tile + row * kPitch + col, V + src, in);
+      for (int k = 0; k < kPer; ++k) {
+        const int idx = threadIdx.x + k * kWarps * 32, row = idx / (kB / 8), col = idx % (kB / 8) * 8;
+        const bool in = row < kn;
+        const int64_t at = (in ? key0 + row : key_begin) * C + off + col;
+#pragma unroll
+        for (int m = 0; m < kMatrices; ++m) cp_async16(stage + m * kMatrix + row * kPitch + col, mats[m] + at, in);
       }
     }
     cp_async_commit();
-    ++next;
   }
 
-  // The tile of the last fetch(); all threads must call it, and fetch the following tile only after it.
-  __device__ KvTile acquire() {
-    cp_async_wait_all();
-    __syncthreads();  // every thread's copies landed; the previous tile's readers are done
-    __nv_bfloat16* set = bf16_set(next - 1);
-    if constexpr (kF32) {
-      const float* stage = reinterpret_cast<const float*>(base);
-      constexpr int kPer = kB * kB / 4 / (kWarps * 32);
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int idx = threadIdx.x + i * kWarps * 32, row = idx / (kB / 4), col = idx % (kB / 4) * 4;
-#pragma unroll
-        for (int mat = 0; mat < 2; ++mat) {  // K, V
-          const float4 x = *reinterpret_cast<const float4*>(stage + mat * kB * kB + row * kB + col);
-          uint2 hi, lo;
-          if constexpr (P::kv_lo) {
-            split_bf16(x.x, x.y, hi.x, lo.x), split_bf16(x.z, x.w, hi.y, lo.y);
-            *reinterpret_cast<uint2*>(set + (2 + mat) * kBf16Tile + row * kPitch + col) = lo;
-          } else {
-            hi = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
-          }
-          *reinterpret_cast<uint2*>(set + mat * kBf16Tile + row * kPitch + col) = hi;
-        }
-      }
-      __syncthreads();  // the bf16 tile is complete and the staging tile free for the next fetch
-    }
-    return {set, set + kBf16Tile, P::kv_lo ? set + 2 * kBf16Tile : nullptr, P::kv_lo ? set + 3 * kBf16Tile : nullptr};
+  // Tile i, once every thread's copies of it have landed; also the barrier after which the stage of tile
+  // i − 1 may be refilled.
+  __device__ KvTile wait(int i) const {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const __nv_bfloat16* stage = base + (i % kStages) * kMatrices * kMatrix;
+    return {stage, stage + kMatrix, P::kv_lo ? stage + 2 * kMatrix : nullptr,
+            P::kv_lo ? stage + 3 * kMatrix : nullptr};
   }
 };
+
+// Block per row of [0, len): fp32 keys/values rounded to bf16 (hi), and with lo the rounding of the remainder,
+// for the rows the tiles read: the queries' own chunks (from own_begin) and chunks some head chose (counts,
+// [H][nch]; nullptr: none chosen).
+__global__ void kv_to_bf16_kernel(const float* __restrict__ K, const float* __restrict__ V, int64_t C, int64_t chunk,
+                                  int64_t own_begin, const int* __restrict__ counts, int H, int64_t nch,
+                                  __nv_bfloat16* kh, __nv_bfloat16* vh, __nv_bfloat16* kl, __nv_bfloat16* vl) {
+  const int64_t row = blockIdx.x;
+  if (row < own_begin) {
+    if (!counts) return;
+    bool used = false;
+    for (int h = 0; h < H; ++h) used |= counts[int64_t(h) * nch + row / chunk] > 0;
+    if (!used) return;
+  }
+  for (int64_t i = row * C + threadIdx.x * 4; i < (row + 1) * C; i += int64_t(blockDim.x) * 4) {
+    const float4 k = *reinterpret_cast<const float4*>(K + i), v = *reinterpret_cast<const float4*>(V + i);
+    uint2 khi, klo, vhi, vlo;
+    if (kl) {
+      split_bf16(k.x, k.y, khi.x, klo.x), split_bf16(k.z, k.w, khi.y, klo.y);
+      split_bf16(v.x, v.y, vhi.x, vlo.x), split_bf16(v.z, v.w, vhi.y, vlo.y);
+      *reinterpret_cast<uint2*>(kl + i) = klo;
+      *reinterpret_cast<uint2*>(vl + i) = vlo;
+    } else {
+      khi = make_uint2(pack_bf16(k.x, k.y), pack_bf16(k.z, k.w));
+      vhi = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+    }
+    *reinterpret_cast<uint2*>(kh + i) = khi;
+    *reinterpret_cast<uint2*>(vh + i) = vhi;
+  }
+}
 
 // Flash-attention state of one warp: 16 query rows × 64 dims. Lane (g = lane/4, c = lane%4·2) holds rows g and
 // g + 8 (index rr = 0, 1), score/output columns 8·nt + c, +1 (the m16n8 accumulator layout). m is the running
@@ -492,12 +534,11 @@ struct WarpState {
 // Block b covers group b − group_offsets[i] (64 queries) of bucket i = h·nch + n (queries of head h that chose
 // chunk n): attends them to the chunk's keys and writes each pair's normalised output and log-sum-exp.
 // Blocks past the last group exit.
-template <typename KT, bool kSplit>
+template <typename P>
 __global__ void __launch_bounds__(kWarps * 32) chunk_attend_kernel(
-    const float* __restrict__ q, const KT* __restrict__ K, const KT* __restrict__ V, const int* __restrict__ counts,
+    const float* __restrict__ q, KvSource kvs, const int* __restrict__ counts,
     const int* __restrict__ offsets, const int* __restrict__ group_offsets, const int* __restrict__ list, int64_t C,
     int H, int64_t nch, int64_t chunk, int Kmax, float scale, float* __restrict__ pacc, float* __restrict__ plse) {
-  using P = Prec<KT, kSplit>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t nb = int64_t(H) * nch;
   const int b = int(blockIdx.x);
@@ -522,15 +563,14 @@ __global__ void __launch_bounds__(kWarps * 32) chunk_attend_kernel(
     qrow[rr] = entry[rr] >= 0 ? q + entry[rr] / (int64_t(H) * Kmax) * C + off : nullptr;
   }
   WarpState st;
-  st.init<kSplit>(qrow[0], qrow[1]);
+  st.init<P::split>(qrow[0], qrow[1]);
   const float sl2 = scale * 1.4426950408889634f;
-  KvPipeline<KT, P> pipe{K, V, C, off, smem_raw};
-  const int64_t key_end = (n + 1) * chunk;
-  pipe.fetch(n * chunk, int(min_i64(kB, chunk)));
-  for (int64_t key0 = n * chunk; key0 < key_end; key0 += kB) {
-    const int kn = int(min_i64(kB, key_end - key0));
-    const KvTile kv = pipe.acquire();
-    if (key0 + kB < key_end) pipe.fetch(key0 + kB, int(min_i64(kB, key_end - key0 - kB)));
+  KvPipeline<P> pipe{kvs, C, off, n * chunk, (n + 1) * chunk, reinterpret_cast<__nv_bfloat16*>(smem_raw)};
+  for (int i = 0; i < pipe.kStages - 1; ++i) pipe.fetch(i);
+  for (int i = 0, tiles = pipe.tiles(); i < tiles; ++i) {
+    const KvTile kv = pipe.wait(i);
+    pipe.fetch(i + pipe.kStages - 1);
+    const int kn = int(min_i64(kB, pipe.key_end - pipe.key_begin - int64_t(i) * kB));
     if (kn == kB) st.tile<P, false>(kv, sl2, [](int, int) { return true; });
     else st.tile<P, true>(kv, sl2, [&](int, int col) { return col < kn; });
   }
@@ -548,12 +588,11 @@ __global__ void __launch_bounds__(kWarps * 32) chunk_attend_kernel(
 }
 
 // Grid (⌈T/64⌉, H): causal own-chunk attention for 64 queries, merged with their chosen chunks' partials.
-template <typename KT, bool kSplit>
+template <typename P>
 __global__ void __launch_bounds__(kWarps * 32) own_attend_kernel(
-    const float* __restrict__ q, const KT* __restrict__ K, const KT* __restrict__ V, const int32_t* __restrict__ sel,
+    const float* __restrict__ q, KvSource kvs, const int32_t* __restrict__ sel,
     const float* __restrict__ pacc, const float* __restrict__ plse, int64_t C, int H, int64_t T, int64_t first,
     int64_t chunk, int Kmax, float scale, float* __restrict__ out) {
-  using P = Prec<KT, kSplit>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, c = (lane & 3) * 2;
   const int64_t q0 = int64_t(blockIdx.x) * kB, off = int64_t(h) * kB;
@@ -569,16 +608,16 @@ __global__ void __launch_bounds__(kWarps * 32) own_attend_kernel(
     qrow[rr] = r < rows ? q + (q0 + r) * C + off : nullptr;
   }
   WarpState st;
-  st.init<kSplit>(qrow[0], qrow[1]);
+  st.init<P::split>(qrow[0], qrow[1]);
   const float sl2 = scale * 1.4426950408889634f;
   const int64_t last_chunk_start = t_last / chunk * chunk;
-  KvPipeline<KT, P> pipe{K, V, C, off, smem_raw};
-  const int64_t key_begin = t_first / chunk * chunk;
-  pipe.fetch(key_begin, int(min_i64(kB, t_last - key_begin + 1)));
-  for (int64_t key0 = key_begin; key0 <= t_last; key0 += kB) {
+  KvPipeline<P> pipe{kvs, C, off, t_first / chunk * chunk, t_last + 1, reinterpret_cast<__nv_bfloat16*>(smem_raw)};
+  for (int i = 0; i < pipe.kStages - 1; ++i) pipe.fetch(i);
+  for (int i = 0, tiles = pipe.tiles(); i < tiles; ++i) {
+    const KvTile kv = pipe.wait(i);
+    pipe.fetch(i + pipe.kStages - 1);
+    const int64_t key0 = pipe.key_begin + int64_t(i) * kB;
     const int kn = int(min_i64(kB, t_last - key0 + 1));
-    const KvTile kv = pipe.acquire();
-    if (key0 + kB <= t_last) pipe.fetch(key0 + kB, int(min_i64(kB, t_last - key0 - kB + 1)));
     // Tiles wholly before every query and inside every query's chunk need no mask.
     if (kn == kB && rows == kB && key0 + kB - 1 <= t_first && key0 >= last_chunk_start)
       st.tile<P, false>(kv, sl2, [](int, int) { return true; });
@@ -703,13 +742,12 @@ void with_kv_type(DType dt, F&& f) {
   else f.template operator()<float>();
 }
 
-// Calls f.template operator()<KT, kSplit>() for the prefill tile kernels.
+// Calls f.template operator()<P>() with P the prefill tiles' precision.
 template <typename F>
-void with_prefill_kernel(DType dt, bool split, F&& f) {
-  with_kv_type(dt, [&]<typename KT>() {
-    if (split) f.template operator()<KT, true>();
-    else f.template operator()<KT, false>();
-  });
+void with_prefill_precision(bool split, bool kv_lo, F&& f) {
+  if (!split) f.template operator()<Prec<false, false>>();
+  else if (kv_lo) f.template operator()<Prec<true, true>>();
+  else f.template operator()<Prec<true, false>>();
 }
 
 }  // namespace
@@ -783,14 +821,18 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   auto* sel = static_cast<int32_t*>(sel_t.data);
   if (Kmax > 0) {
     OpTimer gate_timer(this, "sparse_attention.gate");
-    const int64_t per_query = H * jmax * 8;
+    const int64_t per_query = H * Kmax * 8;  // bytes of `best` scratch
     const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(T, (int64_t(64) << 20) / per_query));
-    Tensor scores = scratch(size_t(batch * per_query));
+    Tensor best = scratch(size_t(batch * per_query));
+    const int Dp = int((D + kGateDims - 1) / kGateDims * kGateDims);
+    const size_t smem = size_t(kGateChunks) * Dp * sizeof(double);
+    if (smem > 48 * 1024)
+      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(gate_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     for (int64_t t0 = 0; t0 < T; t0 += batch) {
       const int64_t nq = std::min(batch, T - t0);
-      gate_kernel<<<grid_for(nq * H * 32, 256), 256, 0, stream()>>>(
-          ptr<float>(q), ptr<float>(cache.chunk_mean), C, int(D), int(H), first, t0, nq, c, Kp, Kmax, jmax,
-          static_cast<double*>(scores.data), sel);
+      gate_kernel<<<dim3(unsigned((nq + kGateQueries - 1) / kGateQueries), unsigned(H)), kGateQueries, smem,
+                    stream()>>>(ptr<float>(q), ptr<float>(cache.chunk_mean), C, int(D), int(H), first, t0, nq, c, Kp,
+                                Kmax, static_cast<double*>(best.data), sel);
       RWKVX_CUDA_LAUNCHED();
     }
   }
@@ -798,17 +840,18 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   // 2. Attention.
   if (D == kB && T >= 32) {
     // Tile precision follows the GEMMs' activation option: hi + lo split unless single bf16 is asked for.
-    const bool split = !opt_.single_bf16_activations;
-    Tensor pacc, plse;
-    if (Kmax > 0) {
-      OpTimer chunk_timer(this, "sparse_attention.chunks");
-      const int64_t n_entries = T * H * Kmax, nb = H * jmax;
-      Tensor meta = alloc(DType::f32, {4 * nb + 1});  // counts, cursor (zeroed), offsets, group offsets
-      int* counts = static_cast<int*>(meta.data);
+    const bool split = !opt_.single_bf16_activations, f32_kv = cache.k.dtype == DType::f32, kv_lo = split && f32_kv;
+    const int64_t nb = H * jmax;
+    Tensor meta, list, pacc, plse;
+    int *counts = nullptr, *offsets = nullptr, *group_offsets = nullptr;
+    if (Kmax > 0) {  // bucket the (query, chunk) pairs by (head, chunk)
+      const int64_t n_entries = T * H * Kmax;
+      meta = alloc(DType::f32, {4 * nb + 1});  // counts, cursor (zeroed), offsets, group offsets
+      counts = static_cast<int*>(meta.data);
       int* cursor = counts + nb;
-      int* offsets = cursor + nb;
-      int* group_offsets = offsets + nb;
-      Tensor list = scratch(size_t(n_entries) * 4);
+      offsets = cursor + nb;
+      group_offsets = offsets + nb;
+      list = scratch(size_t(n_entries) * 4);
       pacc = scratch(size_t(n_entries * kB) * 4);
       plse = scratch(size_t(n_entries) * 4);
       const unsigned g = std::min<unsigned>(grid_for(n_entries, 256), 65536u);
@@ -817,26 +860,49 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
       scatter_kernel<<<g, 256, 0, stream()>>>(sel, n_entries, int(H), Kmax, jmax, offsets, cursor,
                                               static_cast<int*>(list.data));
       RWKVX_CUDA_LAUNCHED();
+    }
+    // The tiles read bf16: a bf16 cache as it is; an fp32 one rounded (and split) once here, for the rows read.
+    Tensor kv_bf16;
+    KvSource kvs{};
+    if (f32_kv) {
+      OpTimer convert_timer(this, "sparse_attention.kv_bf16");
+      const int64_t L = cache.len, n = L * C;
+      kv_bf16 = scratch(size_t(n) * 2 * (kv_lo ? 4 : 2));
+      auto* b = static_cast<__nv_bfloat16*>(kv_bf16.data);
+      kvs = {b, b + n, kv_lo ? b + 2 * n : nullptr, kv_lo ? b + 3 * n : nullptr};
+      RWKVX_ASSERT(C % 4 == 0, "sparse_attention: C must be a multiple of 4");
+      kv_to_bf16_kernel<<<unsigned(L), 128, 0, stream()>>>(ptr<float>(cache.k), ptr<float>(cache.v), C, c,
+                                                            first / c * c, counts, int(H), jmax,
+                                                            const_cast<__nv_bfloat16*>(kvs.Kh),
+                                                            const_cast<__nv_bfloat16*>(kvs.Vh),
+                                                            const_cast<__nv_bfloat16*>(kvs.Kl),
+                                                            const_cast<__nv_bfloat16*>(kvs.Vl));
+      RWKVX_CUDA_LAUNCHED();
+    } else {
+      kvs = {ptr<__nv_bfloat16>(cache.k), ptr<__nv_bfloat16>(cache.v), nullptr, nullptr};
+    }
+    if (Kmax > 0) {
+      OpTimer chunk_timer(this, "sparse_attention.chunks");
       // Σ⌈count/64⌉ ≤ n_entries/64 + buckets: an upper bound on the groups, known without a copy back.
-      const unsigned blocks = unsigned((n_entries + kB - 1) / kB + nb);
-      with_prefill_kernel(cache.k.dtype, split, [&]<typename KT, bool kSplit>() {
-        const auto kernel = chunk_attend_kernel<KT, kSplit>;
-        const size_t smem = KvPipeline<KT, Prec<KT, kSplit>>::smem;
+      const unsigned blocks = unsigned((T * H * Kmax + kB - 1) / kB + nb);
+      with_prefill_precision(split, kv_lo, [&]<typename P>() {
+        const auto kernel = chunk_attend_kernel<P>;
+        const size_t smem = KvPipeline<P>::smem;
         RWKVX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-        kernel<<<blocks, kWarps * 32, smem, stream()>>>(ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), counts,
-                                                        offsets, group_offsets, static_cast<const int*>(list.data),
-                                                        C, int(H), jmax, c, Kmax, scale, mptr<float>(pacc),
-                                                        mptr<float>(plse));
+        kernel<<<blocks, kWarps * 32, smem, stream()>>>(ptr<float>(q), kvs, counts, offsets, group_offsets,
+                                                        static_cast<const int*>(list.data), C, int(H), jmax, c, Kmax,
+                                                        scale, mptr<float>(pacc), mptr<float>(plse));
       });
       RWKVX_CUDA_LAUNCHED();
     }
-    with_prefill_kernel(cache.k.dtype, split, [&]<typename KT, bool kSplit>() {
-      const auto kernel = own_attend_kernel<KT, kSplit>;
-      const size_t smem = KvPipeline<KT, Prec<KT, kSplit>>::smem;
+    OpTimer own_timer(this, "sparse_attention.own");
+    with_prefill_precision(split, kv_lo, [&]<typename P>() {
+      const auto kernel = own_attend_kernel<P>;
+      const size_t smem = KvPipeline<P>::smem;
       RWKVX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
       kernel<<<dim3(unsigned((T + kB - 1) / kB), unsigned(H)), kWarps * 32, smem, stream()>>>(
-          ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), sel, Kmax ? ptr<float>(pacc) : nullptr,
-          Kmax ? ptr<float>(plse) : nullptr, C, int(H), T, first, c, Kmax, scale, mptr<float>(out));
+          ptr<float>(q), kvs, sel, Kmax ? ptr<float>(pacc) : nullptr, Kmax ? ptr<float>(plse) : nullptr, C, int(H), T,
+          first, c, Kmax, scale, mptr<float>(out));
     });
     RWKVX_CUDA_LAUNCHED();
     return;
