@@ -53,35 +53,45 @@ __global__ void chunk_mean_kernel(const T* k, int64_t C, int64_t chunk, int64_t 
   mean[n * C + c] = float(s / double(chunk));
 }
 
-constexpr int kGateQueries = 128;  // queries per gate block (one per thread)
-constexpr int kGateChunks = 16;    // chunk means per shared tile
-constexpr int kGateDims = 16;      // query dims held in registers at a time
+constexpr int kGateThreads = 128;
+constexpr int kGateRows = 2;        // queries per thread: each shared mean read feeds two products
+constexpr int kGateQueries = kGateThreads * kGateRows;  // per block
+constexpr int kGateChunks = 16;     // chunk means per shared tile
+constexpr int kGateDims = 16;       // query dims held in registers at a time
 
-// Grid (⌈nq/128⌉, H): thread r scores query tq0 + 128·x + r of head y against each of its candidate chunks in
-// fp64, 16 chunks at a time, from a shared fp64 copy of their means (dims zero-padded to a multiple of 16:
-// adding +0 changes no sum). Products of fp32 values are exact in fp64 and every score sums over d in order,
-// as the reference does. The thread keeps its top-(k−1) list sorted by score descending, lower chunk first
-// on ties (a later chunk must beat, not equal, the last entry), in best (scores, [nq·H][Kmax] scratch) and sel,
-// then writes the chosen chunks in ascending order, −1 after them.
-__global__ void __launch_bounds__(kGateQueries) gate_kernel(const float* __restrict__ q, const float* __restrict__ mean,
+// Grid (⌈nq/256⌉, H): thread r scores queries tq0 + 256·x + r + 128·i (i < 2) of head y against each of their
+// candidate chunks in fp64, 16 chunks at a time, from a shared fp64 copy of their means (dims zero-padded to a
+// multiple of 16: adding +0 changes no sum). Products of fp32 values are exact in fp64 and every score sums
+// over d in order, as the reference does. Each query's top-(k−1) list stays sorted by score descending, lower
+// chunk first on ties (a later chunk must beat, not equal, the last entry), in best (scores, [nq·H][Kmax]
+// scratch) and sel; at the end sel gets the chosen chunks in ascending order, −1 after them.
+__global__ void __launch_bounds__(kGateThreads) gate_kernel(const float* __restrict__ q, const float* __restrict__ mean,
                                                             int64_t C, int D, int H, int64_t first, int64_t tq0,
                                                             int64_t nq, int64_t chunk, int Kp, int Kmax,
                                                             double* __restrict__ best, int32_t* __restrict__ sel) {
   extern __shared__ double means[];  // [kGateChunks][Dp]
   const int Dp = (D + kGateDims - 1) / kGateDims * kGateDims;
   const int h = blockIdx.y;
-  const int64_t row0 = tq0 + int64_t(blockIdx.x) * kGateQueries;  // local query index of thread 0
+  const int64_t row0 = tq0 + int64_t(blockIdx.x) * kGateQueries;  // local query index of the block's first row
   const int rows = int(min_i64(kGateQueries, tq0 + nq - row0));
-  const int64_t tl = row0 + threadIdx.x;
-  const bool active = int(threadIdx.x) < rows;
-  const int64_t j = active ? (first + tl) / chunk : 0;  // candidates: chunks [0, j)
   const int64_t j_block = (first + row0 + rows - 1) / chunk;
-  const int n_sel = int(min_i64(Kp, j));
-  int32_t* out = sel + (tl * H + h) * Kmax;
-  double* bs = best + ((tl - tq0) * H + h) * Kmax;
-  const float* qr = q + tl * C + int64_t(h) * D;
-  int cnt = 0;
-  double worst = 0;
+  int64_t j[kGateRows];  // candidates of row i: chunks [0, j[i])
+  int n_sel[kGateRows], cnt[kGateRows];
+  double worst[kGateRows];
+  int32_t* out[kGateRows];
+  double* bs[kGateRows];
+  const float* qr[kGateRows];
+#pragma unroll
+  for (int i = 0; i < kGateRows; ++i) {
+    const int r = int(threadIdx.x) + i * kGateThreads;
+    const int64_t tl = row0 + r;
+    j[i] = r < rows ? (first + tl) / chunk : 0;
+    n_sel[i] = int(min_i64(Kp, j[i]));
+    cnt[i] = 0, worst[i] = 0;
+    out[i] = sel + (tl * H + h) * Kmax;
+    bs[i] = best + ((tl - tq0) * H + h) * Kmax;
+    qr[i] = q + (r < rows ? tl : row0) * C + int64_t(h) * D;
+  }
   for (int64_t n0 = 0; n0 < j_block; n0 += kGateChunks) {
     const int nt = int(min_i64(kGateChunks, j_block - n0));
     __syncthreads();  // the previous tile is consumed
@@ -90,44 +100,59 @@ __global__ void __launch_bounds__(kGateQueries) gate_kernel(const float* __restr
       means[i] = cc < nt && d < D ? double(mean[(n0 + cc) * C + int64_t(h) * D + d]) : 0.0;
     }
     __syncthreads();
-    if (n0 >= j) continue;
-    double sc[kGateChunks];
+    bool needed = false;
 #pragma unroll
-    for (int cc = 0; cc < kGateChunks; ++cc) sc[cc] = 0.0;
+    for (int i = 0; i < kGateRows; ++i) needed |= n0 < j[i];
+    if (!needed) continue;
+    double sc[kGateRows][kGateChunks];
+#pragma unroll
+    for (int i = 0; i < kGateRows; ++i)
+#pragma unroll
+      for (int cc = 0; cc < kGateChunks; ++cc) sc[i][cc] = 0.0;
     for (int d0 = 0; d0 < Dp; d0 += kGateDims) {
-      double qd[kGateDims];
+      double qd[kGateRows][kGateDims];
 #pragma unroll
-      for (int dd = 0; dd < kGateDims; ++dd) qd[dd] = d0 + dd < D ? double(qr[d0 + dd]) : 0.0;
+      for (int i = 0; i < kGateRows; ++i)
+#pragma unroll
+        for (int dd = 0; dd < kGateDims; ++dd) qd[i][dd] = d0 + dd < D ? double(qr[i][d0 + dd]) : 0.0;
 #pragma unroll
       for (int cc = 0; cc < kGateChunks; ++cc)
 #pragma unroll
         for (int dd = 0; dd < kGateDims; dd += 2) {
           const double2 m = *reinterpret_cast<const double2*>(means + cc * Dp + d0 + dd);
-          sc[cc] += qd[dd] * m.x;
-          sc[cc] += qd[dd + 1] * m.y;
+#pragma unroll
+          for (int i = 0; i < kGateRows; ++i) {
+            sc[i][cc] += qd[i][dd] * m.x;
+            sc[i][cc] += qd[i][dd + 1] * m.y;
+          }
         }
     }
 #pragma unroll
-    for (int cc = 0; cc < kGateChunks; ++cc) {
-      const int64_t n = n0 + cc;
-      const double v = sc[cc];
-      if (n >= j || isnan(v)) continue;
-      int pos;
-      if (cnt < n_sel) pos = cnt++;
-      else if (v > worst) pos = n_sel - 1;
-      else continue;
-      for (; pos > 0 && bs[pos - 1] < v; --pos) bs[pos] = bs[pos - 1], out[pos] = out[pos - 1];
-      bs[pos] = v, out[pos] = int32_t(n);
-      if (cnt == n_sel) worst = bs[n_sel - 1];
-    }
+    for (int i = 0; i < kGateRows; ++i)
+#pragma unroll
+      for (int cc = 0; cc < kGateChunks; ++cc) {
+        const int64_t n = n0 + cc;
+        const double v = sc[i][cc];
+        if (n >= j[i] || isnan(v)) continue;
+        int pos;
+        if (cnt[i] < n_sel[i]) pos = cnt[i]++;
+        else if (v > worst[i]) pos = n_sel[i] - 1;
+        else continue;
+        for (; pos > 0 && bs[i][pos - 1] < v; --pos) bs[i][pos] = bs[i][pos - 1], out[i][pos] = out[i][pos - 1];
+        bs[i][pos] = v, out[i][pos] = int32_t(n);
+        if (cnt[i] == n_sel[i]) worst[i] = bs[i][n_sel[i] - 1];
+      }
   }
-  if (!active) return;
-  for (int a = 1; a < cnt; ++a)  // ascending chunk order
-    for (int b = a; b > 0 && out[b - 1] > out[b]; --b) {
-      const int32_t x = out[b];
-      out[b] = out[b - 1], out[b - 1] = x;
-    }
-  for (int r = cnt; r < Kmax; ++r) out[r] = -1;
+#pragma unroll
+  for (int i = 0; i < kGateRows; ++i) {
+    if (int(threadIdx.x) + i * kGateThreads >= rows) continue;
+    for (int a = 1; a < cnt[i]; ++a)  // ascending chunk order
+      for (int b = a; b > 0 && out[i][b - 1] > out[i][b]; --b) {
+        const int32_t x = out[i][b];
+        out[i][b] = out[i][b - 1], out[i][b - 1] = x;
+      }
+    for (int r = cnt[i]; r < Kmax; ++r) out[i][r] = -1;
+  }
 }
 
 // ---- decode / generic head size --------------------------------------------------------------------------
@@ -228,7 +253,7 @@ __global__ void attend_combine_kernel(const float* pm, const float* pl, const fl
 
 // ---- prefill, head_dim 64: bf16 tensor-core tiles --------------------------------------------------------
 
-constexpr int kB = 64;        // queries and keys per tile; also the head dim of this path
+constexpr int kB = 64;        // keys per tile; also the head dim of this path
 constexpr int kWarps = 4;     // a block: 4 warps of 16 query rows each
 constexpr int kPitch = kB + 8;  // bf16 row pitch of the K/V tiles: 144 bytes, so ldmatrix's 8 rows hit 8 bank groups
 
@@ -239,13 +264,13 @@ __global__ void count_kernel(const int32_t* sel, int64_t n_entries, int H, int K
   }
 }
 
-// offsets: exclusive sum of counts; group_offsets [n + 1]: exclusive sum of the 64-query groups per bucket.
-__global__ void scan_kernel(const int* counts, int64_t n, int* offsets, int* group_offsets) {
+// offsets: exclusive sum of counts; group_offsets [n + 1]: exclusive sum of the `group`-query groups per bucket.
+__global__ void scan_kernel(const int* counts, int64_t n, int group, int* offsets, int* group_offsets) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   int acc = 0, groups = 0;
   for (int64_t i = 0; i < n; ++i) {
     offsets[i] = acc, group_offsets[i] = groups;
-    acc += counts[i], groups += (counts[i] + kB - 1) / kB;
+    acc += counts[i], groups += (counts[i] + group - 1) / group;
   }
   group_offsets[n] = groups;
 }
@@ -297,6 +322,9 @@ template <bool kSplit, bool kKvLo>
 struct Prec {
   static constexpr bool split = kSplit;
   static constexpr bool kv_lo = kKvLo;
+  // Query rows per warp = 16·m_tiles (two m-tiles where the registers allow: the single-bf16 fragments).
+  static constexpr int m_tiles = kSplit ? 1 : 2;
+  static constexpr int queries = kWarps * 16 * m_tiles;  // per block
 };
 
 // One key tile in shared memory, bf16, rows = keys (pitch kPitch); Kl/Vl only with kv_lo.
@@ -396,44 +424,53 @@ __global__ void kv_to_bf16_kernel(const float* __restrict__ K, const float* __re
   }
 }
 
-// Flash-attention state of one warp: 16 query rows × 64 dims. Lane (g = lane/4, c = lane%4·2) holds rows g and
-// g + 8 (index rr = 0, 1), score/output columns 8·nt + c, +1 (the m16n8 accumulator layout). m is the running
-// max of the raw (unscaled) scores, l the lane's partial sum (the quad's sum after finish()).
+// Flash-attention state of one warp: kMT m-tiles of 16 query rows × 64 dims (warp rows 16·mt + g, + 8). Lane
+// (g = lane/4, c = lane%4·2) holds in m-tile mt rows g and g + 8 (index rr = 0, 1), score/output columns
+// 8·nt + c, +1 (the m16n8 accumulator layout). m is the running max of the raw (unscaled) scores, l the lane's
+// partial sum (the quad's sum after finish()). Two m-tiles share every K/V fragment a warp loads from shared
+// memory: half the shared-memory traffic per product.
+template <int kMT>
 struct WarpState {
-  uint32_t qh[4][4], ql[4][4];  // Q as A fragments per 16-dim k-step (ql unused without split)
-  float o[8][4], m[2], l[2];
+  uint32_t qh[kMT][4][4], ql[kMT][4][4];  // Q as A fragments per 16-dim k-step (ql unused without split)
+  float o[kMT][8][4], m[kMT][2], l[kMT][2];
 
-  // rows: the warp's two query rows of this lane (nullptr = padding row, zero query).
+  // rows[mt][rr]: this lane's query rows (nullptr = padding row, zero query).
   template <bool kSplit>
-  __device__ void init(const float* row0, const float* row1) {
+  __device__ void init(const float* const (&rows)[kMT][2]) {
     const int c = (threadIdx.x & 3) * 2;
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // a0a1: (g, c), a2a3: (g+8, c), a4a5: (g, c+8), a6a7: (g+8, c+8)
-        const float* row = i & 1 ? row1 : row0;
-        const float2 v = row ? *reinterpret_cast<const float2*>(row + ks * 16 + (i >> 1) * 8 + c) : make_float2(0, 0);
-        if constexpr (kSplit) split_bf16(v.x, v.y, qh[ks][i], ql[ks][i]);
-        else qh[ks][i] = pack_bf16(v.x, v.y);
-      }
+      for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+        for (int i = 0; i < 4; ++i) {  // a0a1: (g, c), a2a3: (g+8, c), a4a5: (g, c+8), a6a7: (g+8, c+8)
+          const float* row = rows[mt][i & 1];
+          const float2 v =
+              row ? *reinterpret_cast<const float2*>(row + ks * 16 + (i >> 1) * 8 + c) : make_float2(0, 0);
+          if constexpr (kSplit) split_bf16(v.x, v.y, qh[mt][ks][i], ql[mt][ks][i]);
+          else qh[mt][ks][i] = pack_bf16(v.x, v.y);
+        }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
-    m[0] = m[1] = -INFINITY;
-    l[0] = l[1] = 0.f;
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[mt][nt][e] = 0.f;
+      m[mt][0] = m[mt][1] = -INFINITY;
+      l[mt][0] = l[mt][1] = 0.f;
+    }
   }
 
-  // One 64-key tile from shared memory. kMask: valid(rr, col) says whether row rr may see tile key col.
-  // sl2 = softmax scale · log2(e).
+  // One 64-key tile from shared memory. kMask: valid(mt, rr, col) says whether row (mt, rr) may see tile key
+  // col. sl2 = softmax scale · log2(e).
   template <typename P, bool kMask, typename Valid>
   __device__ void tile(const KvTile& kv, float sl2, Valid valid) {
     const int lane = threadIdx.x & 31, c = (lane & 3) * 2;
-    float s[8][4];
+    float s[kMT][8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
     // S = Q·Kᵀ: K rows are keys, so a plain ldmatrix of an 8-key × 8-dim block is a B fragment; x4 takes
     // dims [32kp, 32kp + 32) = two k-steps.
 #pragma unroll
@@ -441,82 +478,94 @@ struct WarpState {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         const int at = (nt * 8 + (lane & 7)) * kPitch + kp * 32 + (lane >> 3) * 8;
-        uint32_t b[4];
+        uint32_t b[4], bl[4];
         ldmatrix_x4(b, smem_addr(kv.Kh + at));
-        if constexpr (P::split) {
-          mma_bf16(s[nt], ql[2 * kp], b[0], b[1]);
-          mma_bf16(s[nt], ql[2 * kp + 1], b[2], b[3]);
+        if constexpr (P::kv_lo) ldmatrix_x4(bl, smem_addr(kv.Kl + at));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (P::split) {
+            mma_bf16(s[mt][nt], ql[mt][2 * kp], b[0], b[1]);
+            mma_bf16(s[mt][nt], ql[mt][2 * kp + 1], b[2], b[3]);
+          }
+          if constexpr (P::kv_lo) {
+            mma_bf16(s[mt][nt], qh[mt][2 * kp], bl[0], bl[1]);
+            mma_bf16(s[mt][nt], qh[mt][2 * kp + 1], bl[2], bl[3]);
+          }
+          mma_bf16(s[mt][nt], qh[mt][2 * kp], b[0], b[1]);
+          mma_bf16(s[mt][nt], qh[mt][2 * kp + 1], b[2], b[3]);
         }
-        if constexpr (P::kv_lo) {
-          uint32_t bl[4];
-          ldmatrix_x4(bl, smem_addr(kv.Kl + at));
-          mma_bf16(s[nt], qh[2 * kp], bl[0], bl[1]);
-          mma_bf16(s[nt], qh[2 * kp + 1], bl[2], bl[3]);
-        }
-        mma_bf16(s[nt], qh[2 * kp], b[0], b[1]);
-        mma_bf16(s[nt], qh[2 * kp + 1], b[2], b[3]);
       }
     // Online softmax over the tile (a row's 64 columns live in one quad).
-    float mx[2] = {m[0], m[1]};
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx[2] = {m[mt][0], m[mt][1]};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if constexpr (kMask)
-          if (!valid(e >> 1, nt * 8 + c + (e & 1))) s[nt][e] = -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if constexpr (kMask)
+            if (!valid(mt, e >> 1, nt * 8 + c + (e & 1))) s[mt][nt][e] = -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
+        }
+      float base[2], corr[2];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+        base[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr] * sl2;  // a row with nothing visible yet keeps p = 0
+        corr[rr] = exp2f(m[mt][rr] * sl2 - base[rr]);
+        m[mt][rr] = mx[rr];
+        l[mt][rr] *= corr[rr];
       }
-    float base[2], corr[2];
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
-      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
-      base[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr] * sl2;  // a row with nothing visible yet keeps p = 0
-      corr[rr] = exp2f(m[rr] * sl2 - base[rr]);
-      m[rr] = mx[rr];
-      l[rr] *= corr[rr];
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][nt][e] = exp2f(fmaf(s[mt][nt][e], sl2, -base[e >> 1]));
+          l[mt][e >> 1] += s[mt][nt][e];
+          o[mt][nt][e] *= corr[e >> 1];
+        }
     }
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(fmaf(s[nt][e], sl2, -base[e >> 1]));
-        l[e >> 1] += s[nt][e];
-        o[nt][e] *= corr[e >> 1];
-      }
     // O += P·V: the accumulators of score tiles 2j, 2j+1 are the A fragment of key step j; V rows are keys,
     // so ldmatrix.trans of 8-key × 8-dim blocks gives B fragments (x4: keys 16j..+16 × dims 16dp..+16).
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      uint32_t ph[4], pl[4];
-      if constexpr (P::split) {
-        split_bf16(s[2 * j][0], s[2 * j][1], ph[0], pl[0]);
-        split_bf16(s[2 * j][2], s[2 * j][3], ph[1], pl[1]);
-        split_bf16(s[2 * j + 1][0], s[2 * j + 1][1], ph[2], pl[2]);
-        split_bf16(s[2 * j + 1][2], s[2 * j + 1][3], ph[3], pl[3]);
-      } else {
-        ph[0] = pack_bf16(s[2 * j][0], s[2 * j][1]);
-        ph[1] = pack_bf16(s[2 * j][2], s[2 * j][3]);
-        ph[2] = pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]);
-        ph[3] = pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3]);
+      uint32_t ph[kMT][4], pl[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        const float(&s0)[4] = s[mt][2 * j];
+        const float(&s1)[4] = s[mt][2 * j + 1];
+        if constexpr (P::split) {
+          split_bf16(s0[0], s0[1], ph[mt][0], pl[mt][0]);
+          split_bf16(s0[2], s0[3], ph[mt][1], pl[mt][1]);
+          split_bf16(s1[0], s1[1], ph[mt][2], pl[mt][2]);
+          split_bf16(s1[2], s1[3], ph[mt][3], pl[mt][3]);
+        } else {
+          ph[mt][0] = pack_bf16(s0[0], s0[1]);
+          ph[mt][1] = pack_bf16(s0[2], s0[3]);
+          ph[mt][2] = pack_bf16(s1[0], s1[1]);
+          ph[mt][3] = pack_bf16(s1[2], s1[3]);
+        }
       }
 #pragma unroll
       for (int dp = 0; dp < 4; ++dp) {
         const int at = (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + dp * 16 + (lane >> 4) * 8;
-        uint32_t b[4];
+        uint32_t b[4], bl[4];
         ldmatrix_x4_trans(b, smem_addr(kv.Vh + at));
-        if constexpr (P::split) {
-          mma_bf16(o[2 * dp], pl, b[0], b[1]);
-          mma_bf16(o[2 * dp + 1], pl, b[2], b[3]);
+        if constexpr (P::kv_lo) ldmatrix_x4_trans(bl, smem_addr(kv.Vl + at));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (P::split) {
+            mma_bf16(o[mt][2 * dp], pl[mt], b[0], b[1]);
+            mma_bf16(o[mt][2 * dp + 1], pl[mt], b[2], b[3]);
+          }
+          if constexpr (P::kv_lo) {
+            mma_bf16(o[mt][2 * dp], ph[mt], bl[0], bl[1]);
+            mma_bf16(o[mt][2 * dp + 1], ph[mt], bl[2], bl[3]);
+          }
+          mma_bf16(o[mt][2 * dp], ph[mt], b[0], b[1]);
+          mma_bf16(o[mt][2 * dp + 1], ph[mt], b[2], b[3]);
         }
-        if constexpr (P::kv_lo) {
-          uint32_t bl[4];
-          ldmatrix_x4_trans(bl, smem_addr(kv.Vl + at));
-          mma_bf16(o[2 * dp], ph, bl[0], bl[1]);
-          mma_bf16(o[2 * dp + 1], ph, bl[2], bl[3]);
-        }
-        mma_bf16(o[2 * dp], ph, b[0], b[1]);
-        mma_bf16(o[2 * dp + 1], ph, b[2], b[3]);
       }
     }
   }
@@ -524,21 +573,30 @@ struct WarpState {
   // Sums l over the quad; afterwards every lane of a row has its full denominator.
   __device__ void finish() {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
-      l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
-    }
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        l[mt][rr] += __shfl_xor_sync(0xffffffffu, l[mt][rr], 1);
+        l[mt][rr] += __shfl_xor_sync(0xffffffffu, l[mt][rr], 2);
+      }
   }
 };
 
-// Block b covers group b − group_offsets[i] (64 queries) of bucket i = h·nch + n (queries of head h that chose
-// chunk n): attends them to the chunk's keys and writes each pair's normalised output and log-sum-exp.
+// Block row (in [0, P::queries)) of this lane's m-tile mt, row rr.
+template <typename P>
+__device__ __forceinline__ int block_row(int mt, int rr) {
+  return (threadIdx.x / 32) * 16 * P::m_tiles + mt * 16 + (threadIdx.x & 31) / 4 + rr * 8;
+}
+
+// Block b covers group b − group_offsets[i] (P::queries pairs) of bucket i = h·nch + n (queries of head h that
+// chose chunk n): attends them to the chunk's keys and writes each pair's normalised output and log-sum-exp.
 // Blocks past the last group exit.
 template <typename P>
 __global__ void __launch_bounds__(kWarps * 32) chunk_attend_kernel(
-    const float* __restrict__ q, KvSource kvs, const int* __restrict__ counts,
-    const int* __restrict__ offsets, const int* __restrict__ group_offsets, const int* __restrict__ list, int64_t C,
-    int H, int64_t nch, int64_t chunk, int Kmax, float scale, float* __restrict__ pacc, float* __restrict__ plse) {
+    const float* __restrict__ q, KvSource kvs, const int* __restrict__ counts, const int* __restrict__ offsets,
+    const int* __restrict__ group_offsets, const int* __restrict__ list, int64_t C, int H, int64_t nch,
+    int64_t chunk, int Kmax, float scale, float* __restrict__ pacc, float* __restrict__ plse) {
+  constexpr int kMT = P::m_tiles;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t nb = int64_t(H) * nch;
   const int b = int(blockIdx.x);
@@ -551,19 +609,21 @@ __global__ void __launch_bounds__(kWarps * 32) chunk_attend_kernel(
   }
   const int64_t bucket = lo, n = bucket % nch;
   const int h = int(bucket / nch);
-  const int g0 = (b - group_offsets[bucket]) * kB, rows = min(kB, counts[bucket] - g0);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, c = (lane & 3) * 2;
+  const int g0 = (b - group_offsets[bucket]) * P::queries, rows = min(P::queries, counts[bucket] - g0);
+  const int c = (threadIdx.x & 3) * 2;
   const int64_t off = int64_t(h) * kB;
-  int64_t entry[2];
-  const float* qrow[2];
+  int entry[kMT][2];  // as `list` stores them
+  const float* qrow[kMT][2];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int r = warp * 16 + g + rr * 8;
-    entry[rr] = r < rows ? list[offsets[bucket] + g0 + r] : -1;
-    qrow[rr] = entry[rr] >= 0 ? q + entry[rr] / (int64_t(H) * Kmax) * C + off : nullptr;
-  }
-  WarpState st;
-  st.init<P::split>(qrow[0], qrow[1]);
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = block_row<P>(mt, rr);
+      entry[mt][rr] = r < rows ? list[offsets[bucket] + g0 + r] : -1;
+      qrow[mt][rr] = entry[mt][rr] >= 0 ? q + int64_t(entry[mt][rr]) / (int64_t(H) * Kmax) * C + off : nullptr;
+    }
+  WarpState<kMT> st;
+  st.template init<P::split>(qrow);
   const float sl2 = scale * 1.4426950408889634f;
   KvPipeline<P> pipe{kvs, C, off, n * chunk, (n + 1) * chunk, reinterpret_cast<__nv_bfloat16*>(smem_raw)};
   for (int i = 0; i < pipe.kStages - 1; ++i) pipe.fetch(i);
@@ -571,44 +631,52 @@ __global__ void __launch_bounds__(kWarps * 32) chunk_attend_kernel(
     const KvTile kv = pipe.wait(i);
     pipe.fetch(i + pipe.kStages - 1);
     const int kn = int(min_i64(kB, pipe.key_end - pipe.key_begin - int64_t(i) * kB));
-    if (kn == kB) st.tile<P, false>(kv, sl2, [](int, int) { return true; });
-    else st.tile<P, true>(kv, sl2, [&](int, int col) { return col < kn; });
+    if (kn == kB) st.template tile<P, false>(kv, sl2, [](int, int, int) { return true; });
+    else st.template tile<P, true>(kv, sl2, [&](int, int, int col) { return col < kn; });
   }
   st.finish();
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    if (entry[rr] < 0) continue;
-    const float inv = 1.f / st.l[rr];
-    float* dst = pacc + entry[rr] * kB + c;
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-      *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(st.o[nt][2 * rr] * inv, st.o[nt][2 * rr + 1] * inv);
-    if (c == 0) plse[entry[rr]] = st.m[rr] * scale + logf(st.l[rr]);
-  }
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t e = entry[mt][rr];
+      if (e < 0) continue;
+      const float inv = 1.f / st.l[mt][rr];
+      float* dst = pacc + e * kB + c;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        *reinterpret_cast<float2*>(dst + nt * 8) =
+            make_float2(st.o[mt][nt][2 * rr] * inv, st.o[mt][nt][2 * rr + 1] * inv);
+      if (c == 0) plse[e] = st.m[mt][rr] * scale + logf(st.l[mt][rr]);
+    }
 }
 
-// Grid (⌈T/64⌉, H): causal own-chunk attention for 64 queries, merged with their chosen chunks' partials.
+// Grid (⌈T/P::queries⌉, H): causal own-chunk attention for P::queries queries, merged with their chosen chunks'
+// partials.
 template <typename P>
 __global__ void __launch_bounds__(kWarps * 32) own_attend_kernel(
-    const float* __restrict__ q, KvSource kvs, const int32_t* __restrict__ sel,
-    const float* __restrict__ pacc, const float* __restrict__ plse, int64_t C, int H, int64_t T, int64_t first,
-    int64_t chunk, int Kmax, float scale, float* __restrict__ out) {
+    const float* __restrict__ q, KvSource kvs, const int32_t* __restrict__ sel, const float* __restrict__ pacc,
+    const float* __restrict__ plse, int64_t C, int H, int64_t T, int64_t first, int64_t chunk, int Kmax, float scale,
+    float* __restrict__ out) {
+  constexpr int kMT = P::m_tiles;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, c = (lane & 3) * 2;
-  const int64_t q0 = int64_t(blockIdx.x) * kB, off = int64_t(h) * kB;
-  const int rows = int(min_i64(kB, T - q0));
+  const int h = blockIdx.y, c = (threadIdx.x & 3) * 2;
+  const int64_t q0 = int64_t(blockIdx.x) * P::queries, off = int64_t(h) * kB;
+  const int rows = int(min_i64(P::queries, T - q0));
   const int64_t t_first = first + q0, t_last = t_first + rows - 1;
-  int64_t t[2], lo[2];
-  const float* qrow[2];
+  int64_t t[kMT][2], lo[kMT][2];
+  const float* qrow[kMT][2];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int r = warp * 16 + g + rr * 8;
-    t[rr] = r < rows ? t_first + r : -1;  // -1: padding row, sees no key
-    lo[rr] = t[rr] >= 0 ? t[rr] / chunk * chunk : 0;
-    qrow[rr] = r < rows ? q + (q0 + r) * C + off : nullptr;
-  }
-  WarpState st;
-  st.init<P::split>(qrow[0], qrow[1]);
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = block_row<P>(mt, rr);
+      t[mt][rr] = r < rows ? t_first + r : -1;  // -1: padding row, sees no key
+      lo[mt][rr] = t[mt][rr] >= 0 ? t[mt][rr] / chunk * chunk : 0;
+      qrow[mt][rr] = r < rows ? q + (q0 + r) * C + off : nullptr;
+    }
+  WarpState<kMT> st;
+  st.template init<P::split>(qrow);
   const float sl2 = scale * 1.4426950408889634f;
   const int64_t last_chunk_start = t_last / chunk * chunk;
   KvPipeline<P> pipe{kvs, C, off, t_first / chunk * chunk, t_last + 1, reinterpret_cast<__nv_bfloat16*>(smem_raw)};
@@ -619,47 +687,50 @@ __global__ void __launch_bounds__(kWarps * 32) own_attend_kernel(
     const int64_t key0 = pipe.key_begin + int64_t(i) * kB;
     const int kn = int(min_i64(kB, t_last - key0 + 1));
     // Tiles wholly before every query and inside every query's chunk need no mask.
-    if (kn == kB && rows == kB && key0 + kB - 1 <= t_first && key0 >= last_chunk_start)
-      st.tile<P, false>(kv, sl2, [](int, int) { return true; });
+    if (kn == kB && rows == P::queries && key0 + kB - 1 <= t_first && key0 >= last_chunk_start)
+      st.template tile<P, false>(kv, sl2, [](int, int, int) { return true; });
     else
-      st.tile<P, true>(kv, sl2, [&](int rr, int col) {
+      st.template tile<P, true>(kv, sl2, [&](int mt, int rr, int col) {
         const int64_t s = key0 + col;
-        return s <= t[rr] && s >= lo[rr];
+        return s <= t[mt][rr] && s >= lo[mt][rr];
       });
   }
   st.finish();
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    if (t[rr] < 0) continue;
-    const int64_t tl = q0 + warp * 16 + g + rr * 8;
-    const float own_lse = st.m[rr] * scale + logf(st.l[rr]);
-    float M = own_lse;
-    for (int i = 0; i < Kmax; ++i) {
-      const int64_t e = (tl * H + h) * Kmax + i;
-      if (sel[e] >= 0) M = fmaxf(M, plse[e]);
-    }
-    const float w_own = expf(own_lse - M);
-    float wsum = w_own, res[8][2];
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int x = 0; x < 2; ++x) res[nt][x] = st.o[nt][2 * rr + x] * (w_own / st.l[rr]);
-    for (int i = 0; i < Kmax; ++i) {
-      const int64_t e = (tl * H + h) * Kmax + i;
-      if (sel[e] < 0) continue;
-      const float w = expf(plse[e] - M);
-      wsum += w;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const float2 p = *reinterpret_cast<const float2*>(pacc + e * kB + nt * 8 + c);
-        res[nt][0] += w * p.x, res[nt][1] += w * p.y;
+    for (int rr = 0; rr < 2; ++rr) {
+      if (t[mt][rr] < 0) continue;
+      const int64_t tl = q0 + block_row<P>(mt, rr);
+      const float own_lse = st.m[mt][rr] * scale + logf(st.l[mt][rr]);
+      float M = own_lse;
+      for (int i = 0; i < Kmax; ++i) {
+        const int64_t e = (tl * H + h) * Kmax + i;
+        if (sel[e] >= 0) M = fmaxf(M, plse[e]);
       }
-    }
-    const float inv = 1.f / wsum;
-    float* dst = out + tl * C + off + c;
+      const float w_own = expf(own_lse - M);
+      float wsum = w_own, res[8][2];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(res[nt][0] * inv, res[nt][1] * inv);
-  }
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int x = 0; x < 2; ++x) res[nt][x] = st.o[mt][nt][2 * rr + x] * (w_own / st.l[mt][rr]);
+      for (int i = 0; i < Kmax; ++i) {
+        const int64_t e = (tl * H + h) * Kmax + i;
+        if (sel[e] < 0) continue;
+        const float w = expf(plse[e] - M);
+        wsum += w;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const float2 p = *reinterpret_cast<const float2*>(pacc + e * kB + nt * 8 + c);
+          res[nt][0] += w * p.x, res[nt][1] += w * p.y;
+        }
+      }
+      const float inv = 1.f / wsum;
+      float* dst = out + tl * C + off + c;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(res[nt][0] * inv, res[nt][1] * inv);
+    }
 }
 
 // ---- eviction ---------------------------------------------------------------------------------------------
@@ -830,7 +901,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
       RWKVX_CUDA_CHECK(cudaFuncSetAttribute(gate_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     for (int64_t t0 = 0; t0 < T; t0 += batch) {
       const int64_t nq = std::min(batch, T - t0);
-      gate_kernel<<<dim3(unsigned((nq + kGateQueries - 1) / kGateQueries), unsigned(H)), kGateQueries, smem,
+      gate_kernel<<<dim3(unsigned((nq + kGateQueries - 1) / kGateQueries), unsigned(H)), kGateThreads, smem,
                     stream()>>>(ptr<float>(q), ptr<float>(cache.chunk_mean), C, int(D), int(H), first, t0, nq, c, Kp,
                                 Kmax, static_cast<double*>(best.data), sel);
       RWKVX_CUDA_LAUNCHED();
@@ -841,6 +912,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   if (D == kB && T >= 32) {
     // Tile precision follows the GEMMs' activation option: hi + lo split unless single bf16 is asked for.
     const bool split = !opt_.single_bf16_activations, f32_kv = cache.k.dtype == DType::f32, kv_lo = split && f32_kv;
+    const int block_queries = split ? Prec<true, false>::queries : Prec<false, false>::queries;
     const int64_t nb = H * jmax;
     Tensor meta, list, pacc, plse;
     int *counts = nullptr, *offsets = nullptr, *group_offsets = nullptr;
@@ -856,7 +928,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
       plse = scratch(size_t(n_entries) * 4);
       const unsigned g = std::min<unsigned>(grid_for(n_entries, 256), 65536u);
       count_kernel<<<g, 256, 0, stream()>>>(sel, n_entries, int(H), Kmax, jmax, counts);
-      scan_kernel<<<1, 32, 0, stream()>>>(counts, nb, offsets, group_offsets);
+      scan_kernel<<<1, 32, 0, stream()>>>(counts, nb, block_queries, offsets, group_offsets);
       scatter_kernel<<<g, 256, 0, stream()>>>(sel, n_entries, int(H), Kmax, jmax, offsets, cursor,
                                               static_cast<int*>(list.data));
       RWKVX_CUDA_LAUNCHED();
@@ -883,8 +955,8 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
     }
     if (Kmax > 0) {
       OpTimer chunk_timer(this, "sparse_attention.chunks");
-      // Σ⌈count/64⌉ ≤ n_entries/64 + buckets: an upper bound on the groups, known without a copy back.
-      const unsigned blocks = unsigned((T * H * Kmax + kB - 1) / kB + nb);
+      // Σ⌈count/q⌉ ≤ n_entries/q + buckets: an upper bound on the groups, known without a copy back.
+      const unsigned blocks = unsigned((T * H * Kmax + block_queries - 1) / block_queries + nb);
       with_prefill_precision(split, kv_lo, [&]<typename P>() {
         const auto kernel = chunk_attend_kernel<P>;
         const size_t smem = KvPipeline<P>::smem;
@@ -900,7 +972,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
       const auto kernel = own_attend_kernel<P>;
       const size_t smem = KvPipeline<P>::smem;
       RWKVX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      kernel<<<dim3(unsigned((T + kB - 1) / kB), unsigned(H)), kWarps * 32, smem, stream()>>>(
+      kernel<<<dim3(unsigned((T + block_queries - 1) / block_queries), unsigned(H)), kWarps * 32, smem, stream()>>>(
           ptr<float>(q), kvs, sel, Kmax ? ptr<float>(pacc) : nullptr, Kmax ? ptr<float>(plse) : nullptr, C, int(H), T,
           first, c, Kmax, scale, mptr<float>(out));
     });
