@@ -58,19 +58,29 @@ constexpr int kGateRows = 2;        // queries per thread: each shared mean read
 constexpr int kGateQueries = kGateThreads * kGateRows;  // per block
 constexpr int kGateChunks = 16;     // chunk means per shared tile
 constexpr int kGateDims = 16;       // query dims held in registers at a time
+constexpr int kGateSharedKeep = 8;  // top lists of up to this many chunks live in shared memory
+
+// Dynamic shared memory of gate_kernel: the mean tile, then (Kmax ≤ kGateSharedKeep) the lists.
+inline size_t gate_smem(int Dp, int Kmax) {
+  return size_t(kGateChunks) * Dp * 8 + (Kmax <= kGateSharedKeep ? size_t(kGateQueries) * Kmax * 12 : 0);
+}
 
 // Grid (⌈nq/256⌉, H): thread r scores queries tq0 + 256·x + r + 128·i (i < 2) of head y against each of their
 // candidate chunks in fp64, 16 chunks at a time, from a shared fp64 copy of their means (dims zero-padded to a
 // multiple of 16: adding +0 changes no sum). Products of fp32 values are exact in fp64 and every score sums
 // over d in order, as the reference does. Each query's top-(k−1) list stays sorted by score descending, lower
-// chunk first on ties (a later chunk must beat, not equal, the last entry), in best (scores, [nq·H][Kmax]
-// scratch) and sel; at the end sel gets the chosen chunks in ascending order, −1 after them.
+// chunk first on ties (a later chunk must beat, not equal, the last entry): in shared memory when Kmax ≤ 8
+// (insertions then cost no device-memory round trips), else in best (scores, [nq·H][Kmax] scratch) and sel.
+// At the end sel gets the chosen chunks in ascending order, −1 after them.
 __global__ void __launch_bounds__(kGateThreads) gate_kernel(const float* __restrict__ q, const float* __restrict__ mean,
                                                             int64_t C, int D, int H, int64_t first, int64_t tq0,
                                                             int64_t nq, int64_t chunk, int Kp, int Kmax,
                                                             double* __restrict__ best, int32_t* __restrict__ sel) {
-  extern __shared__ double means[];  // [kGateChunks][Dp]
+  extern __shared__ double means[];  // [kGateChunks][Dp], then the lists' scores and chunks when shared
   const int Dp = (D + kGateDims - 1) / kGateDims * kGateDims;
+  const bool shared_lists = Kmax <= kGateSharedKeep;
+  double* list_scores = means + kGateChunks * Dp;
+  auto* list_chunks = reinterpret_cast<int32_t*>(list_scores + kGateQueries * Kmax);
   const int h = blockIdx.y;
   const int64_t row0 = tq0 + int64_t(blockIdx.x) * kGateQueries;  // local query index of the block's first row
   const int rows = int(min_i64(kGateQueries, tq0 + nq - row0));
@@ -78,8 +88,9 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(const float* __restr
   int64_t j[kGateRows];  // candidates of row i: chunks [0, j[i])
   int n_sel[kGateRows], cnt[kGateRows];
   double worst[kGateRows];
-  int32_t* out[kGateRows];
-  double* bs[kGateRows];
+  int32_t* out[kGateRows];  // the row's sel entries
+  int32_t* lst[kGateRows];  // its list's chunks (out itself when not shared)
+  double* bs[kGateRows];    // its list's scores
   const float* qr[kGateRows];
 #pragma unroll
   for (int i = 0; i < kGateRows; ++i) {
@@ -89,7 +100,8 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(const float* __restr
     n_sel[i] = int(min_i64(Kp, j[i]));
     cnt[i] = 0, worst[i] = 0;
     out[i] = sel + (tl * H + h) * Kmax;
-    bs[i] = best + ((tl - tq0) * H + h) * Kmax;
+    lst[i] = shared_lists ? list_chunks + r * Kmax : out[i];
+    bs[i] = shared_lists ? list_scores + r * Kmax : best + ((tl - tq0) * H + h) * Kmax;
     qr[i] = q + (r < rows ? tl : row0) * C + int64_t(h) * D;
   }
   for (int64_t n0 = 0; n0 < j_block; n0 += kGateChunks) {
@@ -138,8 +150,8 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(const float* __restr
         if (cnt[i] < n_sel[i]) pos = cnt[i]++;
         else if (v > worst[i]) pos = n_sel[i] - 1;
         else continue;
-        for (; pos > 0 && bs[i][pos - 1] < v; --pos) bs[i][pos] = bs[i][pos - 1], out[i][pos] = out[i][pos - 1];
-        bs[i][pos] = v, out[i][pos] = int32_t(n);
+        for (; pos > 0 && bs[i][pos - 1] < v; --pos) bs[i][pos] = bs[i][pos - 1], lst[i][pos] = lst[i][pos - 1];
+        bs[i][pos] = v, lst[i][pos] = int32_t(n);
         if (cnt[i] == n_sel[i]) worst[i] = bs[i][n_sel[i] - 1];
       }
   }
@@ -147,11 +159,11 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(const float* __restr
   for (int i = 0; i < kGateRows; ++i) {
     if (int(threadIdx.x) + i * kGateThreads >= rows) continue;
     for (int a = 1; a < cnt[i]; ++a)  // ascending chunk order
-      for (int b = a; b > 0 && out[i][b - 1] > out[i][b]; --b) {
-        const int32_t x = out[i][b];
-        out[i][b] = out[i][b - 1], out[i][b - 1] = x;
+      for (int b = a; b > 0 && lst[i][b - 1] > lst[i][b]; --b) {
+        const int32_t x = lst[i][b];
+        lst[i][b] = lst[i][b - 1], lst[i][b - 1] = x;
       }
-    for (int r = cnt[i]; r < Kmax; ++r) out[i][r] = -1;
+    for (int r = 0; r < Kmax; ++r) out[i][r] = r < cnt[i] ? lst[i][r] : -1;
   }
 }
 
@@ -892,11 +904,11 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   auto* sel = static_cast<int32_t*>(sel_t.data);
   if (Kmax > 0) {
     OpTimer gate_timer(this, "sparse_attention.gate");
-    const int64_t per_query = H * Kmax * 8;  // bytes of `best` scratch
+    const int64_t per_query = H * Kmax * 8;  // bytes of `best` scratch (lists too long for shared memory)
     const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(T, (int64_t(64) << 20) / per_query));
-    Tensor best = scratch(size_t(batch * per_query));
+    Tensor best = scratch(Kmax <= kGateSharedKeep ? 8 : size_t(batch * per_query));
     const int Dp = int((D + kGateDims - 1) / kGateDims * kGateDims);
-    const size_t smem = size_t(kGateChunks) * Dp * sizeof(double);
+    const size_t smem = gate_smem(Dp, Kmax);
     if (smem > 48 * 1024)
       RWKVX_CUDA_CHECK(cudaFuncSetAttribute(gate_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     for (int64_t t0 = 0; t0 < T; t0 += batch) {
