@@ -8,10 +8,11 @@
 //  2. attention, one of two paths:
 //     * prefill (≥ 32 queries, head_dim 64), on bf16 tensor cores (mma.sync m16n8k16, fp32 accumulators,
 //       flash-style online softmax in fp32): the chosen (query, chunk) pairs are bucketed by (head, chunk) on
-//       the device; a block per 64 pairs of a bucket attends them to the chunk's keys in 64-key tiles
-//       (copied asynchronously, 3 stages) and writes a partial result (normalised output + log-sum-exp) per
-//       pair. Then a block per 64 queries and head runs the causal own-chunk part the same way and merges
-//       the partials. Work is exactly the keys each query attends to, whatever the chunks' popularity.
+//       the device; a block of 4 warps per 64 pairs of a bucket (128 with single bf16: two 16-row m-tiles per
+//       warp) attends them to the chunk's keys in 64-key tiles (copied asynchronously, 3 stages) and writes a
+//       partial result (normalised output + log-sum-exp) per pair. Then a block per 64 (128) queries and head
+//       runs the causal own-chunk part the same way and merges the partials. Work is exactly the keys each
+//       query attends to, whatever the chunks' popularity.
 //       Precision: by default every fp32 operand (Q, P, and fp32 K/V) is split into bf16 hi + lo and each
 //       product takes three tensor-core terms (~16 significant bits); with single_bf16_activations each
 //       operand is rounded once to bf16. fp32 caches are rounded (split) to bf16 once per call, for the rows
@@ -338,6 +339,8 @@ struct Prec {
   static constexpr int m_tiles = kSplit ? 1 : 2;
   static constexpr int queries = kWarps * 16 * m_tiles;  // per block
 };
+// sparse_attention buckets pairs before it picks the kernel: both split variants must group alike.
+static_assert(Prec<true, true>::queries == Prec<true, false>::queries);
 
 // One key tile in shared memory, bf16, rows = keys (pitch kPitch); Kl/Vl only with kv_lo.
 struct KvTile {
@@ -924,7 +927,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   if (D == kB && T >= 32) {
     // Tile precision follows the GEMMs' activation option: hi + lo split unless single bf16 is asked for.
     const bool split = !opt_.single_bf16_activations, f32_kv = cache.k.dtype == DType::f32, kv_lo = split && f32_kv;
-    const int block_queries = split ? Prec<true, false>::queries : Prec<false, false>::queries;
+    const int block_queries = split ? Prec<true, false>::queries : Prec<false, false>::queries;  // per group
     const int64_t nb = H * jmax;
     Tensor meta, list, pacc, plse;
     int *counts = nullptr, *offsets = nullptr, *group_offsets = nullptr;
