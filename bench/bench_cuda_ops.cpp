@@ -3,7 +3,8 @@
 // with RWKVX_BENCH_PEERS=1:
 //   wkv7 over T tokens from a zero state (the prefill recurrence of one layer);
 //   one sparse-attention layer's prefill: kv_append of T keys/values, then T causal queries
-//   (chunk 2048, top-k 3), and the same with a bf16 KV cache.
+//   (chunk 2048, top-k 3), with an fp32 and a bf16 KV cache, in the default (bf16 hi + lo split) tile
+//   precision and, as "…_single_bf16", with single_bf16_activations (one bf16 rounding per operand).
 // Prints one JSON object per line: {"op", "T", "ms" (median of --repeat), "tokens_per_s", "tflops"}.
 // FLOPs count multiply-adds as 2: wkv7 ≈ 8 per state element (N·C of them) per token (decay, α-read,
 // β and v·k updates, r-read); sparse attention 4·D per (query, attended key) per head, with the attended keys of
@@ -97,6 +98,10 @@ int run(int argc, char** argv) {
   }
   auto be = make_cuda_backend();
   Tensor probe = be->alloc(DType::f32, {1, 1});
+  CudaBackendOptions single_opt;  // inputs come from `be`, whose work is finished before each timing
+  single_opt.single_bf16_activations = true;
+  auto single = make_cuda_backend(single_opt);
+  Tensor single_probe = single->alloc(DType::f32, {1, 1});
   for (const int64_t T : lengths) {
     // WKV-7 inputs in the ranges the model produces: decay w ∈ (0.5, 1), small α/β, unit-scale r/k/v.
     Tensor r = random_tensor(*be, T, kC, -1, 1, 1), w = random_tensor(*be, T, kC, 0.5f, 0.999f, 2);
@@ -112,14 +117,18 @@ int run(int argc, char** argv) {
 
     const SparseAttnParams p;  // chunk 2048, top-k 3, head 64
     const double flops = sparse_attention_flops(T, p.chunk, p.top_k);
-    for (const DType kv : {DType::f32, DType::bf16}) {
-      const double ms = median_ms(*be, probe, repeat, [&] {
-        KvCache cache;
-        cache.dtype = kv;
-        be->kv_append(cache, k, v, p.chunk);
-        be->sparse_attention(r, cache, p, y);
-      });
-      print(kv == DType::f32 ? "sparse_attention_prefill_f32kv" : "sparse_attention_prefill_bf16kv", T, ms, flops);
+    for (Backend* b : {be.get(), single.get()}) {
+      for (const DType kv : {DType::f32, DType::bf16}) {
+        const double ms = median_ms(*b, b == be.get() ? probe : single_probe, repeat, [&] {
+          KvCache cache;
+          cache.dtype = kv;
+          b->kv_append(cache, k, v, p.chunk);
+          b->sparse_attention(r, cache, p, y);
+        });
+        const std::string op = std::string("sparse_attention_prefill_") + (kv == DType::f32 ? "f32kv" : "bf16kv") +
+                               (b == single.get() ? "_single_bf16" : "");
+        print(op.c_str(), T, ms, flops);
+      }
     }
   }
   return 0;

@@ -4,7 +4,9 @@
 // Without a GPU every test skips and says so.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 
@@ -355,6 +357,9 @@ struct AttnCase {
   std::vector<int64_t> pieces;  // appends; the last one's rows are the queries
 };
 
+// Head dim 64 with ≥ 32 queries takes the bf16 tensor-core prefill path, in the backend's two precisions:
+// the default splits every fp32 operand into bf16 hi + lo (~16 significant bits); single_bf16_activations rounds
+// each operand once to bf16 (≈ 3 significant digits). The other cases (decode, other head sizes) are fp32.
 TEST_F(CudaSparse, AttentionPrefillDecodeAndHeadSizes) {
   const std::vector<AttnCase> cases = {
       {128, 64, 16, 3, {40, 200}},          // prefill path, small chunks: many own chunks per tile
@@ -362,6 +367,7 @@ TEST_F(CudaSparse, AttentionPrefillDecodeAndHeadSizes) {
       {128, 64, 64, 2, {0, 517}},           // one whole prefill from empty, top-1 past chunk
       {128, 64, 48, 5, {500, 97}},          // top-4 past chunks
       {64, 64, 2048, 3, {0, 2100}},         // one complete chunk of the official size
+      {256, 64, 192, 3, {1000, 1500}},      // several 64-query groups per chosen chunk, queries off the tile
       {128, 64, 16, 1, {100, 77}},          // own chunk only
       {128, 64, 16, 3, {200, 1}},           // decode path
       {128, 64, 16, 3, {200, 7}},           // few queries: decode path
@@ -369,22 +375,58 @@ TEST_F(CudaSparse, AttentionPrefillDecodeAndHeadSizes) {
       {96, 48, 10, 4, {50, 40}},
       {64, 64, 8, 100, {100, 60}},          // more chunks asked than exist: dense attention
   };
-  for (DType kv : {DType::f32, DType::bf16}) {
-    for (const AttnCase& a : cases) {
-      std::vector<float> qv;
-      std::vector<int64_t> pieces;
-      for (int64_t n : a.pieces)
-        if (n) pieces.push_back(n);
-      const int64_t T = a.pieces.back();
-      Caches c = build(a.C, a.chunk, pieces, kv, &qv, T);
-      auto [q, qg] = both(qv, {T, a.C});
-      SparseAttnParams p{a.chunk, a.top_k, int(a.D)};
-      Tensor o = ref->alloc(DType::f32, {T, a.C}), og = poisoned({T, a.C});
-      ref->sparse_attention(q, c.r, p, o);
-      gpu->sparse_attention(qg, c.g, p, og);
-      EXPECT_LE(err(o, og), 2e-5) << dtype_name(kv) << " C=" << a.C << " D=" << a.D << " chunk=" << a.chunk
-                                  << " top_k=" << a.top_k << " T=" << T;
+  for (const bool single : {false, true}) {
+    CudaBackendOptions opt;
+    opt.single_bf16_activations = single;
+    gpu = make_cuda_backend(opt);
+    double worst_tiles = 0;  // over the tensor-core cases
+    for (DType kv : {DType::f32, DType::bf16}) {
+      for (const AttnCase& a : cases) {
+        std::vector<float> qv;
+        std::vector<int64_t> pieces;
+        for (int64_t n : a.pieces)
+          if (n) pieces.push_back(n);
+        const int64_t T = a.pieces.back();
+        Caches c = build(a.C, a.chunk, pieces, kv, &qv, T);
+        auto [q, qg] = both(qv, {T, a.C});
+        SparseAttnParams p{a.chunk, a.top_k, int(a.D)};
+        Tensor o = ref->alloc(DType::f32, {T, a.C}), og = poisoned({T, a.C});
+        ref->sparse_attention(q, c.r, p, o);
+        gpu->sparse_attention(qg, c.g, p, og);
+        const double e = err(o, og);
+        const bool tiles = a.D == 64 && T >= 32;
+        if (tiles) worst_tiles = std::max(worst_tiles, e);
+        // Split tiles: three products of 2⁻¹⁶-accurate halves per term; fp32 paths: 2e-5 as before.
+        EXPECT_LE(e, !tiles ? 2e-5 : single ? 1e-2 : 5e-5)
+            << (single ? "single" : "split") << " bf16 tiles, " << dtype_name(kv) << " C=" << a.C << " D=" << a.D
+            << " chunk=" << a.chunk << " top_k=" << a.top_k << " T=" << T;
+      }
     }
+    std::printf("[sparse] %s bf16 tiles: worst rel_max_err %.3g\n", single ? "single" : "split", worst_tiles);
+  }
+}
+
+// Every chunk holds the same keys, so all gate scores tie exactly: the lowest chunks must be chosen (spec
+// §5.2), which the values (random per row) make visible in the output. Prefill and decode paths.
+TEST_F(CudaSparse, GateTiesPickLowerChunks) {
+  const int64_t C = 128, L = 200;
+  const int chunk = 16;
+  std::vector<float> base = random(chunk * C), k(size_t(L * C)), v = random(L * C);
+  for (int64_t r = 0; r < L; ++r)
+    std::copy_n(base.begin() + (r % chunk) * C, C, k.begin() + r * C);
+  for (const int64_t T : {int64_t(40), int64_t(1)}) {
+    Caches c;
+    auto [kr, kg] = both(k, {L, C});
+    auto [vr, vg] = both(v, {L, C});
+    ref->kv_append(c.r, kr, vr, chunk);
+    gpu->kv_append(c.g, kg, vg, chunk);
+    auto [q, qg] = rand({T, C}, -2, 2);
+    const SparseAttnParams p{chunk, 3, 64};
+    Tensor o = ref->alloc(DType::f32, {T, C}), og = poisoned({T, C});
+    // The last T rows are the queries (a cache of L rows attended by its last T positions).
+    ref->sparse_attention(q, c.r, p, o);
+    gpu->sparse_attention(qg, c.g, p, og);
+    EXPECT_LE(err(o, og), 5e-5) << "T=" << T;
   }
 }
 

@@ -2,21 +2,29 @@
 // exact top-k chunk attention, and the official eviction policy.
 //
 // sparse_attention runs in two steps:
-//  1. gate: one warp per (query, head) scores every complete past chunk by q·mean in fp64 (as the reference
-//     does, so the top-(k-1) choice and its ties, lower chunk first, agree with it) and writes the chosen chunks.
+//  1. gate: a thread per (query, head) scores every complete past chunk by q·mean in fp64 (as the reference
+//     does, so the top-(k-1) choice and its ties, lower chunk first, agree with it), from shared tiles of the
+//     chunk means, and writes the chosen chunks.
 //  2. attention, one of two paths:
-//     * prefill (≥ 32 queries, head_dim 64): the chosen (query, chunk) pairs are bucketed by chunk on the
-//       device; one block per (chunk, head) attends its queries, 64 at a time, to the chunk's keys in 64×64
-//       tiles with an online softmax and writes a partial result (normalised output + log-sum-exp) per pair.
-//       Then one block per 64 queries and head runs the causal own-chunk part the same way and merges the
-//       partials. Work is exactly the keys each query attends to, whatever the chunks' popularity.
+//     * prefill (≥ 32 queries, head_dim 64), on bf16 tensor cores (mma.sync m16n8k16, fp32 accumulators,
+//       flash-style online softmax in fp32): the chosen (query, chunk) pairs are bucketed by (head, chunk) on
+//       the device; a block of 4 warps per 64 pairs of a bucket (128 with single bf16: two 16-row m-tiles per
+//       warp) attends them to the chunk's keys in 64-key tiles (copied asynchronously, 3 stages) and writes a
+//       partial result (normalised output + log-sum-exp) per pair. Then a block per 64 (128) queries and head
+//       runs the causal own-chunk part the same way and merges the partials. Work is exactly the keys each
+//       query attends to, whatever the chunks' popularity.
+//       Precision: by default every fp32 operand (Q, P, and fp32 K/V) is split into bf16 hi + lo and each
+//       product takes three tensor-core terms (~16 significant bits); with single_bf16_activations each
+//       operand is rounded once to bf16. fp32 caches are rounded (split) to bf16 once per call, for the rows
+//       the tiles read.
 //     * decode and other head sizes: each query's keys are split over several blocks (flash-decoding); in a
-//       block 4 warps score 32 keys at a time (a key per lane) under an online softmax; a second kernel merges.
-// K and V may be stored fp32 or bf16 (KvCache.dtype); every read widens to fp32, all arithmetic is fp32
-// except the gate and the eviction votes (fp64).
+//       block 4 warps score 32 keys at a time (a key per lane) under an online softmax; a second kernel
+//       merges. All fp32.
+// K and V may be stored fp32 or bf16 (KvCache.dtype). The gate and the eviction votes are fp64.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 
 #include "backend/cuda/cuda_internal.h"
 
@@ -46,53 +54,117 @@ __global__ void chunk_mean_kernel(const T* k, int64_t C, int64_t chunk, int64_t 
   mean[n * C + c] = float(s / double(chunk));
 }
 
-// One warp per (query, head) of queries [tq0, tq0 + nq). scores: [nq·H][jmax] fp64 scratch.
-__global__ void gate_kernel(const float* __restrict__ q, const float* __restrict__ mean, int64_t C, int D, int H,
-                            int64_t first, int64_t tq0, int64_t nq, int64_t chunk, int Kp, int Kmax, int64_t jmax,
-                            double* scores, int32_t* sel) {
-  const int64_t wid = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (wid >= nq * H) return;
-  const int64_t tl = tq0 + wid / H;
-  const int h = int(wid % H);
-  const int64_t t = first + tl, j = t / chunk;
-  const int n_sel = int(min_i64(Kp, j));
-  int32_t* out = sel + (tl * H + h) * Kmax;
-  double* row = scores + wid * jmax;
-  const float* qh = q + tl * C + int64_t(h) * D;
-  for (int64_t n = lane; n < j; n += 32) {
-    const float* m = mean + n * C + int64_t(h) * D;
-    double s = 0;
-    for (int d = 0; d < D; ++d) s += double(qh[d]) * double(m[d]);
-    row[n] = s;
+constexpr int kGateThreads = 128;
+constexpr int kGateRows = 2;        // queries per thread: each shared mean read feeds two products
+constexpr int kGateQueries = kGateThreads * kGateRows;  // per block
+constexpr int kGateChunks = 16;     // chunk means per shared tile
+constexpr int kGateDims = 16;       // query dims held in registers at a time
+constexpr int kGateSharedKeep = 8;  // top lists of up to this many chunks live in shared memory
+
+// Dynamic shared memory of gate_kernel: the mean tile, then (Kmax ≤ kGateSharedKeep) the lists.
+inline size_t gate_smem(int Dp, int Kmax) {
+  return size_t(kGateChunks) * Dp * 8 + (Kmax <= kGateSharedKeep ? size_t(kGateQueries) * Kmax * 12 : 0);
+}
+
+// Grid (⌈nq/256⌉, H): thread r scores queries tq0 + 256·x + r + 128·i (i < 2) of head y against each of their
+// candidate chunks in fp64, 16 chunks at a time, from a shared fp64 copy of their means (dims zero-padded to a
+// multiple of 16: adding +0 changes no sum). Products of fp32 values are exact in fp64 and every score sums
+// over d in order, as the reference does. Each query's top-(k−1) list stays sorted by score descending, lower
+// chunk first on ties (a later chunk must beat, not equal, the last entry): in shared memory when Kmax ≤ 8
+// (insertions then cost no device-memory round trips), else in best (scores, [nq·H][Kmax] scratch) and sel.
+// At the end sel gets the chosen chunks in ascending order, −1 after them.
+__global__ void __launch_bounds__(kGateThreads) gate_kernel(const float* __restrict__ q, const float* __restrict__ mean,
+                                                            int64_t C, int D, int H, int64_t first, int64_t tq0,
+                                                            int64_t nq, int64_t chunk, int Kp, int Kmax,
+                                                            double* __restrict__ best, int32_t* __restrict__ sel) {
+  extern __shared__ double means[];  // [kGateChunks][Dp], then the lists' scores and chunks when shared
+  const int Dp = (D + kGateDims - 1) / kGateDims * kGateDims;
+  const bool shared_lists = Kmax <= kGateSharedKeep;
+  double* list_scores = means + kGateChunks * Dp;
+  auto* list_chunks = reinterpret_cast<int32_t*>(list_scores + kGateQueries * Kmax);
+  const int h = blockIdx.y;
+  const int64_t row0 = tq0 + int64_t(blockIdx.x) * kGateQueries;  // local query index of the block's first row
+  const int rows = int(min_i64(kGateQueries, tq0 + nq - row0));
+  const int64_t j_block = (first + row0 + rows - 1) / chunk;
+  int64_t j[kGateRows];  // candidates of row i: chunks [0, j[i])
+  int n_sel[kGateRows], cnt[kGateRows];
+  double worst[kGateRows];
+  int32_t* out[kGateRows];  // the row's sel entries
+  int32_t* lst[kGateRows];  // its list's chunks (out itself when not shared)
+  double* bs[kGateRows];    // its list's scores
+  const float* qr[kGateRows];
+#pragma unroll
+  for (int i = 0; i < kGateRows; ++i) {
+    const int r = int(threadIdx.x) + i * kGateThreads;
+    const int64_t tl = row0 + r;
+    j[i] = r < rows ? (first + tl) / chunk : 0;
+    n_sel[i] = int(min_i64(Kp, j[i]));
+    cnt[i] = 0, worst[i] = 0;
+    out[i] = sel + (tl * H + h) * Kmax;
+    lst[i] = shared_lists ? list_chunks + r * Kmax : out[i];
+    bs[i] = shared_lists ? list_scores + r * Kmax : best + ((tl - tq0) * H + h) * Kmax;
+    qr[i] = q + (r < rows ? tl : row0) * C + int64_t(h) * D;
   }
-  __syncwarp();
-  for (int r = 0; r < n_sel; ++r) {
-    int64_t best = -1;
-    double bs = 0;
-    for (int64_t n = lane; n < j; n += 32) {
-      const double v = row[n];
-      if (isnan(v)) continue;  // already chosen
-      if (best < 0 || v > bs) best = n, bs = v;  // ascending n: ties keep the lower index
+  for (int64_t n0 = 0; n0 < j_block; n0 += kGateChunks) {
+    const int nt = int(min_i64(kGateChunks, j_block - n0));
+    __syncthreads();  // the previous tile is consumed
+    for (int i = threadIdx.x; i < kGateChunks * Dp; i += blockDim.x) {
+      const int cc = i / Dp, d = i % Dp;
+      means[i] = cc < nt && d < D ? double(mean[(n0 + cc) * C + int64_t(h) * D + d]) : 0.0;
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const int64_t ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const double os = __shfl_xor_sync(0xffffffffu, bs, o);
-      if (ob >= 0 && (best < 0 || os > bs || (os == bs && ob < best))) best = ob, bs = os;
+    __syncthreads();
+    bool needed = false;
+#pragma unroll
+    for (int i = 0; i < kGateRows; ++i) needed |= n0 < j[i];
+    if (!needed) continue;
+    double sc[kGateRows][kGateChunks];
+#pragma unroll
+    for (int i = 0; i < kGateRows; ++i)
+#pragma unroll
+      for (int cc = 0; cc < kGateChunks; ++cc) sc[i][cc] = 0.0;
+    for (int d0 = 0; d0 < Dp; d0 += kGateDims) {
+      double qd[kGateRows][kGateDims];
+#pragma unroll
+      for (int i = 0; i < kGateRows; ++i)
+#pragma unroll
+        for (int dd = 0; dd < kGateDims; ++dd) qd[i][dd] = d0 + dd < D ? double(qr[i][d0 + dd]) : 0.0;
+#pragma unroll
+      for (int cc = 0; cc < kGateChunks; ++cc)
+#pragma unroll
+        for (int dd = 0; dd < kGateDims; dd += 2) {
+          const double2 m = *reinterpret_cast<const double2*>(means + cc * Dp + d0 + dd);
+#pragma unroll
+          for (int i = 0; i < kGateRows; ++i) {
+            sc[i][cc] += qd[i][dd] * m.x;
+            sc[i][cc] += qd[i][dd + 1] * m.y;
+          }
+        }
     }
-    if (lane == 0) {
-      out[r] = int32_t(best);
-      row[best] = nan("");
-    }
-    __syncwarp();
-  }
-  if (lane == 0) {
-    for (int a = 1; a < n_sel; ++a)  // ascending chunk order
-      for (int b = a; b > 0 && out[b - 1] > out[b]; --b) {
-        const int32_t x = out[b];
-        out[b] = out[b - 1], out[b - 1] = x;
+#pragma unroll
+    for (int i = 0; i < kGateRows; ++i)
+#pragma unroll
+      for (int cc = 0; cc < kGateChunks; ++cc) {
+        const int64_t n = n0 + cc;
+        const double v = sc[i][cc];
+        if (n >= j[i] || isnan(v)) continue;
+        int pos;
+        if (cnt[i] < n_sel[i]) pos = cnt[i]++;
+        else if (v > worst[i]) pos = n_sel[i] - 1;
+        else continue;
+        for (; pos > 0 && bs[i][pos - 1] < v; --pos) bs[i][pos] = bs[i][pos - 1], lst[i][pos] = lst[i][pos - 1];
+        bs[i][pos] = v, lst[i][pos] = int32_t(n);
+        if (cnt[i] == n_sel[i]) worst[i] = bs[i][n_sel[i] - 1];
       }
-    for (int r = n_sel; r < Kmax; ++r) out[r] = -1;
+  }
+#pragma unroll
+  for (int i = 0; i < kGateRows; ++i) {
+    if (int(threadIdx.x) + i * kGateThreads >= rows) continue;
+    for (int a = 1; a < cnt[i]; ++a)  // ascending chunk order
+      for (int b = a; b > 0 && lst[i][b - 1] > lst[i][b]; --b) {
+        const int32_t x = lst[i][b];
+        lst[i][b] = lst[i][b - 1], lst[i][b - 1] = x;
+      }
+    for (int r = 0; r < Kmax; ++r) out[i][r] = r < cnt[i] ? lst[i][r] : -1;
   }
 }
 
@@ -192,11 +264,11 @@ __global__ void attend_combine_kernel(const float* pm, const float* pl, const fl
   }
 }
 
-// ---- prefill, head_dim 64 --------------------------------------------------------------------------------
+// ---- prefill, head_dim 64: bf16 tensor-core tiles --------------------------------------------------------
 
-constexpr int kB = 64;  // queries and keys per tile; also the head dim of this path
-constexpr int kLd = kB + 1;
-constexpr size_t kTileSmem = sizeof(float) * (3 * kB * kLd + kB * kB);
+constexpr int kB = 64;        // keys per tile; also the head dim of this path
+constexpr int kWarps = 4;     // a block: 4 warps of 16 query rows each
+constexpr int kPitch = kB + 8;  // bf16 row pitch of the K/V tiles: 144 bytes, so ldmatrix's 8 rows hit 8 bank groups
 
 __global__ void count_kernel(const int32_t* sel, int64_t n_entries, int H, int Kmax, int64_t nch, int* counts) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_entries; e += int64_t(gridDim.x) * blockDim.x) {
@@ -205,10 +277,15 @@ __global__ void count_kernel(const int32_t* sel, int64_t n_entries, int H, int K
   }
 }
 
-__global__ void scan_kernel(const int* counts, int64_t n, int* offsets) {
+// offsets: exclusive sum of counts; group_offsets [n + 1]: exclusive sum of the `group`-query groups per bucket.
+__global__ void scan_kernel(const int* counts, int64_t n, int group, int* offsets, int* group_offsets) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int acc = 0;
-  for (int64_t i = 0; i < n; ++i) offsets[i] = acc, acc += counts[i];
+  int acc = 0, groups = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    offsets[i] = acc, group_offsets[i] = groups;
+    acc += counts[i], groups += (counts[i] + group - 1) / group;
+  }
+  group_offsets[n] = groups;
 }
 
 __global__ void scatter_kernel(const int32_t* sel, int64_t n_entries, int H, int Kmax, int64_t nch, const int* offsets,
@@ -221,187 +298,454 @@ __global__ void scatter_kernel(const int32_t* sel, int64_t n_entries, int H, int
   }
 }
 
-// Online-softmax state of 64 query rows × 64 dims over 256 threads: thread (ty, tx) owns rows ty·4 + a,
-// score columns tx + 16·b and output dims tx + 16·e.
-struct TileState {
-  float m[4], l[4], acc[4][4];
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// d += a · b for one m16n8k16 tile (bf16 inputs, fp32 accumulators; fragment layouts of the PTX ISA).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
+// (a, b) rounded to bf16 (a in the low half); lo gets the bf16 rounding of what hi left out.
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) { return bits(__floats2bfloat162_rn(a, b)); }
+__device__ __forceinline__ void split_bf16(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  hi = bits(h);
+  lo = pack_bf16(a - hf.x, b - hf.y);
+}
+
+// Precision of the tile products. split: Q and P are split into bf16 hi + lo, and so are fp32 K and V (kv_lo;
+// bf16 K and V are exact): x·y ≈ xh·yh + xh·yl + xl·yh, ~16 significant bits. Otherwise one bf16 rounding
+// of each operand (~3 significant digits, a third of the tensor-core work).
+template <bool kSplit, bool kKvLo>
+struct Prec {
+  static constexpr bool split = kSplit;
+  static constexpr bool kv_lo = kKvLo;
+  // Query rows per warp = 16·m_tiles (two m-tiles where the registers allow: the single-bf16 fragments).
+  static constexpr int m_tiles = kSplit ? 1 : 2;
+  static constexpr int queries = kWarps * 16 * m_tiles;  // per block
+};
+// sparse_attention buckets pairs before it picks the kernel: both split variants must group alike.
+static_assert(Prec<true, true>::queries == Prec<true, false>::queries);
+
+// One key tile in shared memory, bf16, rows = keys (pitch kPitch); Kl/Vl only with kv_lo.
+struct KvTile {
+  const __nv_bfloat16 *Kh, *Vh, *Kl, *Vl;
 };
 
-// One 64-key tile starting at slot key0 (kn valid keys); valid(row, col) masks (query row, key col).
-template <typename KT, typename Valid>
-__device__ void attend_tile(const float* Qs, float* Ks, float* Vs, float* Ps, const KT* K, const KT* V, int64_t C,
-                            int64_t off, int64_t key0, int kn, float scale, TileState& st, Valid valid) {
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  __syncthreads();
-  for (int idx = tid; idx < kB * kB; idx += 256) {
-    const int key = idx / kB, d = idx % kB;
-    const bool in = key < kn;
-    Ks[key * kLd + d] = in ? to_f32(K[(key0 + key) * C + off + d]) : 0.f;
-    Vs[key * kB + d] = in ? to_f32(V[(key0 + key) * C + off + d]) : 0.f;
-  }
-  __syncthreads();
-  float s[4][4] = {};
-#pragma unroll 8
-  for (int d = 0; d < kB; ++d) {
-    float qa[4], kb[4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a) qa[a] = Qs[(ty * 4 + a) * kLd + d];
-#pragma unroll
-    for (int b = 0; b < 4; ++b) kb[b] = Ks[(tx + 16 * b) * kLd + d];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) s[a][b] += qa[a] * kb[b];
-  }
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int row = ty * 4 + a;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      s[a][b] = valid(row, tx + 16 * b) ? s[a][b] * scale : -INFINITY;
-      mx = fmaxf(mx, s[a][b]);
-    }
-    for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    const float m_new = fmaxf(st.m[a], mx);
-    float corr = 1.f, rs = 0.f, p[4];
-    if (m_new == -INFINITY) {
-#pragma unroll
-      for (int b = 0; b < 4; ++b) p[b] = 0.f;
-    } else {
-      corr = expf(st.m[a] - m_new);
-#pragma unroll
-      for (int b = 0; b < 4; ++b) rs += (p[b] = expf(s[a][b] - m_new));
-    }
-    for (int o = 8; o > 0; o >>= 1) rs += __shfl_xor_sync(0xffffffffu, rs, o);
-    st.l[a] = st.l[a] * corr + rs;
-    st.m[a] = m_new;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st.acc[a][e] *= corr;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) Ps[row * kLd + tx + 16 * b] = p[b];
-  }
-  __syncthreads();
-#pragma unroll 8
-  for (int key = 0; key < kB; ++key) {
-    float pv[4], vv[4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a) pv[a] = Ps[(ty * 4 + a) * kLd + key];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) vv[e] = Vs[key * kB + tx + 16 * e];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st.acc[a][e] += pv[a] * vv[e];
-  }
+// bf16 keys/values as the tiles read them: [len, C] rows; Kl/Vl (the low halves) only with kv_lo.
+struct KvSource {
+  const __nv_bfloat16 *Kh, *Vh, *Kl, *Vl;
+};
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+  // src-size 0 zero-fills: rows past the tile's keys must be 0 for P·V, not stale data.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
-__device__ void init_state(TileState& st) {
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    st.m[a] = -INFINITY, st.l[a] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st.acc[a][e] = 0.f;
-  }
-}
+// Block-wide pipeline over the 64-key tiles of keys [key_begin, key_end) of head `off`: tile i goes to stage
+// i % kStages by asynchronous copies issued kStages − 1 tiles ahead of its use. Usage, by every thread:
+//   for (s < kStages − 1) fetch(s);   for (i < tiles) { tile = wait(i); fetch(i + kStages − 1); use tile; }
+// fetch() of a tile past the end commits an empty group, so wait() always waits for the same group count.
+template <typename P>
+struct KvPipeline {
+  static constexpr int kStages = 3;
+  static constexpr int kMatrices = P::kv_lo ? 4 : 2;  // Kh, Vh (, Kl, Vl)
+  static constexpr int kMatrix = kB * kPitch;         // bf16 elements of one matrix
+  static constexpr size_t smem = size_t(kStages) * kMatrices * kMatrix * sizeof(__nv_bfloat16);
 
-// Grid (chunks, H, groups): block (n, h, z) attends groups z, z + groups, … of 64 queries that chose chunk n
-// for head h.
-template <typename KT>
-__global__ void __launch_bounds__(256) chunk_attend_kernel(const float* __restrict__ q, const KT* __restrict__ K,
-                                                           const KT* __restrict__ V, const int* counts, const int* offsets,
-                                                           const int* list, int64_t C, int H, int64_t nch,
-                                                           int64_t chunk, int Kmax, float scale, float* pacc,
-                                                           float* plse) {
-  extern __shared__ float sm[];
-  float *Qs = sm, *Ks = Qs + kB * kLd, *Vs = Ks + kB * kLd, *Ps = Vs + kB * kB;
-  __shared__ int entries[kB];
-  const int64_t n = blockIdx.x;
-  const int h = blockIdx.y, tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int cnt = counts[h * nch + n], base = offsets[h * nch + n];
-  const int64_t off = int64_t(h) * kB;
-  // blockIdx.z picks every gridDim.z-th group of 64 queries (most blocks of a lightly chosen chunk exit here).
-  for (int g0 = int(blockIdx.z) * kB; g0 < cnt; g0 += int(gridDim.z) * kB) {
-    const int rows = min(kB, cnt - g0);
-    __syncthreads();  // the previous group is done with Qs and entries
-    if (tid < kB) entries[tid] = tid < rows ? list[base + g0 + tid] : -1;
+  KvSource src;
+  int64_t C, off, key_begin, key_end;
+  __nv_bfloat16* base;
+
+  __device__ int tiles() const { return int((key_end - key_begin + kB - 1) / kB); }
+
+  __device__ void fetch(int i) {
+    if (i < tiles()) {
+      __nv_bfloat16* stage = base + (i % kStages) * kMatrices * kMatrix;
+      const int64_t key0 = key_begin + int64_t(i) * kB;
+      const int kn = int(min_i64(kB, key_end - key0));
+      const __nv_bfloat16* mats[4] = {src.Kh, src.Vh, src.Kl, src.Vl};
+      constexpr int kPer = kB * (kB / 8) / (kWarps * 32);  // 16-byte copies per thread per matrix
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int idx = threadIdx.x + k * kWarps * 32, row = idx / (kB / 8), col = idx % (kB / 8) * 8;
+        const bool in = row < kn;
+        const int64_t at = (in ? key0 + row : key_begin) * C + off + col;
+#pragma unroll
+        for (int m = 0; m < kMatrices; ++m) cp_async16(stage + m * kMatrix + row * kPitch + col, mats[m] + at, in);
+      }
+    }
+    cp_async_commit();
+  }
+
+  // Tile i, once every thread's copies of it have landed; also the barrier after which the stage of tile
+  // i − 1 may be refilled.
+  __device__ KvTile wait(int i) const {
+    cp_async_wait<kStages - 2>();
     __syncthreads();
-    for (int idx = tid; idx < kB * kB; idx += 256) {
-      const int r = idx / kB, d = idx % kB;
-      const int e = entries[r];
-      Qs[r * kLd + d] = e >= 0 ? q[int64_t(e / (H * Kmax)) * C + off + d] : 0.f;
+    const __nv_bfloat16* stage = base + (i % kStages) * kMatrices * kMatrix;
+    return {stage, stage + kMatrix, P::kv_lo ? stage + 2 * kMatrix : nullptr,
+            P::kv_lo ? stage + 3 * kMatrix : nullptr};
+  }
+};
+
+// Block per row of [0, len): fp32 keys/values rounded to bf16 (hi), and with lo the rounding of the remainder,
+// for the rows the tiles read: the queries' own chunks (from own_begin) and chunks some head chose (counts,
+// [H][nch]; nullptr: none chosen).
+__global__ void kv_to_bf16_kernel(const float* __restrict__ K, const float* __restrict__ V, int64_t C, int64_t chunk,
+                                  int64_t own_begin, const int* __restrict__ counts, int H, int64_t nch,
+                                  __nv_bfloat16* kh, __nv_bfloat16* vh, __nv_bfloat16* kl, __nv_bfloat16* vl) {
+  const int64_t row = blockIdx.x;
+  if (row < own_begin) {
+    if (!counts) return;
+    bool used = false;
+    for (int h = 0; h < H; ++h) used |= counts[int64_t(h) * nch + row / chunk] > 0;
+    if (!used) return;
+  }
+  for (int64_t i = row * C + threadIdx.x * 4; i < (row + 1) * C; i += int64_t(blockDim.x) * 4) {
+    const float4 k = *reinterpret_cast<const float4*>(K + i), v = *reinterpret_cast<const float4*>(V + i);
+    uint2 khi, klo, vhi, vlo;
+    if (kl) {
+      split_bf16(k.x, k.y, khi.x, klo.x), split_bf16(k.z, k.w, khi.y, klo.y);
+      split_bf16(v.x, v.y, vhi.x, vlo.x), split_bf16(v.z, v.w, vhi.y, vlo.y);
+      *reinterpret_cast<uint2*>(kl + i) = klo;
+      *reinterpret_cast<uint2*>(vl + i) = vlo;
+    } else {
+      khi = make_uint2(pack_bf16(k.x, k.y), pack_bf16(k.z, k.w));
+      vhi = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
     }
-    TileState st;
-    init_state(st);
-    for (int64_t key0 = n * chunk; key0 < (n + 1) * chunk; key0 += kB) {
-      const int kn = int(min_i64(kB, (n + 1) * chunk - key0));
-      attend_tile(Qs, Ks, Vs, Ps, K, V, C, off, key0, kn, scale, st, [&](int row, int col) { return col < kn; });
-    }
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-      const int r = ty * 4 + a;
-      if (r >= rows) continue;
-      const int64_t e = entries[r];
-      const float inv = 1.f / st.l[a];
-#pragma unroll
-      for (int x = 0; x < 4; ++x) pacc[e * kB + tx + 16 * x] = st.acc[a][x] * inv;
-      if (tx == 0) plse[e] = st.m[a] + logf(st.l[a]);
-    }
+    *reinterpret_cast<uint2*>(kh + i) = khi;
+    *reinterpret_cast<uint2*>(vh + i) = vhi;
   }
 }
 
-// Grid (⌈T/64⌉, H): causal own-chunk attention for 64 queries, merged with their chosen chunks' partials.
-template <typename KT>
-__global__ void __launch_bounds__(256) own_attend_kernel(const float* __restrict__ q, const KT* __restrict__ K,
-                                                         const KT* __restrict__ V, const int32_t* __restrict__ sel,
-                                                         const float* __restrict__ pacc, const float* __restrict__ plse,
-                                                         int64_t C, int H, int64_t T, int64_t first, int64_t chunk,
-                                                         int Kmax, float scale, float* __restrict__ out) {
-  extern __shared__ float sm[];
-  float *Qs = sm, *Ks = Qs + kB * kLd, *Vs = Ks + kB * kLd, *Ps = Vs + kB * kB;
-  const int h = blockIdx.y, tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int64_t q0 = int64_t(blockIdx.x) * kB, off = int64_t(h) * kB;
-  const int rows = int(min_i64(kB, T - q0));
-  for (int idx = tid; idx < kB * kB; idx += 256) {
-    const int r = idx / kB, d = idx % kB;
-    Qs[r * kLd + d] = r < rows ? q[(q0 + r) * C + off + d] : 0.f;
+// Flash-attention state of one warp: kMT m-tiles of 16 query rows × 64 dims (warp rows 16·mt + g, + 8). Lane
+// (g = lane/4, c = lane%4·2) holds in m-tile mt rows g and g + 8 (index rr = 0, 1), score/output columns
+// 8·nt + c, +1 (the m16n8 accumulator layout). m is the running max of the raw (unscaled) scores, l the lane's
+// partial sum (the quad's sum after finish()). Two m-tiles share every K/V fragment a warp loads from shared
+// memory: half the shared-memory traffic per product.
+template <int kMT>
+struct WarpState {
+  uint32_t qh[kMT][4][4], ql[kMT][4][4];  // Q as A fragments per 16-dim k-step (ql unused without split)
+  float o[kMT][8][4], m[kMT][2], l[kMT][2];
+
+  // rows[mt][rr]: this lane's query rows (nullptr = padding row, zero query).
+  template <bool kSplit>
+  __device__ void init(const float* const (&rows)[kMT][2]) {
+    const int c = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // a0a1: (g, c), a2a3: (g+8, c), a4a5: (g, c+8), a6a7: (g+8, c+8)
+          const float* row = rows[mt][i & 1];
+          const float2 v =
+              row ? *reinterpret_cast<const float2*>(row + ks * 16 + (i >> 1) * 8 + c) : make_float2(0, 0);
+          if constexpr (kSplit) split_bf16(v.x, v.y, qh[mt][ks][i], ql[mt][ks][i]);
+          else qh[mt][ks][i] = pack_bf16(v.x, v.y);
+        }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[mt][nt][e] = 0.f;
+      m[mt][0] = m[mt][1] = -INFINITY;
+      l[mt][0] = l[mt][1] = 0.f;
+    }
   }
+
+  // One 64-key tile from shared memory. kMask: valid(mt, rr, col) says whether row (mt, rr) may see tile key
+  // col. sl2 = softmax scale · log2(e).
+  template <typename P, bool kMask, typename Valid>
+  __device__ void tile(const KvTile& kv, float sl2, Valid valid) {
+    const int lane = threadIdx.x & 31, c = (lane & 3) * 2;
+    float s[kMT][8][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+    // S = Q·Kᵀ: K rows are keys, so a plain ldmatrix of an 8-key × 8-dim block is a B fragment; x4 takes
+    // dims [32kp, 32kp + 32) = two k-steps.
+#pragma unroll
+    for (int kp = 0; kp < 2; ++kp)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int at = (nt * 8 + (lane & 7)) * kPitch + kp * 32 + (lane >> 3) * 8;
+        uint32_t b[4], bl[4];
+        ldmatrix_x4(b, smem_addr(kv.Kh + at));
+        if constexpr (P::kv_lo) ldmatrix_x4(bl, smem_addr(kv.Kl + at));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (P::split) {
+            mma_bf16(s[mt][nt], ql[mt][2 * kp], b[0], b[1]);
+            mma_bf16(s[mt][nt], ql[mt][2 * kp + 1], b[2], b[3]);
+          }
+          if constexpr (P::kv_lo) {
+            mma_bf16(s[mt][nt], qh[mt][2 * kp], bl[0], bl[1]);
+            mma_bf16(s[mt][nt], qh[mt][2 * kp + 1], bl[2], bl[3]);
+          }
+          mma_bf16(s[mt][nt], qh[mt][2 * kp], b[0], b[1]);
+          mma_bf16(s[mt][nt], qh[mt][2 * kp + 1], b[2], b[3]);
+        }
+      }
+    // Online softmax over the tile (a row's 64 columns live in one quad).
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx[2] = {m[mt][0], m[mt][1]};
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if constexpr (kMask)
+            if (!valid(mt, e >> 1, nt * 8 + c + (e & 1))) s[mt][nt][e] = -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
+        }
+      float base[2], corr[2];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+        base[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr] * sl2;  // a row with nothing visible yet keeps p = 0
+        corr[rr] = exp2f(m[mt][rr] * sl2 - base[rr]);
+        m[mt][rr] = mx[rr];
+        l[mt][rr] *= corr[rr];
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][nt][e] = exp2f(fmaf(s[mt][nt][e], sl2, -base[e >> 1]));
+          l[mt][e >> 1] += s[mt][nt][e];
+          o[mt][nt][e] *= corr[e >> 1];
+        }
+    }
+    // O += P·V: the accumulators of score tiles 2j, 2j+1 are the A fragment of key step j; V rows are keys,
+    // so ldmatrix.trans of 8-key × 8-dim blocks gives B fragments (x4: keys 16j..+16 × dims 16dp..+16).
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t ph[kMT][4], pl[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        const float(&s0)[4] = s[mt][2 * j];
+        const float(&s1)[4] = s[mt][2 * j + 1];
+        if constexpr (P::split) {
+          split_bf16(s0[0], s0[1], ph[mt][0], pl[mt][0]);
+          split_bf16(s0[2], s0[3], ph[mt][1], pl[mt][1]);
+          split_bf16(s1[0], s1[1], ph[mt][2], pl[mt][2]);
+          split_bf16(s1[2], s1[3], ph[mt][3], pl[mt][3]);
+        } else {
+          ph[mt][0] = pack_bf16(s0[0], s0[1]);
+          ph[mt][1] = pack_bf16(s0[2], s0[3]);
+          ph[mt][2] = pack_bf16(s1[0], s1[1]);
+          ph[mt][3] = pack_bf16(s1[2], s1[3]);
+        }
+      }
+#pragma unroll
+      for (int dp = 0; dp < 4; ++dp) {
+        const int at = (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + dp * 16 + (lane >> 4) * 8;
+        uint32_t b[4], bl[4];
+        ldmatrix_x4_trans(b, smem_addr(kv.Vh + at));
+        if constexpr (P::kv_lo) ldmatrix_x4_trans(bl, smem_addr(kv.Vl + at));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (P::split) {
+            mma_bf16(o[mt][2 * dp], pl[mt], b[0], b[1]);
+            mma_bf16(o[mt][2 * dp + 1], pl[mt], b[2], b[3]);
+          }
+          if constexpr (P::kv_lo) {
+            mma_bf16(o[mt][2 * dp], ph[mt], bl[0], bl[1]);
+            mma_bf16(o[mt][2 * dp + 1], ph[mt], bl[2], bl[3]);
+          }
+          mma_bf16(o[mt][2 * dp], ph[mt], b[0], b[1]);
+          mma_bf16(o[mt][2 * dp + 1], ph[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // Sums l over the quad; afterwards every lane of a row has its full denominator.
+  __device__ void finish() {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        l[mt][rr] += __shfl_xor_sync(0xffffffffu, l[mt][rr], 1);
+        l[mt][rr] += __shfl_xor_sync(0xffffffffu, l[mt][rr], 2);
+      }
+  }
+};
+
+// Block row (in [0, P::queries)) of this lane's m-tile mt, row rr.
+template <typename P>
+__device__ __forceinline__ int block_row(int mt, int rr) {
+  return (threadIdx.x / 32) * 16 * P::m_tiles + mt * 16 + (threadIdx.x & 31) / 4 + rr * 8;
+}
+
+// Block b covers group b − group_offsets[i] (P::queries pairs) of bucket i = h·nch + n (queries of head h that
+// chose chunk n): attends them to the chunk's keys and writes each pair's normalised output and log-sum-exp.
+// Blocks past the last group exit.
+template <typename P>
+__global__ void __launch_bounds__(kWarps * 32) chunk_attend_kernel(
+    const float* __restrict__ q, KvSource kvs, const int* __restrict__ counts, const int* __restrict__ offsets,
+    const int* __restrict__ group_offsets, const int* __restrict__ list, int64_t C, int H, int64_t nch,
+    int64_t chunk, int Kmax, float scale, float* __restrict__ pacc, float* __restrict__ plse) {
+  constexpr int kMT = P::m_tiles;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t nb = int64_t(H) * nch;
+  const int b = int(blockIdx.x);
+  if (b >= group_offsets[nb]) return;
+  int64_t lo = 0, hi = nb - 1;  // the bucket i with group_offsets[i] ≤ b < group_offsets[i + 1]
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (group_offsets[mid] <= b) lo = mid;
+    else hi = mid - 1;
+  }
+  const int64_t bucket = lo, n = bucket % nch;
+  const int h = int(bucket / nch);
+  const int g0 = (b - group_offsets[bucket]) * P::queries, rows = min(P::queries, counts[bucket] - g0);
+  const int c = (threadIdx.x & 3) * 2;
+  const int64_t off = int64_t(h) * kB;
+  int entry[kMT][2];  // as `list` stores them
+  const float* qrow[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = block_row<P>(mt, rr);
+      entry[mt][rr] = r < rows ? list[offsets[bucket] + g0 + r] : -1;
+      qrow[mt][rr] = entry[mt][rr] >= 0 ? q + int64_t(entry[mt][rr]) / (int64_t(H) * Kmax) * C + off : nullptr;
+    }
+  WarpState<kMT> st;
+  st.template init<P::split>(qrow);
+  const float sl2 = scale * 1.4426950408889634f;
+  KvPipeline<P> pipe{kvs, C, off, n * chunk, (n + 1) * chunk, reinterpret_cast<__nv_bfloat16*>(smem_raw)};
+  for (int i = 0; i < pipe.kStages - 1; ++i) pipe.fetch(i);
+  for (int i = 0, tiles = pipe.tiles(); i < tiles; ++i) {
+    const KvTile kv = pipe.wait(i);
+    pipe.fetch(i + pipe.kStages - 1);
+    const int kn = int(min_i64(kB, pipe.key_end - pipe.key_begin - int64_t(i) * kB));
+    if (kn == kB) st.template tile<P, false>(kv, sl2, [](int, int, int) { return true; });
+    else st.template tile<P, true>(kv, sl2, [&](int, int, int col) { return col < kn; });
+  }
+  st.finish();
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t e = entry[mt][rr];
+      if (e < 0) continue;
+      const float inv = 1.f / st.l[mt][rr];
+      float* dst = pacc + e * kB + c;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        *reinterpret_cast<float2*>(dst + nt * 8) =
+            make_float2(st.o[mt][nt][2 * rr] * inv, st.o[mt][nt][2 * rr + 1] * inv);
+      if (c == 0) plse[e] = st.m[mt][rr] * scale + logf(st.l[mt][rr]);
+    }
+}
+
+// Grid (⌈T/P::queries⌉, H): causal own-chunk attention for P::queries queries, merged with their chosen chunks'
+// partials.
+template <typename P>
+__global__ void __launch_bounds__(kWarps * 32) own_attend_kernel(
+    const float* __restrict__ q, KvSource kvs, const int32_t* __restrict__ sel, const float* __restrict__ pacc,
+    const float* __restrict__ plse, int64_t C, int H, int64_t T, int64_t first, int64_t chunk, int Kmax, float scale,
+    float* __restrict__ out) {
+  constexpr int kMT = P::m_tiles;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int h = blockIdx.y, c = (threadIdx.x & 3) * 2;
+  const int64_t q0 = int64_t(blockIdx.x) * P::queries, off = int64_t(h) * kB;
+  const int rows = int(min_i64(P::queries, T - q0));
   const int64_t t_first = first + q0, t_last = t_first + rows - 1;
-  TileState st;
-  init_state(st);
-  for (int64_t key0 = t_first / chunk * chunk; key0 <= t_last; key0 += kB) {
+  int64_t t[kMT][2], lo[kMT][2];
+  const float* qrow[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = block_row<P>(mt, rr);
+      t[mt][rr] = r < rows ? t_first + r : -1;  // -1: padding row, sees no key
+      lo[mt][rr] = t[mt][rr] >= 0 ? t[mt][rr] / chunk * chunk : 0;
+      qrow[mt][rr] = r < rows ? q + (q0 + r) * C + off : nullptr;
+    }
+  WarpState<kMT> st;
+  st.template init<P::split>(qrow);
+  const float sl2 = scale * 1.4426950408889634f;
+  const int64_t last_chunk_start = t_last / chunk * chunk;
+  KvPipeline<P> pipe{kvs, C, off, t_first / chunk * chunk, t_last + 1, reinterpret_cast<__nv_bfloat16*>(smem_raw)};
+  for (int i = 0; i < pipe.kStages - 1; ++i) pipe.fetch(i);
+  for (int i = 0, tiles = pipe.tiles(); i < tiles; ++i) {
+    const KvTile kv = pipe.wait(i);
+    pipe.fetch(i + pipe.kStages - 1);
+    const int64_t key0 = pipe.key_begin + int64_t(i) * kB;
     const int kn = int(min_i64(kB, t_last - key0 + 1));
-    attend_tile(Qs, Ks, Vs, Ps, K, V, C, off, key0, kn, scale, st, [&](int row, int col) {
-      const int64_t t = t_first + row, s = key0 + col;
-      return row < rows && col < kn && s <= t && s >= t / chunk * chunk;
-    });
+    // Tiles wholly before every query and inside every query's chunk need no mask.
+    if (kn == kB && rows == P::queries && key0 + kB - 1 <= t_first && key0 >= last_chunk_start)
+      st.template tile<P, false>(kv, sl2, [](int, int, int) { return true; });
+    else
+      st.template tile<P, true>(kv, sl2, [&](int mt, int rr, int col) {
+        const int64_t s = key0 + col;
+        return s <= t[mt][rr] && s >= lo[mt][rr];
+      });
   }
+  st.finish();
 #pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int r = ty * 4 + a;
-    if (r >= rows) continue;
-    const int64_t tl = q0 + r;
-    float M = st.m[a] + logf(st.l[a]);
-    const float own_lse = M;
-    for (int i = 0; i < Kmax; ++i) {
-      const int64_t e = (tl * H + h) * Kmax + i;
-      if (sel[e] >= 0) M = fmaxf(M, plse[e]);
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      if (t[mt][rr] < 0) continue;
+      const int64_t tl = q0 + block_row<P>(mt, rr);
+      const float own_lse = st.m[mt][rr] * scale + logf(st.l[mt][rr]);
+      float M = own_lse;
+      for (int i = 0; i < Kmax; ++i) {
+        const int64_t e = (tl * H + h) * Kmax + i;
+        if (sel[e] >= 0) M = fmaxf(M, plse[e]);
+      }
+      const float w_own = expf(own_lse - M);
+      float wsum = w_own, res[8][2];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int x = 0; x < 2; ++x) res[nt][x] = st.o[mt][nt][2 * rr + x] * (w_own / st.l[mt][rr]);
+      for (int i = 0; i < Kmax; ++i) {
+        const int64_t e = (tl * H + h) * Kmax + i;
+        if (sel[e] < 0) continue;
+        const float w = expf(plse[e] - M);
+        wsum += w;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const float2 p = *reinterpret_cast<const float2*>(pacc + e * kB + nt * 8 + c);
+          res[nt][0] += w * p.x, res[nt][1] += w * p.y;
+        }
+      }
+      const float inv = 1.f / wsum;
+      float* dst = out + tl * C + off + c;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(res[nt][0] * inv, res[nt][1] * inv);
     }
-    const float w_own = expf(own_lse - M) / st.l[a];
-    float res[4], wsum = expf(own_lse - M);
-#pragma unroll
-    for (int x = 0; x < 4; ++x) res[x] = st.acc[a][x] * w_own;
-    for (int i = 0; i < Kmax; ++i) {
-      const int64_t e = (tl * H + h) * Kmax + i;
-      if (sel[e] < 0) continue;
-      const float w = expf(plse[e] - M);
-      wsum += w;
-#pragma unroll
-      for (int x = 0; x < 4; ++x) res[x] += w * pacc[e * kB + tx + 16 * x];
-    }
-#pragma unroll
-    for (int x = 0; x < 4; ++x) out[tl * C + off + tx + 16 * x] = res[x] / wsum;
-  }
 }
 
 // ---- eviction ---------------------------------------------------------------------------------------------
@@ -484,6 +828,14 @@ void with_kv_type(DType dt, F&& f) {
   else f.template operator()<float>();
 }
 
+// Calls f.template operator()<P>() with P the prefill tiles' precision.
+template <typename F>
+void with_prefill_precision(bool split, bool kv_lo, F&& f) {
+  if (!split) f.template operator()<Prec<false, false>>();
+  else if (kv_lo) f.template operator()<Prec<true, true>>();
+  else f.template operator()<Prec<true, false>>();
+}
+
 }  // namespace
 
 namespace {
@@ -555,53 +907,89 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   auto* sel = static_cast<int32_t*>(sel_t.data);
   if (Kmax > 0) {
     OpTimer gate_timer(this, "sparse_attention.gate");
-    const int64_t per_query = H * jmax * 8;
+    const int64_t per_query = H * Kmax * 8;  // bytes of `best` scratch (lists too long for shared memory)
     const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(T, (int64_t(64) << 20) / per_query));
-    Tensor scores = scratch(size_t(batch * per_query));
+    Tensor best = scratch(Kmax <= kGateSharedKeep ? 8 : size_t(batch * per_query));
+    const int Dp = int((D + kGateDims - 1) / kGateDims * kGateDims);
+    const size_t smem = gate_smem(Dp, Kmax);
+    if (smem > 48 * 1024)
+      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(gate_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     for (int64_t t0 = 0; t0 < T; t0 += batch) {
       const int64_t nq = std::min(batch, T - t0);
-      gate_kernel<<<grid_for(nq * H * 32, 256), 256, 0, stream()>>>(
-          ptr<float>(q), ptr<float>(cache.chunk_mean), C, int(D), int(H), first, t0, nq, c, Kp, Kmax, jmax,
-          static_cast<double*>(scores.data), sel);
+      gate_kernel<<<dim3(unsigned((nq + kGateQueries - 1) / kGateQueries), unsigned(H)), kGateThreads, smem,
+                    stream()>>>(ptr<float>(q), ptr<float>(cache.chunk_mean), C, int(D), int(H), first, t0, nq, c, Kp,
+                                Kmax, static_cast<double*>(best.data), sel);
       RWKVX_CUDA_LAUNCHED();
     }
   }
 
   // 2. Attention.
   if (D == kB && T >= 32) {
-    Tensor pacc, plse;
-    if (Kmax > 0) {
-      OpTimer chunk_timer(this, "sparse_attention.chunks");
-      const int64_t n_entries = T * H * Kmax, nb = H * jmax;
-      Tensor meta = alloc(DType::f32, {3 * nb});  // counts, cursor (zeroed), offsets
-      int* counts = static_cast<int*>(meta.data);
+    // Tile precision follows the GEMMs' activation option: hi + lo split unless single bf16 is asked for.
+    const bool split = !opt_.single_bf16_activations, f32_kv = cache.k.dtype == DType::f32, kv_lo = split && f32_kv;
+    const int block_queries = split ? Prec<true, false>::queries : Prec<false, false>::queries;  // per group
+    const int64_t nb = H * jmax;
+    Tensor meta, list, pacc, plse;
+    int *counts = nullptr, *offsets = nullptr, *group_offsets = nullptr;
+    if (Kmax > 0) {  // bucket the (query, chunk) pairs by (head, chunk)
+      const int64_t n_entries = T * H * Kmax;
+      meta = alloc(DType::f32, {4 * nb + 1});  // counts, cursor (zeroed), offsets, group offsets
+      counts = static_cast<int*>(meta.data);
       int* cursor = counts + nb;
-      int* offsets = cursor + nb;
-      Tensor list = scratch(size_t(n_entries) * 4);
+      offsets = cursor + nb;
+      group_offsets = offsets + nb;
+      list = scratch(size_t(n_entries) * 4);
       pacc = scratch(size_t(n_entries * kB) * 4);
       plse = scratch(size_t(n_entries) * 4);
       const unsigned g = std::min<unsigned>(grid_for(n_entries, 256), 65536u);
       count_kernel<<<g, 256, 0, stream()>>>(sel, n_entries, int(H), Kmax, jmax, counts);
-      scan_kernel<<<1, 32, 0, stream()>>>(counts, nb, offsets);
+      scan_kernel<<<1, 32, 0, stream()>>>(counts, nb, block_queries, offsets, group_offsets);
       scatter_kernel<<<g, 256, 0, stream()>>>(sel, n_entries, int(H), Kmax, jmax, offsets, cursor,
                                               static_cast<int*>(list.data));
       RWKVX_CUDA_LAUNCHED();
-      with_kv_type(cache.k.dtype, [&]<typename KT>() {
-        RWKVX_CUDA_CHECK(cudaFuncSetAttribute(chunk_attend_kernel<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              int(kTileSmem)));
-        const unsigned groups = unsigned(std::min<int64_t>((T + kB - 1) / kB, 1024));
-        chunk_attend_kernel<KT><<<dim3(unsigned(jmax), unsigned(H), groups), 256, kTileSmem, stream()>>>(
-            ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), counts, offsets, static_cast<const int*>(list.data), C,
-            int(H), jmax, c, Kmax, scale, mptr<float>(pacc), mptr<float>(plse));
+    }
+    // The tiles read bf16: a bf16 cache as it is; an fp32 one rounded (and split) once here, for the rows read.
+    Tensor kv_bf16;
+    KvSource kvs{};
+    if (f32_kv) {
+      OpTimer convert_timer(this, "sparse_attention.kv_bf16");
+      const int64_t L = cache.len, n = L * C;
+      kv_bf16 = scratch(size_t(n) * 2 * (kv_lo ? 4 : 2));
+      auto* b = static_cast<__nv_bfloat16*>(kv_bf16.data);
+      kvs = {b, b + n, kv_lo ? b + 2 * n : nullptr, kv_lo ? b + 3 * n : nullptr};
+      RWKVX_ASSERT(C % 4 == 0, "sparse_attention: C must be a multiple of 4");
+      kv_to_bf16_kernel<<<unsigned(L), 128, 0, stream()>>>(ptr<float>(cache.k), ptr<float>(cache.v), C, c,
+                                                            first / c * c, counts, int(H), jmax,
+                                                            const_cast<__nv_bfloat16*>(kvs.Kh),
+                                                            const_cast<__nv_bfloat16*>(kvs.Vh),
+                                                            const_cast<__nv_bfloat16*>(kvs.Kl),
+                                                            const_cast<__nv_bfloat16*>(kvs.Vl));
+      RWKVX_CUDA_LAUNCHED();
+    } else {
+      kvs = {ptr<__nv_bfloat16>(cache.k), ptr<__nv_bfloat16>(cache.v), nullptr, nullptr};
+    }
+    if (Kmax > 0) {
+      OpTimer chunk_timer(this, "sparse_attention.chunks");
+      // Σ⌈count/q⌉ ≤ n_entries/q + buckets: an upper bound on the groups, known without a copy back.
+      const unsigned blocks = unsigned((T * H * Kmax + block_queries - 1) / block_queries + nb);
+      with_prefill_precision(split, kv_lo, [&]<typename P>() {
+        const auto kernel = chunk_attend_kernel<P>;
+        const size_t smem = KvPipeline<P>::smem;
+        RWKVX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        kernel<<<blocks, kWarps * 32, smem, stream()>>>(ptr<float>(q), kvs, counts, offsets, group_offsets,
+                                                        static_cast<const int*>(list.data), C, int(H), jmax, c, Kmax,
+                                                        scale, mptr<float>(pacc), mptr<float>(plse));
       });
       RWKVX_CUDA_LAUNCHED();
     }
-    with_kv_type(cache.k.dtype, [&]<typename KT>() {
-      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(own_attend_kernel<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            int(kTileSmem)));
-      own_attend_kernel<KT><<<dim3(unsigned((T + kB - 1) / kB), unsigned(H)), 256, kTileSmem, stream()>>>(
-          ptr<float>(q), ptr<KT>(cache.k), ptr<KT>(cache.v), sel, Kmax ? ptr<float>(pacc) : nullptr,
-          Kmax ? ptr<float>(plse) : nullptr, C, int(H), T, first, c, Kmax, scale, mptr<float>(out));
+    OpTimer own_timer(this, "sparse_attention.own");
+    with_prefill_precision(split, kv_lo, [&]<typename P>() {
+      const auto kernel = own_attend_kernel<P>;
+      const size_t smem = KvPipeline<P>::smem;
+      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      kernel<<<dim3(unsigned((T + block_queries - 1) / block_queries), unsigned(H)), kWarps * 32, smem, stream()>>>(
+          ptr<float>(q), kvs, sel, Kmax ? ptr<float>(pacc) : nullptr, Kmax ? ptr<float>(plse) : nullptr, C, int(H), T,
+          first, c, Kmax, scale, mptr<float>(out));
     });
     RWKVX_CUDA_LAUNCHED();
     return;
