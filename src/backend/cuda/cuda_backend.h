@@ -11,10 +11,11 @@ namespace rwkvx {
 struct CudaBackendOptions {
   int device = 0;
   // GEMMs of more than 8 rows with bf16 weights (prefill) multiply activations split into two bf16 parts
-  // (hi + lo, ~16 mantissa bits: golden cases match to ~1e-5, top-k chunk choices agree with fp32). true: one
-  // bf16 rounding, half the GEMM work, ~1e-3 relative error per product, which can flip near-tied top-k chunk
-  // choices (golden rwkvx-tiny: 7e-2); `--device cuda` reads it from RWKVX_CUDA_FAST_BF16=1. Up to 8 rows
-  // (decode) always use fp32 activations.
+  // (hi + lo, ~16 mantissa bits: golden cases match to ~1e-5, top-k chunk choices agree with fp32), and the
+  // prefill attention tiles split Q, P and fp32 K/V the same way (three tensor-core products per term).
+  // true: one bf16 rounding for both, half the GEMM work and a third of the attention work, ~1e-3 relative
+  // error per product, which can flip near-tied top-k chunk choices (golden rwkvx-tiny: 7e-2); `--device
+  // cuda` reads it from RWKVX_CUDA_FAST_BF16=1. Up to 8 rows (decode) always use fp32 activations.
   bool single_bf16_activations = false;
   // Decode steps (one row per sequence) of supported models run as one fused step (cuda_decode.cu): false =
   // op by op. `decode_graph`: the fused step's kernels are captured once per batch size as a CUDA graph and
