@@ -32,7 +32,9 @@ void expect_same(const TensorStore& s, const std::vector<TensorData>& ts) {
     EXPECT_EQ(g.dtype, t.dtype) << t.name;
     EXPECT_EQ(g.shape, t.shape) << t.name;
     ASSERT_EQ(g.nbytes(), t.bytes.size()) << t.name;
-    if (!t.bytes.empty()) EXPECT_EQ(std::memcmp(g.data, t.bytes.data(), t.bytes.size()), 0) << t.name;
+    if (!t.bytes.empty()) {
+      EXPECT_EQ(std::memcmp(g.data, t.bytes.data(), t.bytes.size()), 0) << t.name;
+    }
   }
 }
 

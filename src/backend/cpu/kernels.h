@@ -50,6 +50,7 @@ struct Kernels {
   void (*exp_)(float* x, int64_t n);      // x ← e^x
   void (*sigmoid_)(float* x, int64_t n);  // x ← 1 / (1 + e^-x)
   void (*tanh_)(float* x, int64_t n);
+  void (*relu_square_)(float* x, int64_t n);  // x ← max(x, 0)²
   // Register-only FMA loop (the matrix-throughput ceiling of one core); returns a value to keep it alive.
   // Performs iters · kFmaPeakChains · lanes FMAs.
   float (*fma_peak)(int64_t iters);

@@ -619,6 +619,17 @@ inline void tanh_(float* x, int64_t n) {
   }
   for (; i < n; ++i) x[i] = std::tanh(x[i]);
 }
+inline void relu_square_(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const vf v = vmax(vload(x + i), vzero());
+    vstore(x + i, vmul(v, v));
+  }
+  for (; i < n; ++i) {
+    const float v = x[i] > 0.f ? x[i] : 0.f;
+    x[i] = v * v;
+  }
+}
 
 // ---- sparse attention ---------------------------------------------------------------------------------
 inline double dot_f64(const float* a, const float* b, int64_t n) {
@@ -734,8 +745,8 @@ inline float fma_peak(int64_t iters) {
 
 inline Kernels make_kernels() {
   Isa isa = RWKVX_KERNEL_ISA == 2 ? Isa::avx512 : RWKVX_KERNEL_ISA == 1 ? Isa::avx2 : Isa::scalar;
-  return Kernels{isa,           gemm_nt, gemm_nn, row_to_f32, wkv7_head, dot_f64, attend, online_softmax,
-                 exp_,          sigmoid_, tanh_,  fma_peak,   W};
+  return Kernels{isa,  gemm_nt, gemm_nn, row_to_f32,   wkv7_head, dot_f64, attend, online_softmax,
+                 exp_, sigmoid_, tanh_, relu_square_, fma_peak,  W};
 }
 
 }  // namespace rwkvx::cpu::RWKVX_ISA_NS
