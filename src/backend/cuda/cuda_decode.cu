@@ -31,11 +31,21 @@
 namespace rwkvx::cuda {
 namespace {
 
-constexpr int kRT = 8;       // rows per GEMV tile (= warps per block)
-constexpr int kHN = 64;      // RWKV head size and sparse head dim of this path
-constexpr int kMaxSel = 8;   // top_k − 1 at most
-constexpr int kMaxJobs = 8;  // matrices per GEMV launch
+constexpr int kRT = 8;          // batch rows per GEMV tile (B > 1)
+constexpr int kGemvWarps = 4;   // warps per GEMV block
+constexpr int kHN = 64;         // RWKV head size and sparse head dim of this path
+constexpr int kMaxSel = 8;      // top_k − 1 at most
+constexpr int kMaxJobs = 8;     // matrices per GEMV launch
 constexpr float kLnXEps = 64e-5f;
+
+// Programmatic dependent launch: every kernel after the first is launched with programmatic stream
+// serialization, so it can start while its predecessor runs. It waits here for the predecessor to complete
+// (its writes visible) before touching anything a kernel writes, then lets its own successor launch: the
+// successor's weight prefetch overlaps this kernel's work. Only weights (never written) are read before.
+__device__ __forceinline__ void await_previous_kernel() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
 
 // Device tables for one step; pointers into the batch size's parameter buffer.
 struct Tabs {
@@ -61,13 +71,14 @@ struct GemvJob {
   float* out;       // [rows, ldo]
   int ldo;
   int epi;
-  int layer;   // kKvK / kKvV: sparse block index
-  int block0;  // first blockIdx.x of this job
+  int layer;  // kKvK / kKvV: sparse block index
+  int task0;  // first task (group of output rows) of this job
 };
 
 struct GemvArgs {
   GemvJob job[kMaxJobs];
   int n_jobs;
+  int n_tasks;
   int K;
   const float* in;  // input rows [B, K]; nullptr: prologue LayerNorm of x
   const float *x, *ln_w, *ln_b;
@@ -89,45 +100,87 @@ __device__ __forceinline__ void bf16x8(const uint4 u, float* f) {
   }
 }
 
-__device__ __forceinline__ void load_w8(const GemvJob& jb, int64_t o, int K, int i, float* f) {
-  if (jb.bf16) {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(jb.W) + o * K + i));
-    bf16x8(u, f);
-  } else {
-    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(jb.W) + o * K + i);
-    const float4 a = __ldg(p), b = __ldg(p + 1);
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+__device__ __forceinline__ int job_of(const GemvArgs& a, int task) {
+  int j = 0;
+  while (j + 1 < a.n_jobs && task >= a.job[j + 1].task0) ++j;
+  return j;
+}
+
+// Lane's 16-byte pieces of rows o0 … o0 + kRW − 1 of a bf16 matrix, K columns c0 … c0 + kLoads·256 − 1
+// (piece u: columns c0 + u·256 + lane·8 …); zeros past N or K.
+template <int kLoads, int kRW>
+__device__ __forceinline__ void load_rows(const GemvJob& jb, int o0, int K, int c0, int lane, uint4 (&w)[kRW][kLoads]) {
+  const __nv_bfloat16* W = static_cast<const __nv_bfloat16*>(jb.W);
+#pragma unroll
+  for (int rr = 0; rr < kRW; ++rr)
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = c0 + u * 256 + lane * 8;
+      w[rr][u] = (o0 + rr < jb.N && i < K) ? __ldg(reinterpret_cast<const uint4*>(W + int64_t(o0 + rr) * K + i))
+                                           : make_uint4(0, 0, 0, 0);
+    }
+}
+
+__device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb, const GemvJob& jb, int r, int o, float v) {
+  switch (jb.epi) {
+    case kStore: jb.out[int64_t(r) * jb.ldo + o] = v; break;
+    case kTanh: jb.out[int64_t(r) * jb.ldo + o] = tanhf(v); break;
+    case kSigmoid: jb.out[int64_t(r) * jb.ldo + o] = 1.0f / (1.0f + expf(-v)); break;
+    case kRelu2: {
+      const float p = v > 0.f ? v : 0.f;
+      jb.out[int64_t(r) * jb.ldo + o] = p * p;
+      break;
+    }
+    case kAdd: jb.out[int64_t(r) * jb.ldo + o] += v; break;
+    default: {
+      void* base = (jb.epi == kKvK ? tb.kc : tb.vc)[jb.layer * tb.B + r];
+      const int64_t idx = tb.pos[r] * a.C + o;
+      if (a.kv_bf16) static_cast<__nv_bfloat16*>(base)[idx] = __float2bfloat16_rn(v);
+      else static_cast<float*>(base)[idx] = v;
+    }
   }
 }
 
-// Grid (Σ jobs ⌈N/8⌉, ⌈B/8⌉), 256 threads: warp w of a block computes output o of its job for the tile's
-// rows. Dynamic shared memory: xs [R][K] (+ ds [R][K] when a job mixes with the shift), R = min(8, B).
-__global__ void __launch_bounds__(256) gemv_kernel(const GemvArgs a, const Tabs tb) {
+// Multi-matrix GEMV. Grid (≤ resident blocks, ⌈B/kRows⌉), kGemvWarps warps per block. A task is kRW output
+// rows of one job; warps stride over the tasks (a persistent grid: the prologue runs once per block). Each
+// lane holds kLoads 16-byte weight pieces per row, the first task's issued before waiting on the previous
+// kernel. Dynamic shared memory: xs [R][K] (+ ds [R][K] when a job mixes with the shift), R = min(kRows, B).
+template <int kLoads, int kRW, int kRows>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
   extern __shared__ __align__(16) float sm[];
+  constexpr int kChunk = kLoads * 256;
   const int K = a.K;
-  const int r0 = blockIdx.y * kRT, nr = min(kRT, tb.B - r0);
+  const int r0 = blockIdx.y * kRows, nr = min(kRows, tb.B - r0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* xs = sm;
-  float* ds = sm + min(kRT, tb.B) * K;  // shared memory is sized for the rows of a tile
+  float* ds = sm + min(kRows, tb.B) * K;  // shared memory is sized for the rows of a tile
+  int task = blockIdx.x * kGemvWarps + warp;
+  uint4 w[kRW][kLoads];
+  bool have_w = false;
+  if (task < a.n_tasks) {
+    const GemvJob& jb = a.job[job_of(a, task)];
+    if (jb.bf16) load_rows<kLoads, kRW>(jb, (task - jb.task0) * kRW, K, 0, lane, w), have_w = true;
+  }
+  await_previous_kernel();
   if (a.in) {
     const float4* src = reinterpret_cast<const float4*>(a.in + int64_t(r0) * K);
     for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
   } else {
     // Rows of x into xs with 16-byte loads by every thread (one round trip), statistics per row from shared
-    // memory (warp w: row r0 + w), then normalise and form the shift deltas, again with independent loads.
-    __shared__ float s_mean[kRT], s_inv[kRT];
+    // memory (warp w: rows w, w + kGemvWarps, …), then normalise and form the shift deltas.
+    __shared__ float s_mean[kRows], s_inv[kRows];
     const float4* src = reinterpret_cast<const float4*>(a.x + int64_t(r0) * K);
     for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
     __syncthreads();
-    if (warp < nr) {
-      const float* xr = xs + warp * K;
+    for (int t = warp; t < nr; t += kGemvWarps) {
+      const float* xr = xs + t * K;
       float s = 0.f;
       for (int i = lane; i < K; i += 32) s += xr[i];
       const float mean = warp_sum(s) / float(K);
       float v = 0.f;
       for (int i = lane; i < K; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
       const float inv = rsqrtf(warp_sum(v) / float(K) + 1e-5f);
-      if (lane == 0) s_mean[warp] = mean, s_inv[warp] = inv;
+      if (lane == 0) s_mean[t] = mean, s_inv[t] = inv;
     }
     __syncthreads();
     const bool save = a.save_xn && blockIdx.x == 0;
@@ -155,80 +208,78 @@ __global__ void __launch_bounds__(256) gemv_kernel(const GemvArgs a, const Tabs 
     }
   }
   __syncthreads();
-  int j = 0;
-  while (j + 1 < a.n_jobs && int(blockIdx.x) >= a.job[j + 1].block0) ++j;
-  const GemvJob jb = a.job[j];
-  const int64_t o = int64_t(blockIdx.x - jb.block0) * kRT + warp;
-  if (o >= jb.N) return;
-  const bool mix = jb.mu != nullptr;
-  float acc[kRT];
+  for (; task < a.n_tasks; task += gridDim.x * kGemvWarps) {
+    const GemvJob& jb = a.job[job_of(a, task)];
+    const int o0 = (task - jb.task0) * kRW;
+    const bool mix = jb.mu != nullptr;
+    float acc[kRW][kRows];
 #pragma unroll
-  for (int t = 0; t < kRT; ++t) acc[t] = 0.f;
-  constexpr int U = 4;  // 16-byte weight loads in flight per lane
-  for (int base = 0; base < K; base += 256 * U) {
-    float w[U][8];
+    for (int rr = 0; rr < kRW; ++rr)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = base + u * 256 + lane * 8;
-      if (i < K) load_w8(jb, o, K, i, w[u]);
-    }
+      for (int t = 0; t < kRows; ++t) acc[rr][t] = 0.f;
+    for (int c0 = 0; c0 < K; c0 += kChunk) {
+      if (jb.bf16 && !have_w) load_rows<kLoads, kRW>(jb, o0, K, c0, lane, w);
+      have_w = false;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = base + u * 256 + lane * 8;
-      if (i >= K) break;
-      float m[8];
-      if (mix) {
-        const float4 m0 = __ldg(reinterpret_cast<const float4*>(jb.mu + i)), m1 = __ldg(reinterpret_cast<const float4*>(jb.mu + i + 4));
-        m[0] = m0.x, m[1] = m0.y, m[2] = m0.z, m[3] = m0.w, m[4] = m1.x, m[5] = m1.y, m[6] = m1.z, m[7] = m1.w;
-      }
+      for (int u = 0; u < kLoads; ++u) {
+        const int i = c0 + u * 256 + lane * 8;
+        if (i >= K) break;
+        float wf[kRW][8];
 #pragma unroll
-      for (int t = 0; t < kRT; ++t) {
-        if (t >= nr) break;
-        const float4 x0 = *reinterpret_cast<const float4*>(xs + t * K + i);
-        const float4 x1 = *reinterpret_cast<const float4*>(xs + t * K + i + 4);
-        float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        for (int rr = 0; rr < kRW; ++rr) {
+          if (jb.bf16) {
+            bf16x8(w[rr][u], wf[rr]);
+          } else {
+            const float* W = static_cast<const float*>(jb.W) + int64_t(min(o0 + rr, jb.N - 1)) * K + i;
+            const float4 p = __ldg(reinterpret_cast<const float4*>(W)), q = __ldg(reinterpret_cast<const float4*>(W) + 1);
+            wf[rr][0] = p.x, wf[rr][1] = p.y, wf[rr][2] = p.z, wf[rr][3] = p.w;
+            wf[rr][4] = q.x, wf[rr][5] = q.y, wf[rr][6] = q.z, wf[rr][7] = q.w;
+          }
+        }
+        float m[8];
         if (mix) {
-          const float4 d0 = *reinterpret_cast<const float4*>(ds + t * K + i);
-          const float4 d1 = *reinterpret_cast<const float4*>(ds + t * K + i + 4);
-          const float dv[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
-#pragma unroll
-          for (int e = 0; e < 8; ++e) xv[e] = xv[e] + dv[e] * m[e];
+          const float4 m0 = __ldg(reinterpret_cast<const float4*>(jb.mu + i)), m1 = __ldg(reinterpret_cast<const float4*>(jb.mu + i + 4));
+          m[0] = m0.x, m[1] = m0.y, m[2] = m0.z, m[3] = m0.w, m[4] = m1.x, m[5] = m1.y, m[6] = m1.z, m[7] = m1.w;
         }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[t] += w[u][e] * xv[e];
+        for (int t = 0; t < kRows; ++t) {
+          if (t >= nr) break;
+          const float4 x0 = *reinterpret_cast<const float4*>(xs + t * K + i);
+          const float4 x1 = *reinterpret_cast<const float4*>(xs + t * K + i + 4);
+          float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+          if (mix) {
+            const float4 d0 = *reinterpret_cast<const float4*>(ds + t * K + i);
+            const float4 d1 = *reinterpret_cast<const float4*>(ds + t * K + i + 4);
+            const float dv[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+#pragma unroll
+            for (int e = 0; e < 8; ++e) xv[e] = xv[e] + dv[e] * m[e];
+          }
+#pragma unroll
+          for (int rr = 0; rr < kRW; ++rr)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[rr][t] += wf[rr][e] * xv[e];
+        }
       }
     }
-  }
 #pragma unroll
-  for (int t = 0; t < kRT; ++t)
-    if (t < nr) acc[t] = warp_sum(acc[t]);
-  float v = 0.f;
+    for (int rr = 0; rr < kRW; ++rr) {
+      const int o = o0 + rr;
+      if (o >= jb.N) break;  // warp-uniform
+      float v = 0.f;
 #pragma unroll
-  for (int t = 0; t < kRT; ++t)
-    if (t == lane) v = acc[t];
-  if (lane >= nr) return;
-  const int r = r0 + lane;
-  switch (jb.epi) {
-    case kStore: jb.out[int64_t(r) * jb.ldo + o] = v; break;
-    case kTanh: jb.out[int64_t(r) * jb.ldo + o] = tanhf(v); break;
-    case kSigmoid: jb.out[int64_t(r) * jb.ldo + o] = 1.0f / (1.0f + expf(-v)); break;
-    case kRelu2: {
-      const float p = v > 0.f ? v : 0.f;
-      jb.out[int64_t(r) * jb.ldo + o] = p * p;
-      break;
-    }
-    case kAdd: jb.out[int64_t(r) * jb.ldo + o] += v; break;
-    default: {
-      void* base = (jb.epi == kKvK ? tb.kc : tb.vc)[jb.layer * tb.B + r];
-      const int64_t idx = tb.pos[r] * a.C + o;
-      if (a.kv_bf16) static_cast<__nv_bfloat16*>(base)[idx] = __float2bfloat16_rn(v);
-      else static_cast<float*>(base)[idx] = v;
+      for (int t = 0; t < kRows; ++t) {
+        if (t >= nr) break;
+        const float s = warp_sum(acc[rr][t]);
+        if (lane == t) v = s;
+      }
+      if (lane < nr) gemv_epilogue(a, tb, jb, r0 + lane, o, v);
     }
   }
 }
 
 // x[b] = LayerNorm0(emb[ids[b]]): block per row.
 __global__ void embed_kernel(const void* E, int bf16, int C, const float* w, const float* bias, const Tabs tb, float* x) {
+  await_previous_kernel();
   const int b = blockIdx.x;
   const int64_t row = int64_t(tb.ids[b]) * C;
   float* xo = x + int64_t(b) * C;
@@ -262,58 +313,89 @@ __device__ __forceinline__ float wat(const void* W, int bf16, int64_t i) {
   return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(W)[i]) : static_cast<const float*>(W)[i];
 }
 
-// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows.
+constexpr int kLoraPieces = 16;  // 16-byte pieces of a second-stage LoRA row a thread holds (128 bf16, 64 f32)
+
+// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows. Before waiting on the
+// previous kernel, thread (m, j) = (tid / 64, tid % 64) loads row h·64 + j of second-stage LoRA matrix m (decay,
+// learning rate, gate, value residual) into registers, and threads < 64 their channel's constants; after it,
+// the WKV state rows are requested first so that their latency overlaps the LoRA dots.
 __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb) {
   extern __shared__ float lora[];
   __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_al[kHN], s_be[kHN], s_y[kHN];
+  __shared__ float s_dot[4][kHN];
   __shared__ float s_norm;
   const int H = a.C / kHN, b = blockIdx.x / H, h = blockIdx.x % H, tid = threadIdx.x, lane = tid & 31;
-  float *lw = lora, *la = lw + a.dw, *lg = la + a.da, *lv = lg + a.dg;
-  for (int d = tid; d < a.dw; d += 256) lw[d] = a.hw[int64_t(b) * a.dw + d];
-  for (int d = tid; d < a.da; d += 256) la[d] = a.ha[int64_t(b) * a.da + d];
-  for (int d = tid; d < a.dg; d += 256) lg[d] = a.hg[int64_t(b) * a.dg + d];
-  if (!a.first)
-    for (int d = tid; d < a.dv; d += 256) lv[d] = a.hv[int64_t(b) * a.dv + d];
-  __syncthreads();
-  {  // second LoRA stages: 4 threads per channel
-    const int j = tid >> 2, q = tid & 3, c = h * kHN + j;
-    float dec = 0.f, lr = 0.f, gt = 0.f, vg = 0.f;
-#pragma unroll 4
-    for (int d = q; d < a.dw; d += 4) dec += lw[d] * wat(a.w2t, a.bf16, int64_t(c) * a.dw + d);
-#pragma unroll 4
-    for (int d = q; d < a.da; d += 4) lr += la[d] * wat(a.a2t, a.bf16, int64_t(c) * a.da + d);
-#pragma unroll 4
-    for (int d = q; d < a.dg; d += 4) gt += lg[d] * wat(a.g2t, a.bf16, int64_t(c) * a.dg + d);
-    if (!a.first) {
-#pragma unroll 4
-      for (int d = q; d < a.dv; d += 4) vg += lv[d] * wat(a.v2t, a.bf16, int64_t(c) * a.dv + d);
-    }
+  const int m = tid / kHN, j = tid % kHN, c = h * kHN + j;
+  const void* M = m == 0 ? a.w2t : m == 1 ? a.a2t : m == 2 ? a.g2t : a.v2t;
+  const int d = m == 0 ? a.dw : m == 1 ? a.da : m == 2 ? a.dg : a.dv;  // dv = 0 in the first block
+  const int es = a.bf16 ? 2 : 4;
+  const int pieces = d > 0 && (d * es) % 16 == 0 ? min(d * es / 16, kLoraPieces) : 0;
+  uint4 wp[kLoraPieces];
+  {
+    const uint4* row = reinterpret_cast<const uint4*>(static_cast<const char*>(M) + int64_t(c) * d * es);
 #pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      dec += __shfl_xor_sync(0xffffffffu, dec, o);
-      lr += __shfl_xor_sync(0xffffffffu, lr, o);
-      gt += __shfl_xor_sync(0xffffffffu, gt, o);
-      vg += __shfl_xor_sync(0xffffffffu, vg, o);
-    }
-    if (q == 0) {
-      const int64_t o = int64_t(b) * a.C + c;
-      s_w[j] = expf(-0.60653065971263342f / (1.0f + expf(-(a.w0[c] + dec))));
-      const float av = 1.0f / (1.0f + expf(-(a.a0[c] + lr)));
-      s_a[j] = av;
-      const float kv = a.k[o];
-      s_kk[j] = kv * a.k_k[c];
-      s_k[j] = kv * (1.0f + (av - 1.0f) * a.k_a[c]);
-      float vv = a.v[o];
-      if (a.first) {
-        a.vfirst[o] = vv;
+    for (int u = 0; u < kLoraPieces; ++u) wp[u] = u < pieces ? __ldg(row + u) : make_uint4(0, 0, 0, 0);
+  }
+  float w0c = 0.f, a0c = 0.f, v0c = 0.f, kkc = 0.f, kac = 0.f;
+  if (tid < kHN) {
+    w0c = a.w0[c], a0c = a.a0[c], kkc = a.k_k[c], kac = a.k_a[c];
+    if (!a.first) v0c = a.v0[c];
+  }
+  await_previous_kernel();
+  const int i_row = tid >> 2, g_col = tid & 3;  // WKV step: thread (i, g) owns state row i, columns g·16 … g·16 + 15
+  float* S = tb.wkv[a.layer] + ((int64_t(tb.slot[b]) * H + h) * kHN + i_row) * kHN + g_col * 16;
+  float st[16];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float4 f = reinterpret_cast<const float4*>(S)[e];
+    st[4 * e] = f.x, st[4 * e + 1] = f.y, st[4 * e + 2] = f.z, st[4 * e + 3] = f.w;
+  }
+  float *lw = lora, *la = lw + a.dw, *lg = la + a.da, *lv = lg + a.dg;
+  for (int x = tid; x < a.dw; x += 256) lw[x] = a.hw[int64_t(b) * a.dw + x];
+  for (int x = tid; x < a.da; x += 256) la[x] = a.ha[int64_t(b) * a.da + x];
+  for (int x = tid; x < a.dg; x += 256) lg[x] = a.hg[int64_t(b) * a.dg + x];
+  if (!a.first)
+    for (int x = tid; x < a.dv; x += 256) lv[x] = a.hv[int64_t(b) * a.dv + x];
+  __syncthreads();
+  {  // second LoRA stages: thread (m, j) dots its row with the first stage's output
+    const float* lin = m == 0 ? lw : m == 1 ? la : m == 2 ? lg : lv;
+    float dot = 0.f;
+#pragma unroll
+    for (int u = 0; u < kLoraPieces; ++u) {
+      if (u >= pieces) break;
+      if (a.bf16) {
+        float f[8];
+        bf16x8(wp[u], f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot += f[e] * lin[u * 8 + e];
       } else {
-        const float g = 1.0f / (1.0f + expf(-(a.v0[c] + vg)));
-        vv += (a.vfirst[o] - vv) * g;
+        dot += __uint_as_float(wp[u].x) * lin[u * 4] + __uint_as_float(wp[u].y) * lin[u * 4 + 1] +
+               __uint_as_float(wp[u].z) * lin[u * 4 + 2] + __uint_as_float(wp[u].w) * lin[u * 4 + 3];
       }
-      s_v[j] = vv;
-      s_r[j] = a.r[o];
-      s_g[j] = gt;
     }
+    for (int x = pieces * (16 / es); x < d; ++x) dot += lin[x] * wat(M, a.bf16, int64_t(c) * d + x);  // rows too long or unaligned
+    s_dot[m][j] = dot;
+  }
+  __syncthreads();
+  if (tid < kHN) {
+    const float dec = s_dot[0][j], lr = s_dot[1][j], gt = s_dot[2][j], vg = s_dot[3][j];
+    const int64_t o = int64_t(b) * a.C + c;
+    s_w[j] = expf(-0.60653065971263342f / (1.0f + expf(-(w0c + dec))));
+    const float av = 1.0f / (1.0f + expf(-(a0c + lr)));
+    s_a[j] = av;
+    const float kv = a.k[o];
+    s_kk[j] = kv * kkc;
+    s_k[j] = kv * (1.0f + (av - 1.0f) * kac);
+    float vv = a.v[o];
+    if (a.first) {
+      a.vfirst[o] = vv;
+    } else {
+      const float g = 1.0f / (1.0f + expf(-(v0c + vg)));
+      vv += (a.vfirst[o] - vv) * g;
+    }
+    s_v[j] = vv;
+    s_r[j] = a.r[o];
+    s_g[j] = gt;
   }
   __syncthreads();
   if (tid < 32) {
@@ -327,15 +409,8 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     s_be[tid] = kn * s_a[tid];
   }
   __syncthreads();
-  {  // one WKV-7 step: thread (i, g) owns state row i, columns g·16 … g·16 + 15
-    const int i = tid >> 2, g = tid & 3;
-    float* S = tb.wkv[a.layer] + ((int64_t(tb.slot[b]) * H + h) * kHN + i) * kHN + g * 16;
-    float st[16];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float4 f = reinterpret_cast<const float4*>(S)[e];
-      st[4 * e] = f.x, st[4 * e + 1] = f.y, st[4 * e + 2] = f.z, st[4 * e + 3] = f.w;
-    }
+  {
+    const int i = i_row, g = g_col;
     float sa = 0.f;
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) sa += st[jj] * s_al[g * 16 + jj];
@@ -385,6 +460,7 @@ struct GateArgs {
 // min(k−1, j) (ties: lower n), written in ascending chunk order, −1 after. Later blocks: the mean of the chunk
 // the new key completed, if it completed one (fp64 sum in row order, as the op path's chunk_mean_kernel).
 __global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const Tabs tb) {
+  await_previous_kernel();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (int(blockIdx.x) < a.gate_blocks) {
     const int wid = blockIdx.x * 8 + warp;
@@ -487,6 +563,12 @@ __device__ __forceinline__ float dot64<__nv_bfloat16>(const float* qs, const __n
   return s;
 }
 
+// Two adjacent V dims of one key: the pair a lane accumulates.
+__device__ __forceinline__ float2 load_pair(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
+__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
+  return __bfloat1622float2(__ldg(reinterpret_cast<const __nv_bfloat162*>(p)));
+}
+
 struct AttendArgs {
   const float* q;
   const int32_t* sel;
@@ -498,11 +580,13 @@ struct AttendArgs {
 
 // Grid (B·H, S), 128 threads: split `split` of the query's keys (chosen chunks in order, then the own chunk up
 // to the query) under an online softmax; 4 warps score 32 keys at a time (a key per lane, 16-byte loads),
-// lanes then accumulate V over dims (2 per lane). Partial (max, sum, acc) per split.
+// lanes then accumulate V over dims (dims 2·lane, 2·lane + 1). The V rows of a batch's keys are requested
+// together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split.
 template <typename KT>
 __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const Tabs tb) {
   __shared__ __align__(16) float qs[kHN];
   __shared__ float acc_s[4][kHN], ms[4], ls[4];
+  await_previous_kernel();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = gridDim.y, split = blockIdx.y;
   const int bt = blockIdx.x, b = bt / a.H, h = bt % a.H;
   const int64_t t = tb.pos[b], j = t / a.chunk, off = int64_t(h) * kHN;
@@ -519,30 +603,31 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
   for (int64_t base = k0 + int64_t(warp) * 32; base < k1; base += 4 * 32) {
     const int64_t idx = base + lane;
     const bool valid = idx < k1;
+    const int n_valid = int(min_i64(32, k1 - base));
     int64_t slot = 0;
-    float sc = -INFINITY;
-    if (valid) {
+    if (valid)
       slot = idx < int64_t(n_sel) * a.chunk ? int64_t(my[idx / a.chunk]) * a.chunk + idx % a.chunk
                                             : j * a.chunk + (idx - int64_t(n_sel) * a.chunk);
-      sc = dot64<KT>(qs, K + slot * a.C + off) * a.scale;
+    float2 vp[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int64_t si = __shfl_sync(0xffffffffu, slot, i);
+      vp[i] = i < n_valid ? load_pair(V + si * a.C + off + 2 * lane) : make_float2(0.f, 0.f);
     }
+    const float sc = valid ? dot64<KT>(qs, K + slot * a.C + off) * a.scale : -INFINITY;
     const float m_new = fmaxf(m, warp_max(sc));  // finite: lane 0 of every batch is valid
     const float corr = expf(m - m_new);
     const float p = valid ? expf(sc - m_new) : 0.f;
     l = l * corr + warp_sum(p);
     m = m_new;
     acc0 *= corr, acc1 *= corr;
-    const int n_valid = int(min_i64(32, k1 - base));
-#pragma unroll 8
-    for (int i = 0; i < n_valid; ++i) {  // unrolled: the V loads of several keys in flight
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
       const float pi = __shfl_sync(0xffffffffu, p, i);
-      const int64_t si = __shfl_sync(0xffffffffu, slot, i);
-      const KT* vr = V + si * a.C + off;
-      acc0 += pi * to_f32(vr[lane]);
-      acc1 += pi * to_f32(vr[lane + 32]);
+      if (i < n_valid) acc0 += pi * vp[i].x, acc1 += pi * vp[i].y;
     }
   }
-  acc_s[warp][lane] = acc0, acc_s[warp][lane + 32] = acc1;
+  acc_s[warp][2 * lane] = acc0, acc_s[warp][2 * lane + 1] = acc1;
   if (lane == 0) ms[warp] = m, ls[warp] = l;
   __syncthreads();
   float M = -INFINITY;
@@ -563,6 +648,7 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
 
 // Block per (row, head), 64 threads: merges the S partials into out [B, C].
 __global__ void combine_kernel(const float* pm, const float* pl, const float* pacc, int S, int C, int H, float* out) {
+  await_previous_kernel();
   const int bt = blockIdx.x, b = bt / H, h = bt % H, d = threadIdx.x;
   float M = -INFINITY;
   for (int s = 0; s < S; ++s) M = fmaxf(M, pm[bt * S + s]);
@@ -585,6 +671,16 @@ __global__ void transpose_kernel(const T* src, int64_t rows, int64_t cols, T* ds
   }
 }
 
+using GemvFn = void (*)(GemvArgs, Tabs);
+struct GemvVariant {
+  GemvFn fn;
+  int loads, rw, rows;
+};
+const GemvVariant kGemvVariants[] = {
+    {gemv_kernel<3, 1, 1>, 3, 1, 1},       {gemv_kernel<3, 4, 1>, 3, 4, 1},       {gemv_kernel<12, 1, 1>, 12, 1, 1},
+    {gemv_kernel<3, 1, kRT>, 3, 1, kRT}, {gemv_kernel<3, 4, kRT>, 3, 4, kRT}, {gemv_kernel<12, 1, kRT>, 12, 1, kRT},
+};
+
 int is_bf16(const Tensor& t) { return t.dtype == DType::bf16 ? 1 : 0; }
 const float* fp(const Tensor& t) { return static_cast<const float*>(t.data); }
 
@@ -602,7 +698,8 @@ class CudaStepDecoder final : public StepDecoder {
     }
     const int64_t C = c_.n_embd, F = c_.n_ffn;
     gemv_smem_ = size_t(kRT) * size_t(std::max<int64_t>(2 * C, F)) * 4;
-    RWKVX_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
+    for (const GemvVariant& v : kGemvVariants)
+      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
     be_.synchronize();
   }
   ~CudaStepDecoder() override {
@@ -814,7 +911,6 @@ class CudaStepDecoder final : public StepDecoder {
   // ---- the step's kernels ----
   struct Gemv {
     GemvArgs a{};
-    int blocks = 0;
   };
   static Gemv ln_gemv(const Tensor& x, const LayerNormWeights& ln, int K) {
     Gemv g;
@@ -830,19 +926,56 @@ class CudaStepDecoder final : public StepDecoder {
     RWKVX_ASSERT(g.a.n_jobs < kMaxJobs, "gemv: too many jobs");
     GemvJob& j = g.a.job[g.a.n_jobs++];
     j.W = W.data, j.bf16 = is_bf16(W), j.N = int(W.rows()), j.mu = mu ? fp(*mu) : nullptr;
-    j.out = out, j.ldo = ldo, j.epi = epi, j.layer = layer, j.block0 = g.blocks;
+    j.out = out, j.ldo = ldo, j.epi = epi, j.layer = layer;
     RWKVX_ASSERT(W.row_size() == g.a.K, "gemv: weight " + W.shape_str() + " does not take K inputs");
-    g.blocks += (j.N + kRT - 1) / kRT;
   }
+  // Variant: 3 pieces per lane for K ≤ 768 (a whole row in flight), else 12 (K > 3072 loops over chunks);
+  // 4 rows per warp only for very tall matrices (the head), where the grid is persistent anyway and more
+  // bytes per warp keep more in flight; one batch row per tile for single-stream decode.
   void run(Gemv& g, const Bufs& b) {
     g.a.C = int(c_.n_embd);
     g.a.kv_bf16 = c_.kv_dtype == DType::bf16;
     bool mix = false;
-    for (int i = 0; i < g.a.n_jobs; ++i) mix = mix || g.a.job[i].mu;
-    const size_t smem = size_t(std::min(kRT, b.B)) * size_t(g.a.K) * 4 * (mix ? 2 : 1);
+    int64_t rows = 0;
+    for (int i = 0; i < g.a.n_jobs; ++i) mix = mix || g.a.job[i].mu, rows += g.a.job[i].N;
+    const int loads = g.a.K <= 768 ? 3 : 12, rw = loads == 3 && rows >= 16384 ? 4 : 1, tile = b.B == 1 ? 1 : kRT;
+    const GemvVariant* v = nullptr;
+    for (const GemvVariant& c : kGemvVariants)
+      if (c.loads == loads && c.rw == rw && c.rows == tile) v = &c;
+    RWKVX_ASSERT(v, "gemv: no kernel variant");
+    g.a.n_tasks = 0;
+    for (int i = 0; i < g.a.n_jobs; ++i) {
+      g.a.job[i].task0 = g.a.n_tasks;
+      g.a.n_tasks += (g.a.job[i].N + rw - 1) / rw;
+    }
+    const size_t smem = size_t(std::min(tile, b.B)) * size_t(g.a.K) * 4 * (mix ? 2 : 1);
     RWKVX_ASSERT(smem <= gemv_smem_, "gemv: shared memory");
-    gemv_kernel<<<dim3(unsigned(g.blocks), unsigned((b.B + kRT - 1) / kRT)), 256, smem, be_.stream()>>>(g.a, b.tabs);
-    RWKVX_CUDA_LAUNCHED();
+    const unsigned tiles = unsigned((b.B + tile - 1) / tile);
+    const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(v->fn, smem) / int64_t(tiles);
+    const int64_t want = (g.a.n_tasks + kGemvWarps - 1) / kGemvWarps;
+    const unsigned blocks = unsigned(std::max<int64_t>(1, std::min(want, resident)));
+    launch(v->fn, dim3(blocks, tiles), dim3(kGemvWarps * 32), smem, g.a, b.tabs);
+  }
+  int blocks_per_sm(GemvFn fn, size_t smem) {
+    auto [it, fresh] = occupancy_.try_emplace({fn, smem}, 0);
+    if (fresh) RWKVX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&it->second, fn, kGemvWarps * 32, smem));
+    RWKVX_ASSERT(it->second > 0, "gemv: kernel does not fit on a multiprocessor");
+    return it->second;
+  }
+  // Every kernel but a step's first may start while its predecessor runs (see await_previous_kernel).
+  template <typename... P, typename... A>
+  void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+    launch_with(true, kernel, grid, block, smem, std::forward<A>(args)...);
+  }
+  template <typename... P, typename... A>
+  void launch_with(bool overlap_previous, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = be_.stream();
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = &attr, cfg.numAttrs = overlap_previous ? 1 : 0;
+    RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
   }
 
   void ffn(const Bufs& b, const ChannelMixWeights& w, const LayerNormWeights& ln2, int idx) {
@@ -860,9 +993,8 @@ class CudaStepDecoder final : public StepDecoder {
   void enqueue(const Bufs& b) {
     const int C = int(c_.n_embd), H = C / kHN, B = b.B;
     auto mp = [](const Tensor& t) { return const_cast<float*>(fp(t)); };
-    embed_kernel<<<unsigned(B), 256, 0, be_.stream()>>>(w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight), fp(w_.ln0.bias),
-                                                        b.tabs, mp(b.x));
-    RWKVX_CUDA_LAUNCHED();
+    launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), 0, w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight),
+                fp(w_.ln0.bias), b.tabs, mp(b.x));
     for (const BlockRef& ref : c_.exec_order) {
       if (ref.kind == BlockRef::Kind::rwkv) {
         const int i = ref.index;
@@ -890,8 +1022,7 @@ class CudaStepDecoder final : public StepDecoder {
         h.r_k = fp(a.r_k), h.ln_w = fp(a.ln_x.weight), h.ln_b = fp(a.ln_x.bias);
         h.xsave = fp(b.xsave), h.layer = i, h.y = mp(b.y), h.C = C;
         const size_t smem = size_t(h.dw + h.da + h.dg + std::max(h.dv, 0)) * 4;
-        rwkv_head_kernel<<<unsigned(B * H), 256, smem, be_.stream()>>>(h, b.tabs);
-        RWKVX_CUDA_LAUNCHED();
+        launch(rwkv_head_kernel, dim3(unsigned(B * H)), dim3(256), smem, h, b.tabs);
         Gemv o = buf_gemv(b.y, C);
         job(o, a.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -908,20 +1039,16 @@ class CudaStepDecoder final : public StepDecoder {
         g.q = fp(b.q), g.layer = m, g.C = C, g.H = H, g.Kp = std::max(0, c_.sparse.top_k - 1);
         g.chunk = c_.sparse.chunk, g.sel = static_cast<int32_t*>(b.sel.data), g.kv_bf16 = c_.kv_dtype == DType::bf16;
         g.gate_blocks = (B * H + 7) / 8, g.mean_blocks_per_row = (C + 255) / 256;
-        gate_mean_kernel<<<unsigned(g.gate_blocks + B * g.mean_blocks_per_row), 256, 0, be_.stream()>>>(g, b.tabs);
-        RWKVX_CUDA_LAUNCHED();
+        launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
         AttendArgs at{};
         float* pm = mp(b.part);
         const size_t n = size_t(B) * size_t(H) * size_t(b.S);
         at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
         at.chunk = c_.sparse.chunk, at.scale = 1.0f / std::sqrt(float(kHN)), at.pm = pm, at.pl = pm + n, at.pacc = pm + 2 * n;
-        if (c_.kv_dtype == DType::bf16)
-          attend_kernel<__nv_bfloat16><<<dim3(unsigned(B * H), unsigned(b.S)), 128, 0, be_.stream()>>>(at, b.tabs);
-        else
-          attend_kernel<float><<<dim3(unsigned(B * H), unsigned(b.S)), 128, 0, be_.stream()>>>(at, b.tabs);
-        RWKVX_CUDA_LAUNCHED();
-        combine_kernel<<<unsigned(B * H), kHN, 0, be_.stream()>>>(at.pm, at.pl, at.pacc, b.S, C, H, mp(b.o));
-        RWKVX_CUDA_LAUNCHED();
+        launch(c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>,
+               dim3(unsigned(B * H), unsigned(b.S)), dim3(128), 0, at, b.tabs);
+        launch(combine_kernel, dim3(unsigned(B * H)), dim3(kHN), 0, static_cast<const float*>(at.pm),
+               static_cast<const float*>(at.pl), static_cast<const float*>(at.pacc), b.S, C, H, mp(b.o));
         Gemv o = buf_gemv(b.o, C);
         job(o, sw.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -938,6 +1065,7 @@ class CudaStepDecoder final : public StepDecoder {
   const ModelWeights& w_;
   bool graph_;
   size_t gemv_smem_ = 0;
+  std::map<std::pair<GemvFn, size_t>, int> occupancy_;
   std::vector<Lora> lora_;
   std::map<int, Bufs> bufs_;
   std::vector<uint8_t> host_blob_;
