@@ -1,18 +1,23 @@
 // The whole-step decoder of the CUDA backend: one token for each of B streams through the whole model in
-// about 90 kernels (B ≤ 8; the same count for any B), captured once per batch size as a CUDA graph and
-// replayed. It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations
-// (no bf16 rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its
-// logits equal the op path's to fp32 rounding and its chunk choices are the op path's.
+// about 85 kernels (the same count for any B), captured once per batch size as a CUDA graph and replayed.
+// It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations (no bf16
+// rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its logits equal
+// the op path's to fp32 rounding and its chunk choices are the op path's.
 //
-// Kernels of one step (per RWKV block: 5, per sparse block: 7):
-//   gemv_kernel       multi-matrix GEMV for up to 8 rows per tile (grid.y = row tiles): optional prologue
-//                     LayerNorm(x) with token-shift mixes computed on the fly (xn + (shift − xn) ⊙ μ per
-//                     matrix), epilogues store / tanh / σ / relu² / residual add / KV-cache store.
+// Kernels of one step (per RWKV block: 5, per sparse block: 6):
+//   gemv_kernel       multi-matrix GEMV, 1 row per tile for B = 1, else 8 (grid.y = row tiles): optional
+//                     prologue LayerNorm(x) with token-shift mixes computed on the fly (xn + (shift − xn) ⊙ μ
+//                     per matrix), epilogues store / tanh / σ / relu² / residual add / KV-cache store.
 //   rwkv_head_kernel  per (stream, head): LoRA second stages (decay, learning rate, gate, value residual),
 //                     the WKV-7 input prep, one WKV-7 state step, GroupNorm + bonus + gate, token-shift store.
 //   gate_mean_kernel  per (stream, head) warp: fp64 top-(k−1) chunk gate; extra blocks store the mean of a
 //                     chunk the new key completed.
-//   attend_kernel / combine_kernel: split-key decode attention over the chosen chunks + the own chunk.
+//   attend_kernel     split-key decode attention over the chosen chunks + the own chunk; the last split of
+//                     a (stream, head) merges the partials.
+// Single-stream decode is a chain of small latency-bound kernels, so the time goes to the gaps between
+// them, not to bytes: every kernel after the first is a programmatic dependent launch that requests its
+// weights (never written) before waiting for its predecessor, and pulls the weights of the kernel after its
+// successor into L2.
 // Everything that changes between steps (token ids, state slots, positions, state and KV-cache pointers)
 // is a table in device memory uploaded before each replay, so one graph serves every step of a batch size;
 // KV caches grow (capacity doubling) on the host between steps. Eviction (§7.4) is not done here: models
@@ -189,44 +194,101 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
     if (jb.bf16) load_rows<kLoads, kRW>(jb, (task - jb.task0) * kRW, K, 0, lane, w), have_w = true;
   }
   prefetch_l2(pf);
+  const bool ln = a.in == nullptr, shift = ln && a.shift_kind != 0;
+  // The shift rows' addresses come from the step's tables, constant while the step runs: read before the wait.
+  __shared__ const float* s_shift_row[kRows];
+  if (shift && int(threadIdx.x) < nr)
+    s_shift_row[threadIdx.x] =
+        (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[r0 + threadIdx.x]) * K;
   await_previous_kernel();
-  if (a.in) {
+  const int K4 = K / 4;
+  float4* xs4 = reinterpret_cast<float4*>(xs);
+  if (!ln) {
     const float4* src = reinterpret_cast<const float4*>(a.in + int64_t(r0) * K);
-    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
+#pragma unroll 4
+    for (int e = threadIdx.x; e < nr * K4; e += blockDim.x) xs4[e] = src[e];
   } else {
-    // Rows of x into xs with 16-byte loads by every thread (one round trip), statistics per row from shared
-    // memory (warp w: rows w, w + kGemvWarps, …), then normalise and form the shift deltas.
-    __shared__ float s_mean[kRows], s_inv[kRows];
+    // One round trip: x rows (into xs), shift rows (into ds, raw), LayerNorm weight and bias (into lnw, lnb) in
+    // groups of kStage 16-byte loads per thread; row statistics by the whole block, two passes; then normalise
+    // and form the shift deltas in place.
+    constexpr int kStage = 8;
+    float4* ds4 = reinterpret_cast<float4*>(ds);
+    float4* lnw4 = reinterpret_cast<float4*>(sm + min(kRows, tb.B) * K * (shift ? 2 : 1));  // then lnb
     const float4* src = reinterpret_cast<const float4*>(a.x + int64_t(r0) * K);
-    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
+    const int n_x = nr * K4, n_xs = n_x * (shift ? 2 : 1), n_all = n_xs + 2 * K4;
+    __syncthreads();  // s_shift_row
+    for (int base = threadIdx.x; base < n_all; base += kStage * blockDim.x) {
+      float4 v[kStage];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int e = base + u * blockDim.x;
+        if (e >= n_all) break;
+        if (e < n_x) v[u] = src[e];
+        else if (e < n_xs) v[u] = reinterpret_cast<const float4*>(s_shift_row[(e - n_x) / K4])[(e - n_x) % K4];
+        else v[u] = e - n_xs < K4 ? __ldg(reinterpret_cast<const float4*>(a.ln_w) + (e - n_xs))
+                                  : __ldg(reinterpret_cast<const float4*>(a.ln_b) + (e - n_xs - K4));
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int e = base + u * blockDim.x;
+        if (e >= n_all) break;
+        if (e < n_x) xs4[e] = v[u];
+        else if (e < n_xs) ds4[e - n_x] = v[u];
+        else lnw4[e - n_xs] = v[u];
+      }
+    }
     __syncthreads();
-    for (int t = warp; t < nr; t += kGemvWarps) {
-      const float* xr = xs + t * K;
-      float s = 0.f;
-      for (int i = lane; i < K; i += 32) s += xr[i];
-      const float mean = warp_sum(s) / float(K);
-      float v = 0.f;
-      for (int i = lane; i < K; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
-      const float inv = rsqrtf(warp_sum(v) / float(K) + 1e-5f);
-      if (lane == 0) s_mean[t] = mean, s_inv[t] = inv;
+    __shared__ float s_part[2][kGemvWarps][kRows];
+    float mean[kRows], inv[kRows];
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= nr) break;
+      float p = 0.f;
+      for (int i = threadIdx.x; i < K4; i += blockDim.x) {
+        const float4 x4 = xs4[t * K4 + i];
+        p += x4.x + x4.y + x4.z + x4.w;
+      }
+      p = warp_sum(p);
+      if (lane == 0) s_part[0][warp][t] = p;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= nr) break;
+      float sum = 0.f;
+#pragma unroll
+      for (int w2 = 0; w2 < kGemvWarps; ++w2) sum += s_part[0][w2][t];
+      mean[t] = sum / float(K);
+      float p = 0.f;
+      for (int i = threadIdx.x; i < K4; i += blockDim.x) {
+        const float4 x4 = xs4[t * K4 + i];
+        p += (x4.x - mean[t]) * (x4.x - mean[t]) + (x4.y - mean[t]) * (x4.y - mean[t]) +
+             (x4.z - mean[t]) * (x4.z - mean[t]) + (x4.w - mean[t]) * (x4.w - mean[t]);
+      }
+      p = warp_sum(p);
+      if (lane == 0) s_part[1][warp][t] = p;
     }
     __syncthreads();
     const bool save = a.save_xn && blockIdx.x == 0;
-    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) {
-      const int t = (e * 4) / K, i = (e * 4) % K, r = r0 + t;
-      const float4 w4 = __ldg(reinterpret_cast<const float4*>(a.ln_w + i));
-      const float4 b4 = __ldg(reinterpret_cast<const float4*>(a.ln_b + i));
-      float4 x4 = reinterpret_cast<float4*>(xs)[e];
-      const float mean = s_mean[t], inv = s_inv[t];
-      x4.x = (x4.x - mean) * inv * w4.x + b4.x, x4.y = (x4.y - mean) * inv * w4.y + b4.y;
-      x4.z = (x4.z - mean) * inv * w4.z + b4.z, x4.w = (x4.w - mean) * inv * w4.w + b4.w;
-      reinterpret_cast<float4*>(xs)[e] = x4;
-      if (a.shift_kind) {
-        const float* sh = (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[r]) * K;
-        const float4 s4 = *reinterpret_cast<const float4*>(sh + i);
-        reinterpret_cast<float4*>(ds)[e] = make_float4(s4.x - x4.x, s4.y - x4.y, s4.z - x4.z, s4.w - x4.w);
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= nr) break;
+      float var = 0.f;
+#pragma unroll
+      for (int w2 = 0; w2 < kGemvWarps; ++w2) var += s_part[1][w2][t];
+      inv[t] = rsqrtf(var / float(K) + 1e-5f);
+      for (int i = threadIdx.x; i < K4; i += blockDim.x) {
+        const float4 w4 = lnw4[i], b4 = lnw4[K4 + i];
+        float4 x4 = xs4[t * K4 + i];
+        x4.x = (x4.x - mean[t]) * inv[t] * w4.x + b4.x, x4.y = (x4.y - mean[t]) * inv[t] * w4.y + b4.y;
+        x4.z = (x4.z - mean[t]) * inv[t] * w4.z + b4.z, x4.w = (x4.w - mean[t]) * inv[t] * w4.w + b4.w;
+        xs4[t * K4 + i] = x4;
+        if (shift) {
+          const float4 s4 = ds4[t * K4 + i];
+          ds4[t * K4 + i] = make_float4(s4.x - x4.x, s4.y - x4.y, s4.z - x4.z, s4.w - x4.w);
+        }
+        if (save) reinterpret_cast<float4*>(a.save_xn + int64_t(r0 + t) * K)[i] = x4;
       }
-      if (save) *reinterpret_cast<float4*>(a.save_xn + int64_t(r) * K + i) = x4;
     }
   }
   if (a.copy_src && blockIdx.x == 0) {
@@ -310,19 +372,21 @@ __global__ void embed_kernel(const void* E, int bf16, int C, const float* w, con
                              const __grid_constant__ Prefetch pf) {
   prefetch_l2(pf);
   await_previous_kernel();
+  extern __shared__ float er[];  // the embedding row, read once
   const int b = blockIdx.x;
   const int64_t row = int64_t(tb.ids[b]) * C;
   float* xo = x + int64_t(b) * C;
-  auto get = [&](int c) {
-    return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(E)[row + c]) : static_cast<const float*>(E)[row + c];
-  };
+#pragma unroll 4
+  for (int c = threadIdx.x; c < C; c += blockDim.x)
+    er[c] = bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(E)[row + c]) : static_cast<const float*>(E)[row + c];
+  __syncthreads();
   float s = 0.f;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) s += get(c);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) s += er[c];
   const float mean = block_sum(s) / float(C);
   float v = 0.f;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) v += (get(c) - mean) * (get(c) - mean);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) v += (er[c] - mean) * (er[c] - mean);
   const float inv = rsqrtf(block_sum(v) / float(C) + 1e-5f);
-  for (int c = threadIdx.x; c < C; c += blockDim.x) xo[c] = (get(c) - mean) * inv * w[c] + bias[c];
+  for (int c = threadIdx.x; c < C; c += blockDim.x) xo[c] = (er[c] - mean) * inv * w[c] + bias[c];
 }
 
 struct HeadArgs {
@@ -371,8 +435,20 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     w0c = a.w0[c], a0c = a.a0[c], kkc = a.k_k[c], kac = a.k_a[c];
     if (!a.first) v0c = a.v0[c];
   }
+  float rk0 = 0.f, rk1 = 0.f, lw0 = 0.f, lw1 = 0.f, lb0 = 0.f, lb1 = 0.f;  // GroupNorm constants (warp 0)
+  if (tid < 32) {
+    const int c0 = h * kHN + lane, c1 = c0 + 32;
+    rk0 = a.r_k[c0], rk1 = a.r_k[c1], lw0 = a.ln_w[c0], lw1 = a.ln_w[c1], lb0 = a.ln_b[c0], lb1 = a.ln_b[c1];
+  }
   prefetch_l2(pf);
   await_previous_kernel();
+  // This channel's r, k, v (and the first block's v) in the same round trip as the state and the LoRA inputs.
+  float rc = 0.f, kc = 0.f, vc = 0.f, vfc = 0.f;
+  if (tid < kHN) {
+    const int64_t o = int64_t(b) * a.C + c;
+    rc = a.r[o], kc = a.k[o], vc = a.v[o];
+    if (!a.first) vfc = a.vfirst[o];
+  }
   const int i_row = tid >> 2, g_col = tid & 3;  // WKV step: thread (i, g) owns state row i, columns g·16 … g·16 + 15
   float* S = tb.wkv[a.layer] + ((int64_t(tb.slot[b]) * H + h) * kHN + i_row) * kHN + g_col * 16;
   float st[16];
@@ -410,22 +486,20 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   __syncthreads();
   if (tid < kHN) {
     const float dec = s_dot[0][j], lr = s_dot[1][j], gt = s_dot[2][j], vg = s_dot[3][j];
-    const int64_t o = int64_t(b) * a.C + c;
     s_w[j] = expf(-0.60653065971263342f / (1.0f + expf(-(w0c + dec))));
     const float av = 1.0f / (1.0f + expf(-(a0c + lr)));
     s_a[j] = av;
-    const float kv = a.k[o];
-    s_kk[j] = kv * kkc;
-    s_k[j] = kv * (1.0f + (av - 1.0f) * kac);
-    float vv = a.v[o];
+    s_kk[j] = kc * kkc;
+    s_k[j] = kc * (1.0f + (av - 1.0f) * kac);
+    float vv = vc;
     if (a.first) {
-      a.vfirst[o] = vv;
+      a.vfirst[int64_t(b) * a.C + c] = vv;
     } else {
       const float g = 1.0f / (1.0f + expf(-(v0c + vg)));
-      vv += (a.vfirst[o] - vv) * g;
+      vv += (vfc - vv) * g;
     }
     s_v[j] = vv;
-    s_r[j] = a.r[o];
+    s_r[j] = rc;
     s_g[j] = gt;
   }
   __syncthreads();
@@ -469,10 +543,10 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     const float mean = warp_sum(y0 + y1) / float(kHN);
     const float d0 = y0 - mean, d1 = y1 - mean;
     const float inv = rsqrtf(warp_sum(d0 * d0 + d1 * d1) / float(kHN) + kLnXEps);
-    const float u = warp_sum(s_r[lane] * s_k[lane] * a.r_k[c0] + s_r[lane + 32] * s_k[lane + 32] * a.r_k[c1]);
+    const float u = warp_sum(s_r[lane] * s_k[lane] * rk0 + s_r[lane + 32] * s_k[lane + 32] * rk1);
     float* yo = a.y + int64_t(b) * a.C;
-    yo[c0] = (d0 * inv * a.ln_w[c0] + a.ln_b[c0] + u * s_v[lane]) * s_g[lane];
-    yo[c1] = (d1 * inv * a.ln_w[c1] + a.ln_b[c1] + u * s_v[lane + 32]) * s_g[lane + 32];
+    yo[c0] = (d0 * inv * lw0 + lb0 + u * s_v[lane]) * s_g[lane];
+    yo[c1] = (d1 * inv * lw1 + lb1 + u * s_v[lane + 32]) * s_g[lane + 32];
   } else if (tid >= 64 && tid < 64 + kHN) {  // the new token shift of this head's channels
     const int c = h * kHN + tid - 64;
     tb.att_shift[a.layer][int64_t(tb.slot[b]) * a.C + c] = a.xsave[int64_t(b) * a.C + c];
@@ -608,12 +682,15 @@ struct AttendArgs {
   int64_t chunk;
   float scale;
   float *pm, *pl, *pacc;  // [B·H·S], [B·H·S], [B·H·S, 64]
+  unsigned* done;         // [B·H] splits finished; zero between steps (the merging block resets it)
+  float* out;             // [B, C]
 };
 
 // Grid (B·H, S), 128 threads: split `split` of the query's keys (chosen chunks in order, then the own chunk up
 // to the query) under an online softmax; 4 warps score 32 keys at a time (a key per lane, 16-byte loads),
 // lanes then accumulate V over dims (dims 2·lane, 2·lane + 1). The V rows of a batch's keys are requested
-// together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split.
+// together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split; the
+// last split of a (row, head) to finish merges the S partials in split order (no separate kernel).
 template <typename KT>
 __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const Tabs tb, const __grid_constant__ Prefetch pf) {
   __shared__ __align__(16) float qs[kHN];
@@ -677,25 +754,29 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
     for (int w = 0; w < 4; ++w) s += acc_s[w][threadIdx.x] * wt[w];
     a.pacc[o * kHN + threadIdx.x] = s;
   }
-}
-
-// Block per (row, head), 64 threads: merges the S partials into out [B, C].
-__global__ void combine_kernel(const float* pm, const float* pl, const float* pacc, int S, int C, int H, float* out,
-                               const __grid_constant__ Prefetch pf) {
-  prefetch_l2(pf);
-  await_previous_kernel();
-  const int bt = blockIdx.x, b = bt / H, h = bt % H, d = threadIdx.x;
-  float M = -INFINITY;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, pm[bt * S + s]);
-  float L = 0.f, acc = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const float ms = pm[bt * S + s];
-    if (ms == -INFINITY) continue;
-    const float w = expf(ms - M);
-    L += pl[bt * S + s] * w;
-    acc += pacc[(int64_t(bt) * S + s) * kHN + d] * w;
+  __shared__ bool s_last;
+  __threadfence();  // this split's partial is visible before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(a.done + bt, 1u) == unsigned(S - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (threadIdx.x < kHN) {
+    const int d = threadIdx.x;
+    const int64_t p0 = int64_t(bt) * S;
+    float Mx = -INFINITY;
+    for (int s = 0; s < S; ++s) Mx = fmaxf(Mx, __ldcg(a.pm + p0 + s));
+    float Lx = 0.f, acc = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float mv = __ldcg(a.pm + p0 + s);
+      if (mv == -INFINITY) continue;
+      const float w = expf(mv - Mx);
+      Lx += __ldcg(a.pl + p0 + s) * w;
+      acc += __ldcg(a.pacc + (p0 + s) * kHN + d) * w;
+    }
+    a.out[int64_t(b) * a.C + off + d] = acc / Lx;
   }
-  out[int64_t(b) * C + int64_t(h) * kHN + d] = acc / L;
+  if (threadIdx.x == 0) a.done[bt] = 0;
 }
 
 template <typename T>
@@ -732,7 +813,7 @@ class CudaStepDecoder final : public StepDecoder {
       lora_.push_back(std::move(l));
     }
     const int64_t C = c_.n_embd, F = c_.n_ffn;
-    gemv_smem_ = size_t(kRT) * size_t(std::max<int64_t>(2 * C, F)) * 4;
+    gemv_smem_ = gemv_smem_bytes(C, F);
     for (const GemvVariant& v : kGemvVariants)
       RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
     be_.synchronize();
@@ -743,12 +824,17 @@ class CudaStepDecoder final : public StepDecoder {
   }
 
   // Shapes this decoder handles (others decode op by op).
+  // Largest GEMV shared memory: a tile's rows of LayerNorm(x) and shift deltas + LayerNorm weight and bias
+  // (K = C), or a tile's rows of the FFN hidden layer (K = F).
+  static size_t gemv_smem_bytes(int64_t C, int64_t F) {
+    return size_t(std::max<int64_t>((2 * kRT + 2) * C, kRT * F)) * 4;
+  }
   static bool supports(const ModelConfig& c, const ModelWeights& w, const cudaDeviceProp& prop) {
     const int64_t C = c.n_embd, F = c.n_ffn;
     if (c.head_size != kHN || C % kHN != 0 || C % 8 != 0 || F % 8 != 0) return false;
     if (c.n_sparse > 0 && (c.sparse.head_dim != kHN || c.sparse.top_k - 1 > kMaxSel || c.sparse.chunk <= 0)) return false;
     if (c.eviction.max_len > 0) return false;
-    if (size_t(kRT) * size_t(std::max<int64_t>(2 * C, F)) * 4 > size_t(prop.sharedMemPerBlockOptin)) return false;
+    if (gemv_smem_bytes(C, F) > size_t(prop.sharedMemPerBlockOptin)) return false;
     auto ok = [](const Tensor& t) { return t.dtype == DType::f32 || t.dtype == DType::bf16; };
     if (!ok(w.emb) || !ok(w.head)) return false;
     for (const RwkvBlockWeights& b : w.rwkv) {
@@ -849,7 +935,7 @@ class CudaStepDecoder final : public StepDecoder {
   };
   struct Bufs {
     int B = 0, S = 1;
-    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, logits, blob;
+    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, done, logits, blob;
     size_t blob_bytes = 0, off_ids = 0, off_slot = 0, off_pos = 0, off_att = 0, off_wkv = 0, off_ffn = 0, off_kc = 0,
            off_vc = 0, off_mean = 0;
     cudaGraphExec_t exec = nullptr;
@@ -915,6 +1001,8 @@ class CudaStepDecoder final : public StepDecoder {
       b.S = int(std::max<int64_t>(1, std::min(S, fill)));
       b.sel = buf(Bz * H * kMaxSel);
       b.part = buf(Bz * H * size_t(b.S) * (kHN + 2));
+      b.done = be_.scratch(Bz * H * 4);
+      RWKVX_CUDA_CHECK(cudaMemsetAsync(b.done.data, 0, Bz * H * 4, be_.stream()));
     }
     const size_t L = size_t(c_.n_rwkv), M = size_t(c_.n_sparse);
     size_t off = 0;
@@ -983,7 +1071,8 @@ class CudaStepDecoder final : public StepDecoder {
       g.a.job[i].task0 = g.a.n_tasks;
       g.a.n_tasks += (g.a.job[i].N + rw - 1) / rw;
     }
-    const size_t smem = size_t(std::min(tile, b.B)) * size_t(g.a.K) * 4 * (mix ? 2 : 1);
+    RWKVX_ASSERT(mix == (g.a.in == nullptr && g.a.shift_kind != 0), "gemv: mixes need the shift rows");
+    const size_t smem = (size_t(std::min(tile, b.B)) * (mix ? 2 : 1) + (g.a.in ? 0 : 2)) * size_t(g.a.K) * 4;
     RWKVX_ASSERT(smem <= gemv_smem_, "gemv: shared memory");
     const unsigned tiles = unsigned((b.B + tile - 1) / tile);
     const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(v->fn, smem) / int64_t(tiles);
@@ -1061,7 +1150,7 @@ class CudaStepDecoder final : public StepDecoder {
   void enqueue_step(const Bufs& b) {
     const int C = int(c_.n_embd), H = C / kHN, B = b.B;
     auto mp = [](const Tensor& t) { return const_cast<float*>(fp(t)); };
-    launch_with(false, {}, embed_kernel, dim3(unsigned(B)), dim3(256), 0, w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight),
+    launch_with(false, {}, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight),
                 fp(w_.ln0.bias), b.tabs, mp(b.x));
     for (const BlockRef& ref : c_.exec_order) {
       if (ref.kind == BlockRef::Kind::rwkv) {
@@ -1115,10 +1204,9 @@ class CudaStepDecoder final : public StepDecoder {
         const size_t n = size_t(B) * size_t(H) * size_t(b.S);
         at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
         at.chunk = c_.sparse.chunk, at.scale = 1.0f / std::sqrt(float(kHN)), at.pm = pm, at.pl = pm + n, at.pacc = pm + 2 * n;
+        at.done = static_cast<unsigned*>(b.done.data), at.out = mp(b.o);
         launch({}, c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>,
                dim3(unsigned(B * H), unsigned(b.S)), dim3(128), 0, at, b.tabs);
-        launch({}, combine_kernel, dim3(unsigned(B * H)), dim3(kHN), 0, static_cast<const float*>(at.pm),
-               static_cast<const float*>(at.pl), static_cast<const float*>(at.pacc), b.S, C, H, mp(b.o));
         Gemv o = buf_gemv(b.o, C);
         job(o, sw.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
