@@ -16,8 +16,8 @@
 //                     a (stream, head) merges the partials.
 // Single-stream decode is a chain of small latency-bound kernels, so the time goes to the gaps between
 // them, not to bytes: every kernel after the first is a programmatic dependent launch that requests its
-// weights (never written) before waiting for its predecessor, and pulls the weights of the kernel after its
-// successor into L2.
+// weights (never written) before waiting for its predecessor. (Pulling the weights of later kernels into L2
+// with bulk prefetches was measured slower.)
 // Everything that changes between steps (token ids, state slots, positions, state and KV-cache pointers)
 // is a table in device memory uploaded before each replay, so one graph serves every step of a batch size;
 // KV caches grow (capacity doubling) on the host between steps. Eviction (§7.4) is not done here: models
@@ -50,32 +50,6 @@ constexpr float kLnXEps = 64e-5f;
 __device__ __forceinline__ void await_previous_kernel() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-
-// Weights a later kernel of the step reads, pulled into L2 by this one (bulk prefetches, no registers, no
-// waiting): the chain of small kernels keeps HBM busy only this way. Ranges are 16-byte aligned and sized.
-constexpr int kMaxPrefetch = 8;
-constexpr int64_t kPrefetchPiece = 4096;  // bytes per prefetch instruction
-struct Prefetch {
-  const char* p[kMaxPrefetch];
-  int64_t bytes[kMaxPrefetch];
-  int n;
-};
-
-// Every thread of the grid issues its share of the ranges' pieces (piece g of all ranges: thread g mod threads).
-__device__ __forceinline__ void prefetch_l2(const Prefetch& pf) {
-  const int64_t threads = int64_t(gridDim.x) * gridDim.y * blockDim.x;
-  const int64_t me = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t first = 0;  // global index of the range's first piece
-  for (int r = 0; r < pf.n; ++r) {
-    const int64_t pieces = (pf.bytes[r] + kPrefetchPiece - 1) / kPrefetchPiece;
-    for (int64_t i = ((me - first) % threads + threads) % threads; i < pieces; i += threads) {
-      const char* q = pf.p[r] + i * kPrefetchPiece;
-      const uint32_t n = uint32_t(min_i64(kPrefetchPiece, pf.bytes[r] - i * kPrefetchPiece));
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(q), "r"(n) : "memory");
-    }
-    first += pieces;
-  }
 }
 
 // Device tables for one step; pointers into the batch size's parameter buffer.
@@ -177,8 +151,7 @@ __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb,
 // lane holds kLoads 16-byte weight pieces per row, the first task's issued before waiting on the previous
 // kernel. Dynamic shared memory: xs [R][K] (+ ds [R][K] when a job mixes with the shift), R = min(kRows, B).
 template <int kLoads, int kRW, int kRows>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_constant__ GemvArgs a, const Tabs tb,
-                                                                      const __grid_constant__ Prefetch pf) {
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
   extern __shared__ __align__(16) float sm[];
   constexpr int kChunk = kLoads * 256;
   const int K = a.K;
@@ -193,7 +166,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
     const GemvJob& jb = a.job[job_of(a, task)];
     if (jb.bf16) load_rows<kLoads, kRW>(jb, (task - jb.task0) * kRW, K, 0, lane, w), have_w = true;
   }
-  prefetch_l2(pf);
   const bool ln = a.in == nullptr, shift = ln && a.shift_kind != 0;
   // The shift rows' addresses come from the step's tables, constant while the step runs: read before the wait.
   __shared__ const float* s_shift_row[kRows];
@@ -368,9 +340,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
 }
 
 // x[b] = LayerNorm0(emb[ids[b]]): block per row.
-__global__ void embed_kernel(const void* E, int bf16, int C, const float* w, const float* bias, const Tabs tb, float* x,
-                             const __grid_constant__ Prefetch pf) {
-  prefetch_l2(pf);
+__global__ void embed_kernel(const void* E, int bf16, int C, const float* w, const float* bias, const Tabs tb, float* x) {
   await_previous_kernel();
   extern __shared__ float er[];  // the embedding row, read once
   const int b = blockIdx.x;
@@ -413,7 +383,7 @@ constexpr int kLoraPieces = 16;  // 16-byte pieces of a second-stage LoRA row a 
 // previous kernel, thread (m, j) = (tid / 64, tid % 64) loads row h·64 + j of second-stage LoRA matrix m (decay,
 // learning rate, gate, value residual) into registers, and threads < 64 their channel's constants; after it,
 // the WKV state rows are requested first so that their latency overlaps the LoRA dots.
-__global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb, const __grid_constant__ Prefetch pf) {
+__global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb) {
   extern __shared__ float lora[];
   __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_al[kHN], s_be[kHN], s_y[kHN];
   __shared__ float s_dot[4][kHN];
@@ -440,7 +410,6 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     const int c0 = h * kHN + lane, c1 = c0 + 32;
     rk0 = a.r_k[c0], rk1 = a.r_k[c1], lw0 = a.ln_w[c0], lw1 = a.ln_w[c1], lb0 = a.ln_b[c0], lb1 = a.ln_b[c1];
   }
-  prefetch_l2(pf);
   await_previous_kernel();
   // This channel's r, k, v (and the first block's v) in the same round trip as the state and the LoRA inputs.
   float rc = 0.f, kc = 0.f, vc = 0.f, vfc = 0.f;
@@ -564,8 +533,7 @@ struct GateArgs {
 // Blocks [0, gate_blocks): warp per (row, head): q·mean_n in fp64 over the complete past chunks n < j, the top
 // min(k−1, j) (ties: lower n), written in ascending chunk order, −1 after. Later blocks: the mean of the chunk
 // the new key completed, if it completed one (fp64 sum in row order, as the op path's chunk_mean_kernel).
-__global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const Tabs tb, const __grid_constant__ Prefetch pf) {
-  prefetch_l2(pf);
+__global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const Tabs tb) {
   await_previous_kernel();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (int(blockIdx.x) < a.gate_blocks) {
@@ -692,10 +660,9 @@ struct AttendArgs {
 // together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split; the
 // last split of a (row, head) to finish merges the S partials in split order (no separate kernel).
 template <typename KT>
-__global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const Tabs tb, const __grid_constant__ Prefetch pf) {
+__global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const Tabs tb) {
   __shared__ __align__(16) float qs[kHN];
   __shared__ float acc_s[4][kHN], ms[4], ls[4];
-  prefetch_l2(pf);
   await_previous_kernel();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = gridDim.y, split = blockIdx.y;
   const int bt = blockIdx.x, b = bt / a.H, h = bt % a.H;
@@ -787,7 +754,7 @@ __global__ void transpose_kernel(const T* src, int64_t rows, int64_t cols, T* ds
   }
 }
 
-using GemvFn = void (*)(GemvArgs, Tabs, Prefetch);
+using GemvFn = void (*)(GemvArgs, Tabs);
 struct GemvVariant {
   GemvFn fn;
   int loads, rw, rows;
@@ -1078,12 +1045,7 @@ class CudaStepDecoder final : public StepDecoder {
     const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(v->fn, smem) / int64_t(tiles);
     const int64_t want = (g.a.n_tasks + kGemvWarps - 1) / kGemvWarps;
     const unsigned blocks = unsigned(std::max<int64_t>(1, std::min(want, resident)));
-    std::vector<Range> reads;
-    for (int i = 0; i < g.a.n_jobs; ++i) {
-      const GemvJob& j = g.a.job[i];
-      reads.push_back({j.W, int64_t(j.N) * g.a.K * (j.bf16 ? 2 : 4)});
-    }
-    launch(std::move(reads), v->fn, dim3(blocks, tiles), dim3(kGemvWarps * 32), smem, g.a, b.tabs);
+    launch(v->fn, dim3(blocks, tiles), dim3(kGemvWarps * 32), smem, g.a, b.tabs);
   }
   int blocks_per_sm(GemvFn fn, size_t smem) {
     auto [it, fresh] = occupancy_.try_emplace({fn, smem}, 0);
@@ -1091,39 +1053,20 @@ class CudaStepDecoder final : public StepDecoder {
     RWKVX_ASSERT(it->second > 0, "gemv: kernel does not fit on a multiprocessor");
     return it->second;
   }
-  // Every kernel but a step's first may start while its predecessor runs (see await_previous_kernel). `reads`:
-  // the weights the kernel reads; kernel k of a step prefetches those of kernel k + 2 into L2 (k + 1 requests
-  // its own before its wait). The plan of every kernel's reads is made once by a dry pass of enqueue.
-  struct Range {
-    const void* p;
-    int64_t bytes;
-  };
+  // Every kernel but a step's first may start while its predecessor runs (see await_previous_kernel).
   template <typename... P, typename... A>
-  void launch(std::vector<Range> reads, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
-    launch_with(true, std::move(reads), kernel, grid, block, smem, std::forward<A>(args)...);
+  void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+    launch_with(true, kernel, grid, block, smem, std::forward<A>(args)...);
   }
   template <typename... P, typename... A>
-  void launch_with(bool overlap_previous, std::vector<Range> reads, void (*kernel)(P...), dim3 grid, dim3 block,
-                   size_t smem, A&&... args) {
-    const size_t k = n_launched_++;
-    if (planning_) {
-      plan_.push_back(std::move(reads));
-      return;
-    }
-    RWKVX_ASSERT(k < plan_.size(), "decode: step differs from its plan");
-    Prefetch pf{};
-    if (k + 2 < plan_.size())
-      for (const Range& r : plan_[k + 2]) {
-        if (pf.n == kMaxPrefetch || r.bytes <= 0) continue;
-        pf.p[pf.n] = static_cast<const char*>(r.p), pf.bytes[pf.n] = std::min<int64_t>(r.bytes, kPrefetchCap), ++pf.n;
-      }
+  void launch_with(bool overlap_previous, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = be_.stream();
     cudaLaunchAttribute attr{};
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = &attr, cfg.numAttrs = overlap_previous ? 1 : 0;
-    RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)..., pf));
+    RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
   }
 
   void ffn(const Bufs& b, const ChannelMixWeights& w, const LayerNormWeights& ln2, int idx) {
@@ -1139,18 +1082,9 @@ class CudaStepDecoder final : public StepDecoder {
   }
 
   void enqueue(const Bufs& b) {
-    if (plan_.empty()) {
-      planning_ = true, n_launched_ = 0;
-      enqueue_step(b);
-      planning_ = false;
-    }
-    n_launched_ = 0;
-    enqueue_step(b);
-  }
-  void enqueue_step(const Bufs& b) {
     const int C = int(c_.n_embd), H = C / kHN, B = b.B;
     auto mp = [](const Tensor& t) { return const_cast<float*>(fp(t)); };
-    launch_with(false, {}, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight),
+    launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight),
                 fp(w_.ln0.bias), b.tabs, mp(b.x));
     for (const BlockRef& ref : c_.exec_order) {
       if (ref.kind == BlockRef::Kind::rwkv) {
@@ -1179,9 +1113,7 @@ class CudaStepDecoder final : public StepDecoder {
         h.r_k = fp(a.r_k), h.ln_w = fp(a.ln_x.weight), h.ln_b = fp(a.ln_x.bias);
         h.xsave = fp(b.xsave), h.layer = i, h.y = mp(b.y), h.C = C;
         const size_t smem = size_t(h.dw + h.da + h.dg + std::max(h.dv, 0)) * 4;
-        const int64_t es = h.bf16 ? 2 : 4;
-        launch({{h.w2t, h.dw * C * es}, {h.a2t, h.da * C * es}, {h.g2t, h.dg * C * es}, {h.v2t, h.dv * C * es}},
-               rwkv_head_kernel, dim3(unsigned(B * H)), dim3(256), smem, h, b.tabs);
+        launch(rwkv_head_kernel, dim3(unsigned(B * H)), dim3(256), smem, h, b.tabs);
         Gemv o = buf_gemv(b.y, C);
         job(o, a.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -1198,14 +1130,14 @@ class CudaStepDecoder final : public StepDecoder {
         g.q = fp(b.q), g.layer = m, g.C = C, g.H = H, g.Kp = std::max(0, c_.sparse.top_k - 1);
         g.chunk = c_.sparse.chunk, g.sel = static_cast<int32_t*>(b.sel.data), g.kv_bf16 = c_.kv_dtype == DType::bf16;
         g.gate_blocks = (B * H + 7) / 8, g.mean_blocks_per_row = (C + 255) / 256;
-        launch({}, gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
+        launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
         AttendArgs at{};
         float* pm = mp(b.part);
         const size_t n = size_t(B) * size_t(H) * size_t(b.S);
         at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
         at.chunk = c_.sparse.chunk, at.scale = 1.0f / std::sqrt(float(kHN)), at.pm = pm, at.pl = pm + n, at.pacc = pm + 2 * n;
         at.done = static_cast<unsigned*>(b.done.data), at.out = mp(b.o);
-        launch({}, c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>,
+        launch(c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>,
                dim3(unsigned(B * H), unsigned(b.S)), dim3(128), 0, at, b.tabs);
         Gemv o = buf_gemv(b.o, C);
         job(o, sw.output, nullptr, mp(b.x), C, kAdd);
@@ -1224,10 +1156,6 @@ class CudaStepDecoder final : public StepDecoder {
   bool graph_;
   size_t gemv_smem_ = 0;
   std::map<std::pair<GemvFn, size_t>, int> occupancy_;
-  std::vector<std::vector<Range>> plan_;  // weights each kernel of a step reads
-  size_t n_launched_ = 0;
-  bool planning_ = false;
-  static constexpr int64_t kPrefetchCap = int64_t(16) << 20;  // bytes of one matrix prefetched (the head's first rows)
   std::vector<Lora> lora_;
   std::map<int, Bufs> bufs_;
   std::vector<uint8_t> host_blob_;
