@@ -339,6 +339,150 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
   }
 }
 
+// 8 consecutive floats p[0 … 7] (16-byte aligned).
+__device__ __forceinline__ void load8(const float* p, float* f) {
+  const float4 u = *reinterpret_cast<const float4*>(p), v = *reinterpret_cast<const float4*>(p + 4);
+  f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w, f[4] = v.x, f[5] = v.y, f[6] = v.z, f[7] = v.w;
+}
+__device__ __forceinline__ void ldg8(const float* p, float* f) {
+  const float4 u = __ldg(reinterpret_cast<const float4*>(p)), v = __ldg(reinterpret_cast<const float4*>(p + 4));
+  f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w, f[4] = v.x, f[5] = v.y, f[6] = v.z, f[7] = v.w;
+}
+
+// Single-stream GEMV (B = 1, K ≤ kLoads·256): no shared memory and no block barrier on the critical path.
+// Every warp holds the whole input row in registers (lane: columns u·256 + lane·8 … + 7, the columns of its
+// weight pieces), does the prologue LayerNorm with shuffles (each warp redundantly: 24 values a lane), then
+// dots its tasks' rows. Grid (≤ resident blocks), kGemvWarps warps per block, tasks of kRW rows as above.
+// kLn: the input is LayerNorm(x) with optional shift mixes (a.in == nullptr), else the rows a.in.
+template <int kLoads, int kRW, bool kLn>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
+  constexpr int kMixLoads = kLn ? kLoads : 1;  // register arrays only the LayerNorm prologue uses
+  const int K = a.K;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool shift = kLn && a.shift_kind != 0;
+  int task = blockIdx.x * kGemvWarps + warp;
+  uint4 w[kRW][kLoads];
+  float mu[kMixLoads][8];
+  bool have_w = false, have_mu = false;
+  if (task < a.n_tasks) {  // the first task's weights and mix coefficients (never written)
+    const GemvJob& jb = a.job[job_of(a, task)];
+    if (jb.bf16) load_rows<kLoads, kRW>(jb, (task - jb.task0) * kRW, K, 0, lane, w), have_w = true;
+    if constexpr (kLn) {
+      if (jb.mu) {
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u)
+          if (u * 256 + lane * 8 < K) ldg8(jb.mu + u * 256 + lane * 8, mu[u]);
+        have_mu = true;
+      }
+    }
+  }
+  // The shift row's address comes from the step's tables, constant while the step runs.
+  const float* shift_row =
+      shift ? (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[0]) * K : nullptr;
+  await_previous_kernel();
+  float xv[kLoads][8], dv[kMixLoads][8];
+  if constexpr (!kLn) {
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = u * 256 + lane * 8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xv[u][e] = 0.f;
+      if (i < K) load8(a.in + i, xv[u]);
+    }
+  } else {
+    float lw[kLoads][8], lb[kLoads][8];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = u * 256 + lane * 8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xv[u][e] = dv[u][e] = lw[u][e] = lb[u][e] = 0.f;
+      if (i < K) {
+        load8(a.x + i, xv[u]);
+        if (shift) load8(shift_row + i, dv[u]);
+        ldg8(a.ln_w + i, lw[u]), ldg8(a.ln_b + i, lb[u]);
+      }
+    }
+    {
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += xv[u][e];
+      const float mean = warp_sum(sum) / float(K);
+      float var = 0.f;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u)
+        if (u * 256 + lane * 8 < K)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) var += (xv[u][e] - mean) * (xv[u][e] - mean);
+      const float inv = rsqrtf(warp_sum(var) / float(K) + 1e-5f);
+      const bool save = a.save_xn && blockIdx.x == 0 && warp == 0;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int i = u * 256 + lane * 8;
+        if (i >= K) continue;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          xv[u][e] = (xv[u][e] - mean) * inv * lw[u][e] + lb[u][e];
+          if (shift) dv[u][e] = dv[u][e] - xv[u][e];
+        }
+        if (save) {
+          reinterpret_cast<float4*>(a.save_xn + i)[0] = make_float4(xv[u][0], xv[u][1], xv[u][2], xv[u][3]);
+          reinterpret_cast<float4*>(a.save_xn + i)[1] = make_float4(xv[u][4], xv[u][5], xv[u][6], xv[u][7]);
+        }
+      }
+    }
+  }
+  if (a.copy_src && blockIdx.x == 0)
+    for (int c = threadIdx.x; c < a.C; c += blockDim.x) tb.ffn_shift[a.copy_layer][int64_t(tb.slot[0]) * a.C + c] = a.copy_src[c];
+  for (; task < a.n_tasks; task += gridDim.x * kGemvWarps) {
+    const GemvJob& jb = a.job[job_of(a, task)];
+    const int o0 = (task - jb.task0) * kRW;
+    const bool mix = kLn && jb.mu != nullptr;
+    if (jb.bf16 && !have_w) load_rows<kLoads, kRW>(jb, o0, K, 0, lane, w);
+    if constexpr (kLn) {
+      if (mix && !have_mu) {
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u)
+          if (u * 256 + lane * 8 < K) ldg8(jb.mu + u * 256 + lane * 8, mu[u]);
+      }
+    }
+    have_w = have_mu = false;
+    float acc[kRW];
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr) acc[rr] = 0.f;
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = u * 256 + lane * 8;
+      if (i >= K) break;
+      float xm[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xm[e] = xv[u][e];
+      if constexpr (kLn) {
+        if (mix) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xm[e] = xv[u][e] + dv[u][e] * mu[u][e];
+        }
+      }
+#pragma unroll
+      for (int rr = 0; rr < kRW; ++rr) {
+        float wf[8];
+        if (jb.bf16) bf16x8(w[rr][u], wf);
+        else ldg8(static_cast<const float*>(jb.W) + int64_t(min(o0 + rr, jb.N - 1)) * K + i, wf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[rr] += wf[e] * xm[e];
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr) {
+      const int o = o0 + rr;
+      if (o >= jb.N) break;  // warp-uniform
+      const float v = warp_sum(acc[rr]);
+      if (lane == 0) gemv_epilogue(a, tb, jb, 0, o, v);
+    }
+  }
+}
+
 // x[b] = LayerNorm0(emb[ids[b]]): block per row.
 __global__ void embed_kernel(const void* E, int bf16, int C, const float* w, const float* bias, const Tabs tb, float* x) {
   await_previous_kernel();
@@ -670,10 +814,16 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
   const KT* K = static_cast<const KT*>(tb.kc[a.layer * tb.B + b]);
   const KT* V = static_cast<const KT*>(tb.vc[a.layer * tb.B + b]);
   if (threadIdx.x < kHN) qs[threadIdx.x] = a.q[int64_t(b) * a.C + off + threadIdx.x];
-  __syncthreads();
   const int32_t* my = a.sel + int64_t(bt) * kMaxSel;
-  int n_sel = 0;
-  while (n_sel < kMaxSel && my[n_sel] >= 0) ++n_sel;
+  int n_sel = 0;  // the choices end at the first −1 (independent loads, one round trip with q)
+  bool ended = false;
+#pragma unroll
+  for (int u = 0; u < kMaxSel; ++u) {
+    const int32_t c = my[u];
+    ended = ended || c < 0;
+    n_sel += ended ? 0 : 1;
+  }
+  __syncthreads();
   const int64_t n_keys = int64_t(n_sel) * a.chunk + (t - j * a.chunk + 1);
   const int64_t per = (n_keys + S - 1) / S, k0 = split * per, k1 = min_i64(n_keys, k0 + per);
   float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
@@ -757,9 +907,12 @@ __global__ void transpose_kernel(const T* src, int64_t rows, int64_t cols, T* ds
 using GemvFn = void (*)(GemvArgs, Tabs);
 struct GemvVariant {
   GemvFn fn;
-  int loads, rw, rows;
+  int loads, rw, rows;  // rows ≤ 0: gemv_row_kernel (B = 1, K ≤ loads·256), 0 with kLn, −1 without
 };
 const GemvVariant kGemvVariants[] = {
+    {gemv_row_kernel<3, 1, true>, 3, 1, 0},   {gemv_row_kernel<3, 2, true>, 3, 2, 0},   {gemv_row_kernel<3, 4, true>, 3, 4, 0},
+    {gemv_row_kernel<3, 1, false>, 3, 1, -1}, {gemv_row_kernel<3, 2, false>, 3, 2, -1}, {gemv_row_kernel<3, 4, false>, 3, 4, -1},
+    {gemv_row_kernel<12, 1, false>, 12, 1, -1}, {gemv_row_kernel<12, 2, false>, 12, 2, -1},
     {gemv_kernel<3, 1, 1>, 3, 1, 1},       {gemv_kernel<3, 4, 1>, 3, 4, 1},       {gemv_kernel<12, 1, 1>, 12, 1, 1},
     {gemv_kernel<3, 1, kRT>, 3, 1, kRT}, {gemv_kernel<3, 4, kRT>, 3, 4, kRT}, {gemv_kernel<12, 1, kRT>, 12, 1, kRT},
 };
@@ -782,7 +935,8 @@ class CudaStepDecoder final : public StepDecoder {
     const int64_t C = c_.n_embd, F = c_.n_ffn;
     gemv_smem_ = gemv_smem_bytes(C, F);
     for (const GemvVariant& v : kGemvVariants)
-      RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
+      if (v.rows > 0)
+        RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
     be_.synchronize();
   }
   ~CudaStepDecoder() override {
@@ -963,8 +1117,8 @@ class CudaStepDecoder final : public StepDecoder {
     b.logits = buf(Bz * size_t(c_.n_vocab));
     if (c_.n_sparse > 0) {
       const int64_t max_keys = int64_t(c_.sparse.top_k) * c_.sparse.chunk;
-      int64_t S = std::clamp<int64_t>((max_keys + 255) / 256, 1, 64);
-      const int64_t fill = (4 * int64_t(be_.sm_count()) + int64_t(Bz * H) - 1) / int64_t(Bz * H);
+      int64_t S = std::clamp<int64_t>((max_keys + 127) / 128, 1, 64);  // a split's keys: one batch per warp
+      const int64_t fill = (5 * int64_t(be_.sm_count()) + int64_t(Bz * H) - 1) / int64_t(Bz * H);
       b.S = int(std::max<int64_t>(1, std::min(S, fill)));
       b.sel = buf(Bz * H * kMaxSel);
       b.part = buf(Bz * H * size_t(b.S) * (kHN + 2));
@@ -1019,28 +1173,47 @@ class CudaStepDecoder final : public StepDecoder {
     j.out = out, j.ldo = ldo, j.epi = epi, j.layer = layer;
     RWKVX_ASSERT(W.row_size() == g.a.K, "gemv: weight " + W.shape_str() + " does not take K inputs");
   }
-  // Variant: 3 pieces per lane for K ≤ 768 (a whole row in flight), else 12 (K > 3072 loops over chunks);
-  // 4 rows per warp only for very tall matrices (the head), where the grid is persistent anyway and more
-  // bytes per warp keep more in flight; one batch row per tile for single-stream decode.
+  // Variant: 3 pieces per lane for K ≤ 768 (a whole row in flight), else 12 (K > 3072 loops over chunks).
+  // Single stream: the register-resident row kernel with the fewest rows per warp that still puts every
+  // task's weights in flight at once (all warps resident); the tall head gets 4 rows per warp and a
+  // persistent grid. Batches: 8 rows per tile, one matrix row per warp (4 for the head).
   void run(Gemv& g, const Bufs& b) {
     g.a.C = int(c_.n_embd);
     g.a.kv_bf16 = c_.kv_dtype == DType::bf16;
     bool mix = false;
     int64_t rows = 0;
     for (int i = 0; i < g.a.n_jobs; ++i) mix = mix || g.a.job[i].mu, rows += g.a.job[i].N;
-    const int loads = g.a.K <= 768 ? 3 : 12, rw = loads == 3 && rows >= 16384 ? 4 : 1, tile = b.B == 1 ? 1 : kRT;
+    RWKVX_ASSERT(mix == (g.a.in == nullptr && g.a.shift_kind != 0), "gemv: mixes need the shift rows");
+    const int loads = g.a.K <= 768 ? 3 : 12;
+    auto count_tasks = [&](int rw) {
+      int64_t n = 0;
+      for (int i = 0; i < g.a.n_jobs; ++i) n += (g.a.job[i].N + rw - 1) / rw;
+      return n;
+    };
     const GemvVariant* v = nullptr;
-    for (const GemvVariant& c : kGemvVariants)
-      if (c.loads == loads && c.rw == rw && c.rows == tile) v = &c;
+    size_t smem = 0;
+    int tile = 1;
+    const bool ln = g.a.in == nullptr;
+    if (b.B == 1 && g.a.K <= (ln ? 3 : 12) * 256) {
+      for (const GemvVariant& c : kGemvVariants) {
+        if (c.rows != (ln ? 0 : -1) || c.loads != loads) continue;
+        v = &c;  // listed by increasing rows per warp
+        if (count_tasks(c.rw) <= int64_t(be_.sm_count()) * blocks_per_sm(c.fn, 0) * kGemvWarps) break;
+      }
+    } else {
+      tile = b.B == 1 ? 1 : kRT;
+      const int rw = loads == 3 && rows >= 16384 ? 4 : 1;
+      for (const GemvVariant& c : kGemvVariants)
+        if (c.loads == loads && c.rw == rw && c.rows == tile) v = &c;
+      smem = (size_t(std::min(tile, b.B)) * (mix ? 2 : 1) + (g.a.in ? 0 : 2)) * size_t(g.a.K) * 4;
+    }
     RWKVX_ASSERT(v, "gemv: no kernel variant");
+    RWKVX_ASSERT(smem <= gemv_smem_, "gemv: shared memory");
     g.a.n_tasks = 0;
     for (int i = 0; i < g.a.n_jobs; ++i) {
       g.a.job[i].task0 = g.a.n_tasks;
-      g.a.n_tasks += (g.a.job[i].N + rw - 1) / rw;
+      g.a.n_tasks += (g.a.job[i].N + v->rw - 1) / v->rw;
     }
-    RWKVX_ASSERT(mix == (g.a.in == nullptr && g.a.shift_kind != 0), "gemv: mixes need the shift rows");
-    const size_t smem = (size_t(std::min(tile, b.B)) * (mix ? 2 : 1) + (g.a.in ? 0 : 2)) * size_t(g.a.K) * 4;
-    RWKVX_ASSERT(smem <= gemv_smem_, "gemv: shared memory");
     const unsigned tiles = unsigned((b.B + tile - 1) / tile);
     const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(v->fn, smem) / int64_t(tiles);
     const int64_t want = (g.a.n_tasks + kGemvWarps - 1) / kGemvWarps;
