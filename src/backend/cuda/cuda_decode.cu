@@ -942,6 +942,10 @@ class CudaStepDecoder final : public StepDecoder {
   ~CudaStepDecoder() override {
     for (auto& [n, b] : bufs_)
       if (b.exec) cudaGraphExecDestroy(b.exec);
+    for (HostBlob& hb : host_blob_) {
+      if (hb.uploaded) cudaEventDestroy(hb.uploaded);
+      if (hb.p) cudaFreeHost(hb.p);
+    }
   }
 
   // Shapes this decoder handles (others decode op by op).
@@ -992,10 +996,20 @@ class CudaStepDecoder final : public StepDecoder {
       for (int s = 0; s < B; ++s) grow(state.kv[size_t(m)][size_t(batch.slot[size_t(s)])]);
 
     Bufs& bb = bufs_for(B);
-    // Parameter blob (layout as in Bufs::tabs).
-    std::vector<uint8_t>& h = host_blob_;
-    h.assign(bb.blob_bytes, 0);
-    auto put = [&](size_t off, const void* p, size_t n) { std::memcpy(h.data() + off, p, n); };
+    // Parameter blob (layout as in Bufs::tabs), written into pinned host memory (a cheaper upload than from
+    // pageable memory); two buffers in turn, each reused once its previous upload has been done.
+    HostBlob& h = host_blob_[blob_turn_];
+    blob_turn_ ^= 1;
+    if (h.uploaded) RWKVX_CUDA_CHECK(cudaEventSynchronize(h.uploaded));
+    else RWKVX_CUDA_CHECK(cudaEventCreateWithFlags(&h.uploaded, cudaEventDisableTiming));
+    if (h.cap < bb.blob_bytes) {
+      if (h.p) RWKVX_CUDA_CHECK(cudaFreeHost(h.p));
+      h.p = nullptr, h.cap = 0;
+      RWKVX_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&h.p), bb.blob_bytes));
+      h.cap = bb.blob_bytes;
+    }
+    std::memset(h.p, 0, bb.blob_bytes);
+    auto put = [&](size_t off, const void* p, size_t n) { std::memcpy(h.p + off, p, n); };
     for (int s = 0; s < B; ++s) {
       const int32_t slot = batch.slot[size_t(s)];
       put(bb.off_ids + 4 * size_t(s), ids + s, 4);
@@ -1015,7 +1029,8 @@ class CudaStepDecoder final : public StepDecoder {
       put(bb.off_wkv + 8 * size_t(i), &state.wkv[size_t(i)].data, 8);
     }
     for (int64_t i = 0; i < c_.n_rwkv + c_.n_sparse; ++i) put(bb.off_ffn + 8 * size_t(i), &state.ffn_shift[size_t(i)].data, 8);
-    RWKVX_CUDA_CHECK(cudaMemcpyAsync(bb.blob.data, h.data(), h.size(), cudaMemcpyHostToDevice, be_.stream()));
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(bb.blob.data, h.p, bb.blob_bytes, cudaMemcpyHostToDevice, be_.stream()));
+    RWKVX_CUDA_CHECK(cudaEventRecord(h.uploaded, be_.stream()));
 
     if (graph_) {
       if (!bb.exec) {
@@ -1331,7 +1346,13 @@ class CudaStepDecoder final : public StepDecoder {
   std::map<std::pair<GemvFn, size_t>, int> occupancy_;
   std::vector<Lora> lora_;
   std::map<int, Bufs> bufs_;
-  std::vector<uint8_t> host_blob_;
+  struct HostBlob {
+    uint8_t* p = nullptr;  // pinned
+    size_t cap = 0;
+    cudaEvent_t uploaded = nullptr;  // recorded after its last upload
+  };
+  HostBlob host_blob_[2];
+  int blob_turn_ = 0;
 };
 
 }  // namespace
