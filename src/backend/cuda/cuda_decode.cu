@@ -380,6 +380,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
   const float* shift_row =
       shift ? (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[0]) * K : nullptr;
   await_previous_kernel();
+  // Residual adds: lane rr reads output o0 + rr of its task before the math (with the input row for the
+  // first task), so the epilogue is a plain store.
+  float prior = 0.f;
+  bool have_prior = false;
+  if (task < a.n_tasks) {
+    const GemvJob& jb = a.job[job_of(a, task)];
+    const int o = (task - jb.task0) * kRW + lane;
+    if (jb.epi == kAdd && lane < kRW && o < jb.N) prior = jb.out[o];
+    have_prior = true;
+  }
   float xv[kLoads][8], dv[kMixLoads][8];
   if constexpr (!kLn) {
 #pragma unroll
@@ -447,7 +457,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
           if (u * 256 + lane * 8 < K) ldg8(jb.mu + u * 256 + lane * 8, mu[u]);
       }
     }
-    have_w = have_mu = false;
+    if (jb.epi == kAdd && !have_prior && lane < kRW && o0 + lane < jb.N) prior = jb.out[o0 + lane];
+    have_w = have_mu = have_prior = false;
     float acc[kRW];
 #pragma unroll
     for (int rr = 0; rr < kRW; ++rr) acc[rr] = 0.f;
@@ -478,7 +489,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
       const int o = o0 + rr;
       if (o >= jb.N) break;  // warp-uniform
       const float v = warp_sum(acc[rr]);
-      if (lane == 0) gemv_epilogue(a, tb, jb, 0, o, v);
+      if (lane == rr) {
+        if (jb.epi == kAdd) jb.out[o] = prior + v;  // = out += v
+        else gemv_epilogue(a, tb, jb, 0, o, v);
+      }
     }
   }
 }
@@ -692,20 +706,43 @@ __global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const 
     int64_t bn[kMaxSel];
 #pragma unroll
     for (int u = 0; u < kMaxSel; ++u) bs[u] = 0, bn[u] = -1;
-    for (int64_t n = lane; n < j; n += 32) {
-      const float* m = mean + n * a.C + int64_t(h) * kHN;
-      double s = 0;
-      for (int d = 0; d < kHN; ++d) s += double(qh[d]) * double(m[d]);
-      int p = n_sel;
+    float qv[kHN];
 #pragma unroll
-      for (int u = kMaxSel - 1; u >= 0; --u)
-        if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
+    for (int d = 0; d < kHN; d += 4) {
+      const float4 q4 = *reinterpret_cast<const float4*>(qh + d);
+      qv[d] = q4.x, qv[d + 1] = q4.y, qv[d + 2] = q4.z, qv[d + 3] = q4.w;
+    }
+    for (int64_t n0 = lane; n0 < j; n0 += 64) {  // two of a lane's chunks per round trip, inserted in order
+      double s2[2] = {0, 0};
 #pragma unroll
-      for (int u = kMaxSel - 1; u > 0; --u)
-        if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
+      for (int q = 0; q < 2; ++q) {
+        if (n0 + 32 * q >= j) break;
+        const float* m = mean + (n0 + 32 * q) * a.C + int64_t(h) * kHN;
 #pragma unroll
-      for (int u = 0; u < kMaxSel; ++u)
-        if (u == p) bs[u] = s, bn[u] = n;
+        for (int d = 0; d < kHN; d += 4) {
+          const float4 m4 = *reinterpret_cast<const float4*>(m + d);
+          s2[q] += double(qv[d]) * double(m4.x);
+          s2[q] += double(qv[d + 1]) * double(m4.y);
+          s2[q] += double(qv[d + 2]) * double(m4.z);
+          s2[q] += double(qv[d + 3]) * double(m4.w);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int64_t n = n0 + 32 * q;
+        if (n >= j) break;
+        const double s = s2[q];
+        int p = n_sel;
+#pragma unroll
+        for (int u = kMaxSel - 1; u >= 0; --u)
+          if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
+#pragma unroll
+        for (int u = kMaxSel - 1; u > 0; --u)
+          if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
+#pragma unroll
+        for (int u = 0; u < kMaxSel; ++u)
+          if (u == p) bs[u] = s, bn[u] = n;
+      }
     }
     int hd = 0;
     int32_t res[kMaxSel];
