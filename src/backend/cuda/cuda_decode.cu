@@ -5,9 +5,10 @@
 // the op path's to fp32 rounding and its chunk choices are the op path's.
 //
 // Kernels of one step (per RWKV block: 5, per sparse block: 6):
-//   gemv_kernel       multi-matrix GEMV, 1 row per tile for B = 1, else 8 (grid.y = row tiles): optional
+//   gemv_row_kernel   (B = 1) multi-matrix GEMV with the input row in every warp's registers: optional
 //                     prologue LayerNorm(x) with token-shift mixes computed on the fly (xn + (shift − xn) ⊙ μ
 //                     per matrix), epilogues store / tanh / σ / relu² / residual add / KV-cache store.
+//   gemv_kernel       the same for B > 1 (8 rows per tile, grid.y = row tiles; rows staged in shared memory).
 //   rwkv_head_kernel  per (stream, head): LoRA second stages (decay, learning rate, gate, value residual),
 //                     the WKV-7 input prep, one WKV-7 state step, GroupNorm + bonus + gate, token-shift store.
 //   gate_mean_kernel  per (stream, head) warp: fp64 top-(k−1) chunk gate; extra blocks store the mean of a
