@@ -1,18 +1,24 @@
 // The whole-step decoder of the CUDA backend: one token for each of B streams through the whole model in
-// about 90 kernels (B ≤ 8; the same count for any B), captured once per batch size as a CUDA graph and
-// replayed. It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations
-// (no bf16 rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its
-// logits equal the op path's to fp32 rounding and its chunk choices are the op path's.
+// about 85 kernels (the same count for any B), captured once per batch size as a CUDA graph and replayed.
+// It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations (no bf16
+// rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its logits equal
+// the op path's to fp32 rounding and its chunk choices are the op path's.
 //
-// Kernels of one step (per RWKV block: 5, per sparse block: 7):
-//   gemv_kernel       multi-matrix GEMV for up to 8 rows per tile (grid.y = row tiles): optional prologue
-//                     LayerNorm(x) with token-shift mixes computed on the fly (xn + (shift − xn) ⊙ μ per
-//                     matrix), epilogues store / tanh / σ / relu² / residual add / KV-cache store.
+// Kernels of one step (per RWKV block: 5, per sparse block: 6):
+//   gemv_row_kernel   (B = 1) multi-matrix GEMV with the input row in every warp's registers: optional
+//                     prologue LayerNorm(x) with token-shift mixes computed on the fly (xn + (shift − xn) ⊙ μ
+//                     per matrix), epilogues store / tanh / σ / relu² / residual add / KV-cache store.
+//   gemv_kernel       the same for B > 1 (8 rows per tile, grid.y = row tiles; rows staged in shared memory).
 //   rwkv_head_kernel  per (stream, head): LoRA second stages (decay, learning rate, gate, value residual),
 //                     the WKV-7 input prep, one WKV-7 state step, GroupNorm + bonus + gate, token-shift store.
 //   gate_mean_kernel  per (stream, head) warp: fp64 top-(k−1) chunk gate; extra blocks store the mean of a
 //                     chunk the new key completed.
-//   attend_kernel / combine_kernel: split-key decode attention over the chosen chunks + the own chunk.
+//   attend_kernel     split-key decode attention over the chosen chunks + the own chunk; the last split of
+//                     a (stream, head) merges the partials.
+// Single-stream decode is a chain of small latency-bound kernels, so the time goes to the gaps between
+// them, not to bytes: every kernel after the first is a programmatic dependent launch that requests its
+// weights (never written) before waiting for its predecessor. (Pulling the weights of later kernels into L2
+// with bulk prefetches was measured slower.)
 // Everything that changes between steps (token ids, state slots, positions, state and KV-cache pointers)
 // is a table in device memory uploaded before each replay, so one graph serves every step of a batch size;
 // KV caches grow (capacity doubling) on the host between steps. Eviction (§7.4) is not done here: models
@@ -31,11 +37,21 @@
 namespace rwkvx::cuda {
 namespace {
 
-constexpr int kRT = 8;       // rows per GEMV tile (= warps per block)
-constexpr int kHN = 64;      // RWKV head size and sparse head dim of this path
-constexpr int kMaxSel = 8;   // top_k − 1 at most
-constexpr int kMaxJobs = 8;  // matrices per GEMV launch
+constexpr int kRT = 8;          // batch rows per GEMV tile (B > 1)
+constexpr int kGemvWarps = 4;   // warps per GEMV block
+constexpr int kHN = 64;         // RWKV head size and sparse head dim of this path
+constexpr int kMaxSel = 8;      // top_k − 1 at most
+constexpr int kMaxJobs = 8;     // matrices per GEMV launch
 constexpr float kLnXEps = 64e-5f;
+
+// Programmatic dependent launch: every kernel after the first is launched with programmatic stream
+// serialization, so it can start while its predecessor runs. It waits here for the predecessor to complete
+// (its writes visible) before touching anything a kernel writes, then lets its own successor launch: the
+// successor's weight prefetch overlaps this kernel's work. Only weights (never written) are read before.
+__device__ __forceinline__ void await_previous_kernel() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
 
 // Device tables for one step; pointers into the batch size's parameter buffer.
 struct Tabs {
@@ -61,13 +77,14 @@ struct GemvJob {
   float* out;       // [rows, ldo]
   int ldo;
   int epi;
-  int layer;   // kKvK / kKvV: sparse block index
-  int block0;  // first blockIdx.x of this job
+  int layer;  // kKvK / kKvV: sparse block index
+  int task0;  // first task (group of output rows) of this job
 };
 
 struct GemvArgs {
   GemvJob job[kMaxJobs];
   int n_jobs;
+  int n_tasks;
   int K;
   const float* in;  // input rows [B, K]; nullptr: prologue LayerNorm of x
   const float *x, *ln_w, *ln_b;
@@ -89,125 +106,28 @@ __device__ __forceinline__ void bf16x8(const uint4 u, float* f) {
   }
 }
 
-__device__ __forceinline__ void load_w8(const GemvJob& jb, int64_t o, int K, int i, float* f) {
-  if (jb.bf16) {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(jb.W) + o * K + i));
-    bf16x8(u, f);
-  } else {
-    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(jb.W) + o * K + i);
-    const float4 a = __ldg(p), b = __ldg(p + 1);
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-  }
+__device__ __forceinline__ int job_of(const GemvArgs& a, int task) {
+  int j = 0;
+  while (j + 1 < a.n_jobs && task >= a.job[j + 1].task0) ++j;
+  return j;
 }
 
-// Grid (Σ jobs ⌈N/8⌉, ⌈B/8⌉), 256 threads: warp w of a block computes output o of its job for the tile's
-// rows. Dynamic shared memory: xs [R][K] (+ ds [R][K] when a job mixes with the shift), R = min(8, B).
-__global__ void __launch_bounds__(256) gemv_kernel(const GemvArgs a, const Tabs tb) {
-  extern __shared__ __align__(16) float sm[];
-  const int K = a.K;
-  const int r0 = blockIdx.y * kRT, nr = min(kRT, tb.B - r0);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* xs = sm;
-  float* ds = sm + min(kRT, tb.B) * K;  // shared memory is sized for the rows of a tile
-  if (a.in) {
-    const float4* src = reinterpret_cast<const float4*>(a.in + int64_t(r0) * K);
-    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
-  } else {
-    // Rows of x into xs with 16-byte loads by every thread (one round trip), statistics per row from shared
-    // memory (warp w: row r0 + w), then normalise and form the shift deltas, again with independent loads.
-    __shared__ float s_mean[kRT], s_inv[kRT];
-    const float4* src = reinterpret_cast<const float4*>(a.x + int64_t(r0) * K);
-    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) reinterpret_cast<float4*>(xs)[e] = src[e];
-    __syncthreads();
-    if (warp < nr) {
-      const float* xr = xs + warp * K;
-      float s = 0.f;
-      for (int i = lane; i < K; i += 32) s += xr[i];
-      const float mean = warp_sum(s) / float(K);
-      float v = 0.f;
-      for (int i = lane; i < K; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
-      const float inv = rsqrtf(warp_sum(v) / float(K) + 1e-5f);
-      if (lane == 0) s_mean[warp] = mean, s_inv[warp] = inv;
+// Lane's 16-byte pieces of rows o0 … o0 + kRW − 1 of a bf16 matrix, K columns c0 … c0 + kLoads·256 − 1
+// (piece u: columns c0 + u·256 + lane·8 …); zeros past N or K.
+template <int kLoads, int kRW>
+__device__ __forceinline__ void load_rows(const GemvJob& jb, int o0, int K, int c0, int lane, uint4 (&w)[kRW][kLoads]) {
+  const __nv_bfloat16* W = static_cast<const __nv_bfloat16*>(jb.W);
+#pragma unroll
+  for (int rr = 0; rr < kRW; ++rr)
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = c0 + u * 256 + lane * 8;
+      w[rr][u] = (o0 + rr < jb.N && i < K) ? __ldg(reinterpret_cast<const uint4*>(W + int64_t(o0 + rr) * K + i))
+                                           : make_uint4(0, 0, 0, 0);
     }
-    __syncthreads();
-    const bool save = a.save_xn && blockIdx.x == 0;
-    for (int e = threadIdx.x; e < nr * K / 4; e += blockDim.x) {
-      const int t = (e * 4) / K, i = (e * 4) % K, r = r0 + t;
-      const float4 w4 = __ldg(reinterpret_cast<const float4*>(a.ln_w + i));
-      const float4 b4 = __ldg(reinterpret_cast<const float4*>(a.ln_b + i));
-      float4 x4 = reinterpret_cast<float4*>(xs)[e];
-      const float mean = s_mean[t], inv = s_inv[t];
-      x4.x = (x4.x - mean) * inv * w4.x + b4.x, x4.y = (x4.y - mean) * inv * w4.y + b4.y;
-      x4.z = (x4.z - mean) * inv * w4.z + b4.z, x4.w = (x4.w - mean) * inv * w4.w + b4.w;
-      reinterpret_cast<float4*>(xs)[e] = x4;
-      if (a.shift_kind) {
-        const float* sh = (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[r]) * K;
-        const float4 s4 = *reinterpret_cast<const float4*>(sh + i);
-        reinterpret_cast<float4*>(ds)[e] = make_float4(s4.x - x4.x, s4.y - x4.y, s4.z - x4.z, s4.w - x4.w);
-      }
-      if (save) *reinterpret_cast<float4*>(a.save_xn + int64_t(r) * K + i) = x4;
-    }
-  }
-  if (a.copy_src && blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < nr * a.C; e += blockDim.x) {
-      const int r = r0 + e / a.C, c = e % a.C;
-      tb.ffn_shift[a.copy_layer][int64_t(tb.slot[r]) * a.C + c] = a.copy_src[int64_t(r) * a.C + c];
-    }
-  }
-  __syncthreads();
-  int j = 0;
-  while (j + 1 < a.n_jobs && int(blockIdx.x) >= a.job[j + 1].block0) ++j;
-  const GemvJob jb = a.job[j];
-  const int64_t o = int64_t(blockIdx.x - jb.block0) * kRT + warp;
-  if (o >= jb.N) return;
-  const bool mix = jb.mu != nullptr;
-  float acc[kRT];
-#pragma unroll
-  for (int t = 0; t < kRT; ++t) acc[t] = 0.f;
-  constexpr int U = 4;  // 16-byte weight loads in flight per lane
-  for (int base = 0; base < K; base += 256 * U) {
-    float w[U][8];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = base + u * 256 + lane * 8;
-      if (i < K) load_w8(jb, o, K, i, w[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = base + u * 256 + lane * 8;
-      if (i >= K) break;
-      float m[8];
-      if (mix) {
-        const float4 m0 = __ldg(reinterpret_cast<const float4*>(jb.mu + i)), m1 = __ldg(reinterpret_cast<const float4*>(jb.mu + i + 4));
-        m[0] = m0.x, m[1] = m0.y, m[2] = m0.z, m[3] = m0.w, m[4] = m1.x, m[5] = m1.y, m[6] = m1.z, m[7] = m1.w;
-      }
-#pragma unroll
-      for (int t = 0; t < kRT; ++t) {
-        if (t >= nr) break;
-        const float4 x0 = *reinterpret_cast<const float4*>(xs + t * K + i);
-        const float4 x1 = *reinterpret_cast<const float4*>(xs + t * K + i + 4);
-        float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-        if (mix) {
-          const float4 d0 = *reinterpret_cast<const float4*>(ds + t * K + i);
-          const float4 d1 = *reinterpret_cast<const float4*>(ds + t * K + i + 4);
-          const float dv[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
-#pragma unroll
-          for (int e = 0; e < 8; ++e) xv[e] = xv[e] + dv[e] * m[e];
-        }
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[t] += w[u][e] * xv[e];
-      }
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < kRT; ++t)
-    if (t < nr) acc[t] = warp_sum(acc[t]);
-  float v = 0.f;
-#pragma unroll
-  for (int t = 0; t < kRT; ++t)
-    if (t == lane) v = acc[t];
-  if (lane >= nr) return;
-  const int r = r0 + lane;
+}
+
+__device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb, const GemvJob& jb, int r, int o, float v) {
   switch (jb.epi) {
     case kStore: jb.out[int64_t(r) * jb.ldo + o] = v; break;
     case kTanh: jb.out[int64_t(r) * jb.ldo + o] = tanhf(v); break;
@@ -227,21 +147,375 @@ __global__ void __launch_bounds__(256) gemv_kernel(const GemvArgs a, const Tabs 
   }
 }
 
+// Multi-matrix GEMV. Grid (≤ resident blocks, ⌈B/kRows⌉), kGemvWarps warps per block. A task is kRW output
+// rows of one job; warps stride over the tasks (a persistent grid: the prologue runs once per block). Each
+// lane holds kLoads 16-byte weight pieces per row, the first task's issued before waiting on the previous
+// kernel. Dynamic shared memory: xs [R][K] (+ ds [R][K] when a job mixes with the shift), R = min(kRows, B).
+template <int kLoads, int kRW, int kRows>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
+  extern __shared__ __align__(16) float sm[];
+  constexpr int kChunk = kLoads * 256;
+  const int K = a.K;
+  const int r0 = blockIdx.y * kRows, nr = min(kRows, tb.B - r0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* xs = sm;
+  float* ds = sm + min(kRows, tb.B) * K;  // shared memory is sized for the rows of a tile
+  int task = blockIdx.x * kGemvWarps + warp;
+  uint4 w[kRW][kLoads];
+  bool have_w = false;
+  if (task < a.n_tasks) {
+    const GemvJob& jb = a.job[job_of(a, task)];
+    if (jb.bf16) load_rows<kLoads, kRW>(jb, (task - jb.task0) * kRW, K, 0, lane, w), have_w = true;
+  }
+  const bool ln = a.in == nullptr, shift = ln && a.shift_kind != 0;
+  // The shift rows' addresses come from the step's tables, constant while the step runs: read before the wait.
+  __shared__ const float* s_shift_row[kRows];
+  if (shift && int(threadIdx.x) < nr)
+    s_shift_row[threadIdx.x] =
+        (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[r0 + threadIdx.x]) * K;
+  await_previous_kernel();
+  const int K4 = K / 4;
+  float4* xs4 = reinterpret_cast<float4*>(xs);
+  if (!ln) {
+    const float4* src = reinterpret_cast<const float4*>(a.in + int64_t(r0) * K);
+#pragma unroll 4
+    for (int e = threadIdx.x; e < nr * K4; e += blockDim.x) xs4[e] = src[e];
+  } else {
+    // One round trip: x rows (into xs), shift rows (into ds, raw), LayerNorm weight and bias (into lnw, lnb) in
+    // groups of kStage 16-byte loads per thread; row statistics by the whole block, two passes; then normalise
+    // and form the shift deltas in place.
+    constexpr int kStage = 8;
+    float4* ds4 = reinterpret_cast<float4*>(ds);
+    float4* lnw4 = reinterpret_cast<float4*>(sm + min(kRows, tb.B) * K * (shift ? 2 : 1));  // then lnb
+    const float4* src = reinterpret_cast<const float4*>(a.x + int64_t(r0) * K);
+    const int n_x = nr * K4, n_xs = n_x * (shift ? 2 : 1), n_all = n_xs + 2 * K4;
+    __syncthreads();  // s_shift_row
+    for (int base = threadIdx.x; base < n_all; base += kStage * blockDim.x) {
+      float4 v[kStage];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int e = base + u * blockDim.x;
+        if (e >= n_all) break;
+        if (e < n_x) v[u] = src[e];
+        else if (e < n_xs) v[u] = reinterpret_cast<const float4*>(s_shift_row[(e - n_x) / K4])[(e - n_x) % K4];
+        else v[u] = e - n_xs < K4 ? __ldg(reinterpret_cast<const float4*>(a.ln_w) + (e - n_xs))
+                                  : __ldg(reinterpret_cast<const float4*>(a.ln_b) + (e - n_xs - K4));
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int e = base + u * blockDim.x;
+        if (e >= n_all) break;
+        if (e < n_x) xs4[e] = v[u];
+        else if (e < n_xs) ds4[e - n_x] = v[u];
+        else lnw4[e - n_xs] = v[u];
+      }
+    }
+    __syncthreads();
+    __shared__ float s_part[2][kGemvWarps][kRows];
+    float mean[kRows], inv[kRows];
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= nr) break;
+      float p = 0.f;
+      for (int i = threadIdx.x; i < K4; i += blockDim.x) {
+        const float4 x4 = xs4[t * K4 + i];
+        p += x4.x + x4.y + x4.z + x4.w;
+      }
+      p = warp_sum(p);
+      if (lane == 0) s_part[0][warp][t] = p;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= nr) break;
+      float sum = 0.f;
+#pragma unroll
+      for (int w2 = 0; w2 < kGemvWarps; ++w2) sum += s_part[0][w2][t];
+      mean[t] = sum / float(K);
+      float p = 0.f;
+      for (int i = threadIdx.x; i < K4; i += blockDim.x) {
+        const float4 x4 = xs4[t * K4 + i];
+        p += (x4.x - mean[t]) * (x4.x - mean[t]) + (x4.y - mean[t]) * (x4.y - mean[t]) +
+             (x4.z - mean[t]) * (x4.z - mean[t]) + (x4.w - mean[t]) * (x4.w - mean[t]);
+      }
+      p = warp_sum(p);
+      if (lane == 0) s_part[1][warp][t] = p;
+    }
+    __syncthreads();
+    const bool save = a.save_xn && blockIdx.x == 0;
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= nr) break;
+      float var = 0.f;
+#pragma unroll
+      for (int w2 = 0; w2 < kGemvWarps; ++w2) var += s_part[1][w2][t];
+      inv[t] = rsqrtf(var / float(K) + 1e-5f);
+      for (int i = threadIdx.x; i < K4; i += blockDim.x) {
+        const float4 w4 = lnw4[i], b4 = lnw4[K4 + i];
+        float4 x4 = xs4[t * K4 + i];
+        x4.x = (x4.x - mean[t]) * inv[t] * w4.x + b4.x, x4.y = (x4.y - mean[t]) * inv[t] * w4.y + b4.y;
+        x4.z = (x4.z - mean[t]) * inv[t] * w4.z + b4.z, x4.w = (x4.w - mean[t]) * inv[t] * w4.w + b4.w;
+        xs4[t * K4 + i] = x4;
+        if (shift) {
+          const float4 s4 = ds4[t * K4 + i];
+          ds4[t * K4 + i] = make_float4(s4.x - x4.x, s4.y - x4.y, s4.z - x4.z, s4.w - x4.w);
+        }
+        if (save) reinterpret_cast<float4*>(a.save_xn + int64_t(r0 + t) * K)[i] = x4;
+      }
+    }
+  }
+  if (a.copy_src && blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < nr * a.C; e += blockDim.x) {
+      const int r = r0 + e / a.C, c = e % a.C;
+      tb.ffn_shift[a.copy_layer][int64_t(tb.slot[r]) * a.C + c] = a.copy_src[int64_t(r) * a.C + c];
+    }
+  }
+  __syncthreads();
+  for (; task < a.n_tasks; task += gridDim.x * kGemvWarps) {
+    const GemvJob& jb = a.job[job_of(a, task)];
+    const int o0 = (task - jb.task0) * kRW;
+    const bool mix = jb.mu != nullptr;
+    float acc[kRW][kRows];
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr)
+#pragma unroll
+      for (int t = 0; t < kRows; ++t) acc[rr][t] = 0.f;
+    for (int c0 = 0; c0 < K; c0 += kChunk) {
+      if (jb.bf16 && !have_w) load_rows<kLoads, kRW>(jb, o0, K, c0, lane, w);
+      have_w = false;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int i = c0 + u * 256 + lane * 8;
+        if (i >= K) break;
+        float wf[kRW][8];
+#pragma unroll
+        for (int rr = 0; rr < kRW; ++rr) {
+          if (jb.bf16) {
+            bf16x8(w[rr][u], wf[rr]);
+          } else {
+            const float* W = static_cast<const float*>(jb.W) + int64_t(min(o0 + rr, jb.N - 1)) * K + i;
+            const float4 p = __ldg(reinterpret_cast<const float4*>(W)), q = __ldg(reinterpret_cast<const float4*>(W) + 1);
+            wf[rr][0] = p.x, wf[rr][1] = p.y, wf[rr][2] = p.z, wf[rr][3] = p.w;
+            wf[rr][4] = q.x, wf[rr][5] = q.y, wf[rr][6] = q.z, wf[rr][7] = q.w;
+          }
+        }
+        float m[8];
+        if (mix) {
+          const float4 m0 = __ldg(reinterpret_cast<const float4*>(jb.mu + i)), m1 = __ldg(reinterpret_cast<const float4*>(jb.mu + i + 4));
+          m[0] = m0.x, m[1] = m0.y, m[2] = m0.z, m[3] = m0.w, m[4] = m1.x, m[5] = m1.y, m[6] = m1.z, m[7] = m1.w;
+        }
+#pragma unroll
+        for (int t = 0; t < kRows; ++t) {
+          if (t >= nr) break;
+          const float4 x0 = *reinterpret_cast<const float4*>(xs + t * K + i);
+          const float4 x1 = *reinterpret_cast<const float4*>(xs + t * K + i + 4);
+          float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+          if (mix) {
+            const float4 d0 = *reinterpret_cast<const float4*>(ds + t * K + i);
+            const float4 d1 = *reinterpret_cast<const float4*>(ds + t * K + i + 4);
+            const float dv[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+#pragma unroll
+            for (int e = 0; e < 8; ++e) xv[e] = xv[e] + dv[e] * m[e];
+          }
+#pragma unroll
+          for (int rr = 0; rr < kRW; ++rr)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[rr][t] += wf[rr][e] * xv[e];
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr) {
+      const int o = o0 + rr;
+      if (o >= jb.N) break;  // warp-uniform
+      float v = 0.f;
+#pragma unroll
+      for (int t = 0; t < kRows; ++t) {
+        if (t >= nr) break;
+        const float s = warp_sum(acc[rr][t]);
+        if (lane == t) v = s;
+      }
+      if (lane < nr) gemv_epilogue(a, tb, jb, r0 + lane, o, v);
+    }
+  }
+}
+
+// 8 consecutive floats p[0 … 7] (16-byte aligned).
+__device__ __forceinline__ void load8(const float* p, float* f) {
+  const float4 u = *reinterpret_cast<const float4*>(p), v = *reinterpret_cast<const float4*>(p + 4);
+  f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w, f[4] = v.x, f[5] = v.y, f[6] = v.z, f[7] = v.w;
+}
+__device__ __forceinline__ void ldg8(const float* p, float* f) {
+  const float4 u = __ldg(reinterpret_cast<const float4*>(p)), v = __ldg(reinterpret_cast<const float4*>(p + 4));
+  f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w, f[4] = v.x, f[5] = v.y, f[6] = v.z, f[7] = v.w;
+}
+
+// Single-stream GEMV (B = 1, K ≤ kLoads·256): no shared memory and no block barrier on the critical path.
+// Every warp holds the whole input row in registers (lane: columns u·256 + lane·8 … + 7, the columns of its
+// weight pieces), does the prologue LayerNorm with shuffles (each warp redundantly: 24 values a lane), then
+// dots its tasks' rows. Grid (≤ resident blocks), kGemvWarps warps per block, tasks of kRW rows as above.
+// kLn: the input is LayerNorm(x) with optional shift mixes (a.in == nullptr), else the rows a.in.
+template <int kLoads, int kRW, bool kLn>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
+  constexpr int kMixLoads = kLn ? kLoads : 1;  // register arrays only the LayerNorm prologue uses
+  const int K = a.K;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool shift = kLn && a.shift_kind != 0;
+  int task = blockIdx.x * kGemvWarps + warp;
+  uint4 w[kRW][kLoads];
+  float mu[kMixLoads][8];
+  bool have_w = false, have_mu = false;
+  if (task < a.n_tasks) {  // the first task's weights and mix coefficients (never written)
+    const GemvJob& jb = a.job[job_of(a, task)];
+    if (jb.bf16) load_rows<kLoads, kRW>(jb, (task - jb.task0) * kRW, K, 0, lane, w), have_w = true;
+    if constexpr (kLn) {
+      if (jb.mu) {
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u)
+          if (u * 256 + lane * 8 < K) ldg8(jb.mu + u * 256 + lane * 8, mu[u]);
+        have_mu = true;
+      }
+    }
+  }
+  // The shift row's address comes from the step's tables, constant while the step runs.
+  const float* shift_row =
+      shift ? (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[0]) * K : nullptr;
+  await_previous_kernel();
+  // Residual adds: lane rr reads output o0 + rr of its task before the math (with the input row for the
+  // first task), so the epilogue is a plain store.
+  float prior = 0.f;
+  bool have_prior = false;
+  if (task < a.n_tasks) {
+    const GemvJob& jb = a.job[job_of(a, task)];
+    const int o = (task - jb.task0) * kRW + lane;
+    if (jb.epi == kAdd && lane < kRW && o < jb.N) prior = jb.out[o];
+    have_prior = true;
+  }
+  float xv[kLoads][8], dv[kMixLoads][8];
+  if constexpr (!kLn) {
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = u * 256 + lane * 8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xv[u][e] = 0.f;
+      if (i < K) load8(a.in + i, xv[u]);
+    }
+  } else {
+    float lw[kLoads][8], lb[kLoads][8];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = u * 256 + lane * 8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xv[u][e] = dv[u][e] = lw[u][e] = lb[u][e] = 0.f;
+      if (i < K) {
+        load8(a.x + i, xv[u]);
+        if (shift) load8(shift_row + i, dv[u]);
+        ldg8(a.ln_w + i, lw[u]), ldg8(a.ln_b + i, lb[u]);
+      }
+    }
+    {
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += xv[u][e];
+      const float mean = warp_sum(sum) / float(K);
+      float var = 0.f;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u)
+        if (u * 256 + lane * 8 < K)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) var += (xv[u][e] - mean) * (xv[u][e] - mean);
+      const float inv = rsqrtf(warp_sum(var) / float(K) + 1e-5f);
+      const bool save = a.save_xn && blockIdx.x == 0 && warp == 0;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int i = u * 256 + lane * 8;
+        if (i >= K) continue;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          xv[u][e] = (xv[u][e] - mean) * inv * lw[u][e] + lb[u][e];
+          if (shift) dv[u][e] = dv[u][e] - xv[u][e];
+        }
+        if (save) {
+          reinterpret_cast<float4*>(a.save_xn + i)[0] = make_float4(xv[u][0], xv[u][1], xv[u][2], xv[u][3]);
+          reinterpret_cast<float4*>(a.save_xn + i)[1] = make_float4(xv[u][4], xv[u][5], xv[u][6], xv[u][7]);
+        }
+      }
+    }
+  }
+  if (a.copy_src && blockIdx.x == 0)
+    for (int c = threadIdx.x; c < a.C; c += blockDim.x) tb.ffn_shift[a.copy_layer][int64_t(tb.slot[0]) * a.C + c] = a.copy_src[c];
+  for (; task < a.n_tasks; task += gridDim.x * kGemvWarps) {
+    const GemvJob& jb = a.job[job_of(a, task)];
+    const int o0 = (task - jb.task0) * kRW;
+    const bool mix = kLn && jb.mu != nullptr;
+    if (jb.bf16 && !have_w) load_rows<kLoads, kRW>(jb, o0, K, 0, lane, w);
+    if constexpr (kLn) {
+      if (mix && !have_mu) {
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u)
+          if (u * 256 + lane * 8 < K) ldg8(jb.mu + u * 256 + lane * 8, mu[u]);
+      }
+    }
+    if (jb.epi == kAdd && !have_prior && lane < kRW && o0 + lane < jb.N) prior = jb.out[o0 + lane];
+    have_w = have_mu = have_prior = false;
+    float acc[kRW];
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr) acc[rr] = 0.f;
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = u * 256 + lane * 8;
+      if (i >= K) break;
+      float xm[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xm[e] = xv[u][e];
+      if constexpr (kLn) {
+        if (mix) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xm[e] = xv[u][e] + dv[u][e] * mu[u][e];
+        }
+      }
+#pragma unroll
+      for (int rr = 0; rr < kRW; ++rr) {
+        float wf[8];
+        if (jb.bf16) bf16x8(w[rr][u], wf);
+        else ldg8(static_cast<const float*>(jb.W) + int64_t(min(o0 + rr, jb.N - 1)) * K + i, wf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[rr] += wf[e] * xm[e];
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr) {
+      const int o = o0 + rr;
+      if (o >= jb.N) break;  // warp-uniform
+      const float v = warp_sum(acc[rr]);
+      if (lane == rr) {
+        if (jb.epi == kAdd) jb.out[o] = prior + v;  // = out += v
+        else gemv_epilogue(a, tb, jb, 0, o, v);
+      }
+    }
+  }
+}
+
 // x[b] = LayerNorm0(emb[ids[b]]): block per row.
 __global__ void embed_kernel(const void* E, int bf16, int C, const float* w, const float* bias, const Tabs tb, float* x) {
+  await_previous_kernel();
+  extern __shared__ float er[];  // the embedding row, read once
   const int b = blockIdx.x;
   const int64_t row = int64_t(tb.ids[b]) * C;
   float* xo = x + int64_t(b) * C;
-  auto get = [&](int c) {
-    return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(E)[row + c]) : static_cast<const float*>(E)[row + c];
-  };
+#pragma unroll 4
+  for (int c = threadIdx.x; c < C; c += blockDim.x)
+    er[c] = bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(E)[row + c]) : static_cast<const float*>(E)[row + c];
+  __syncthreads();
   float s = 0.f;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) s += get(c);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) s += er[c];
   const float mean = block_sum(s) / float(C);
   float v = 0.f;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) v += (get(c) - mean) * (get(c) - mean);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) v += (er[c] - mean) * (er[c] - mean);
   const float inv = rsqrtf(block_sum(v) / float(C) + 1e-5f);
-  for (int c = threadIdx.x; c < C; c += blockDim.x) xo[c] = (get(c) - mean) * inv * w[c] + bias[c];
+  for (int c = threadIdx.x; c < C; c += blockDim.x) xo[c] = (er[c] - mean) * inv * w[c] + bias[c];
 }
 
 struct HeadArgs {
@@ -262,58 +536,99 @@ __device__ __forceinline__ float wat(const void* W, int bf16, int64_t i) {
   return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(W)[i]) : static_cast<const float*>(W)[i];
 }
 
-// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows.
+constexpr int kLoraPieces = 16;  // 16-byte pieces of a second-stage LoRA row a thread holds (128 bf16, 64 f32)
+
+// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows. Before waiting on the
+// previous kernel, thread (m, j) = (tid / 64, tid % 64) loads row h·64 + j of second-stage LoRA matrix m (decay,
+// learning rate, gate, value residual) into registers, and threads < 64 their channel's constants; after it,
+// the WKV state rows are requested first so that their latency overlaps the LoRA dots.
 __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb) {
   extern __shared__ float lora[];
   __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_al[kHN], s_be[kHN], s_y[kHN];
+  __shared__ float s_dot[4][kHN];
   __shared__ float s_norm;
   const int H = a.C / kHN, b = blockIdx.x / H, h = blockIdx.x % H, tid = threadIdx.x, lane = tid & 31;
-  float *lw = lora, *la = lw + a.dw, *lg = la + a.da, *lv = lg + a.dg;
-  for (int d = tid; d < a.dw; d += 256) lw[d] = a.hw[int64_t(b) * a.dw + d];
-  for (int d = tid; d < a.da; d += 256) la[d] = a.ha[int64_t(b) * a.da + d];
-  for (int d = tid; d < a.dg; d += 256) lg[d] = a.hg[int64_t(b) * a.dg + d];
-  if (!a.first)
-    for (int d = tid; d < a.dv; d += 256) lv[d] = a.hv[int64_t(b) * a.dv + d];
-  __syncthreads();
-  {  // second LoRA stages: 4 threads per channel
-    const int j = tid >> 2, q = tid & 3, c = h * kHN + j;
-    float dec = 0.f, lr = 0.f, gt = 0.f, vg = 0.f;
-#pragma unroll 4
-    for (int d = q; d < a.dw; d += 4) dec += lw[d] * wat(a.w2t, a.bf16, int64_t(c) * a.dw + d);
-#pragma unroll 4
-    for (int d = q; d < a.da; d += 4) lr += la[d] * wat(a.a2t, a.bf16, int64_t(c) * a.da + d);
-#pragma unroll 4
-    for (int d = q; d < a.dg; d += 4) gt += lg[d] * wat(a.g2t, a.bf16, int64_t(c) * a.dg + d);
-    if (!a.first) {
-#pragma unroll 4
-      for (int d = q; d < a.dv; d += 4) vg += lv[d] * wat(a.v2t, a.bf16, int64_t(c) * a.dv + d);
-    }
+  const int m = tid / kHN, j = tid % kHN, c = h * kHN + j;
+  const void* M = m == 0 ? a.w2t : m == 1 ? a.a2t : m == 2 ? a.g2t : a.v2t;
+  const int d = m == 0 ? a.dw : m == 1 ? a.da : m == 2 ? a.dg : a.dv;  // dv = 0 in the first block
+  const int es = a.bf16 ? 2 : 4;
+  const int pieces = d > 0 && (d * es) % 16 == 0 ? min(d * es / 16, kLoraPieces) : 0;
+  uint4 wp[kLoraPieces];
+  {
+    const uint4* row = reinterpret_cast<const uint4*>(static_cast<const char*>(M) + int64_t(c) * d * es);
 #pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      dec += __shfl_xor_sync(0xffffffffu, dec, o);
-      lr += __shfl_xor_sync(0xffffffffu, lr, o);
-      gt += __shfl_xor_sync(0xffffffffu, gt, o);
-      vg += __shfl_xor_sync(0xffffffffu, vg, o);
-    }
-    if (q == 0) {
-      const int64_t o = int64_t(b) * a.C + c;
-      s_w[j] = expf(-0.60653065971263342f / (1.0f + expf(-(a.w0[c] + dec))));
-      const float av = 1.0f / (1.0f + expf(-(a.a0[c] + lr)));
-      s_a[j] = av;
-      const float kv = a.k[o];
-      s_kk[j] = kv * a.k_k[c];
-      s_k[j] = kv * (1.0f + (av - 1.0f) * a.k_a[c]);
-      float vv = a.v[o];
-      if (a.first) {
-        a.vfirst[o] = vv;
+    for (int u = 0; u < kLoraPieces; ++u) wp[u] = u < pieces ? __ldg(row + u) : make_uint4(0, 0, 0, 0);
+  }
+  float w0c = 0.f, a0c = 0.f, v0c = 0.f, kkc = 0.f, kac = 0.f;
+  if (tid < kHN) {
+    w0c = a.w0[c], a0c = a.a0[c], kkc = a.k_k[c], kac = a.k_a[c];
+    if (!a.first) v0c = a.v0[c];
+  }
+  float rk0 = 0.f, rk1 = 0.f, lw0 = 0.f, lw1 = 0.f, lb0 = 0.f, lb1 = 0.f;  // GroupNorm constants (warp 0)
+  if (tid < 32) {
+    const int c0 = h * kHN + lane, c1 = c0 + 32;
+    rk0 = a.r_k[c0], rk1 = a.r_k[c1], lw0 = a.ln_w[c0], lw1 = a.ln_w[c1], lb0 = a.ln_b[c0], lb1 = a.ln_b[c1];
+  }
+  await_previous_kernel();
+  // This channel's r, k, v (and the first block's v) in the same round trip as the state and the LoRA inputs.
+  float rc = 0.f, kc = 0.f, vc = 0.f, vfc = 0.f;
+  if (tid < kHN) {
+    const int64_t o = int64_t(b) * a.C + c;
+    rc = a.r[o], kc = a.k[o], vc = a.v[o];
+    if (!a.first) vfc = a.vfirst[o];
+  }
+  const int i_row = tid >> 2, g_col = tid & 3;  // WKV step: thread (i, g) owns state row i, columns g·16 … g·16 + 15
+  float* S = tb.wkv[a.layer] + ((int64_t(tb.slot[b]) * H + h) * kHN + i_row) * kHN + g_col * 16;
+  float st[16];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float4 f = reinterpret_cast<const float4*>(S)[e];
+    st[4 * e] = f.x, st[4 * e + 1] = f.y, st[4 * e + 2] = f.z, st[4 * e + 3] = f.w;
+  }
+  float *lw = lora, *la = lw + a.dw, *lg = la + a.da, *lv = lg + a.dg;
+  for (int x = tid; x < a.dw; x += 256) lw[x] = a.hw[int64_t(b) * a.dw + x];
+  for (int x = tid; x < a.da; x += 256) la[x] = a.ha[int64_t(b) * a.da + x];
+  for (int x = tid; x < a.dg; x += 256) lg[x] = a.hg[int64_t(b) * a.dg + x];
+  if (!a.first)
+    for (int x = tid; x < a.dv; x += 256) lv[x] = a.hv[int64_t(b) * a.dv + x];
+  __syncthreads();
+  {  // second LoRA stages: thread (m, j) dots its row with the first stage's output
+    const float* lin = m == 0 ? lw : m == 1 ? la : m == 2 ? lg : lv;
+    float dot = 0.f;
+#pragma unroll
+    for (int u = 0; u < kLoraPieces; ++u) {
+      if (u >= pieces) break;
+      if (a.bf16) {
+        float f[8];
+        bf16x8(wp[u], f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot += f[e] * lin[u * 8 + e];
       } else {
-        const float g = 1.0f / (1.0f + expf(-(a.v0[c] + vg)));
-        vv += (a.vfirst[o] - vv) * g;
+        dot += __uint_as_float(wp[u].x) * lin[u * 4] + __uint_as_float(wp[u].y) * lin[u * 4 + 1] +
+               __uint_as_float(wp[u].z) * lin[u * 4 + 2] + __uint_as_float(wp[u].w) * lin[u * 4 + 3];
       }
-      s_v[j] = vv;
-      s_r[j] = a.r[o];
-      s_g[j] = gt;
     }
+    for (int x = pieces * (16 / es); x < d; ++x) dot += lin[x] * wat(M, a.bf16, int64_t(c) * d + x);  // rows too long or unaligned
+    s_dot[m][j] = dot;
+  }
+  __syncthreads();
+  if (tid < kHN) {
+    const float dec = s_dot[0][j], lr = s_dot[1][j], gt = s_dot[2][j], vg = s_dot[3][j];
+    s_w[j] = expf(-0.60653065971263342f / (1.0f + expf(-(w0c + dec))));
+    const float av = 1.0f / (1.0f + expf(-(a0c + lr)));
+    s_a[j] = av;
+    s_kk[j] = kc * kkc;
+    s_k[j] = kc * (1.0f + (av - 1.0f) * kac);
+    float vv = vc;
+    if (a.first) {
+      a.vfirst[int64_t(b) * a.C + c] = vv;
+    } else {
+      const float g = 1.0f / (1.0f + expf(-(v0c + vg)));
+      vv += (vfc - vv) * g;
+    }
+    s_v[j] = vv;
+    s_r[j] = rc;
+    s_g[j] = gt;
   }
   __syncthreads();
   if (tid < 32) {
@@ -327,15 +642,8 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     s_be[tid] = kn * s_a[tid];
   }
   __syncthreads();
-  {  // one WKV-7 step: thread (i, g) owns state row i, columns g·16 … g·16 + 15
-    const int i = tid >> 2, g = tid & 3;
-    float* S = tb.wkv[a.layer] + ((int64_t(tb.slot[b]) * H + h) * kHN + i) * kHN + g * 16;
-    float st[16];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float4 f = reinterpret_cast<const float4*>(S)[e];
-      st[4 * e] = f.x, st[4 * e + 1] = f.y, st[4 * e + 2] = f.z, st[4 * e + 3] = f.w;
-    }
+  {
+    const int i = i_row, g = g_col;
     float sa = 0.f;
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) sa += st[jj] * s_al[g * 16 + jj];
@@ -363,10 +671,10 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     const float mean = warp_sum(y0 + y1) / float(kHN);
     const float d0 = y0 - mean, d1 = y1 - mean;
     const float inv = rsqrtf(warp_sum(d0 * d0 + d1 * d1) / float(kHN) + kLnXEps);
-    const float u = warp_sum(s_r[lane] * s_k[lane] * a.r_k[c0] + s_r[lane + 32] * s_k[lane + 32] * a.r_k[c1]);
+    const float u = warp_sum(s_r[lane] * s_k[lane] * rk0 + s_r[lane + 32] * s_k[lane + 32] * rk1);
     float* yo = a.y + int64_t(b) * a.C;
-    yo[c0] = (d0 * inv * a.ln_w[c0] + a.ln_b[c0] + u * s_v[lane]) * s_g[lane];
-    yo[c1] = (d1 * inv * a.ln_w[c1] + a.ln_b[c1] + u * s_v[lane + 32]) * s_g[lane + 32];
+    yo[c0] = (d0 * inv * lw0 + lb0 + u * s_v[lane]) * s_g[lane];
+    yo[c1] = (d1 * inv * lw1 + lb1 + u * s_v[lane + 32]) * s_g[lane + 32];
   } else if (tid >= 64 && tid < 64 + kHN) {  // the new token shift of this head's channels
     const int c = h * kHN + tid - 64;
     tb.att_shift[a.layer][int64_t(tb.slot[b]) * a.C + c] = a.xsave[int64_t(b) * a.C + c];
@@ -385,6 +693,7 @@ struct GateArgs {
 // min(k−1, j) (ties: lower n), written in ascending chunk order, −1 after. Later blocks: the mean of the chunk
 // the new key completed, if it completed one (fp64 sum in row order, as the op path's chunk_mean_kernel).
 __global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const Tabs tb) {
+  await_previous_kernel();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (int(blockIdx.x) < a.gate_blocks) {
     const int wid = blockIdx.x * 8 + warp;
@@ -398,20 +707,43 @@ __global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const 
     int64_t bn[kMaxSel];
 #pragma unroll
     for (int u = 0; u < kMaxSel; ++u) bs[u] = 0, bn[u] = -1;
-    for (int64_t n = lane; n < j; n += 32) {
-      const float* m = mean + n * a.C + int64_t(h) * kHN;
-      double s = 0;
-      for (int d = 0; d < kHN; ++d) s += double(qh[d]) * double(m[d]);
-      int p = n_sel;
+    float qv[kHN];
 #pragma unroll
-      for (int u = kMaxSel - 1; u >= 0; --u)
-        if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
+    for (int d = 0; d < kHN; d += 4) {
+      const float4 q4 = *reinterpret_cast<const float4*>(qh + d);
+      qv[d] = q4.x, qv[d + 1] = q4.y, qv[d + 2] = q4.z, qv[d + 3] = q4.w;
+    }
+    for (int64_t n0 = lane; n0 < j; n0 += 64) {  // two of a lane's chunks per round trip, inserted in order
+      double s2[2] = {0, 0};
 #pragma unroll
-      for (int u = kMaxSel - 1; u > 0; --u)
-        if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
+      for (int q = 0; q < 2; ++q) {
+        if (n0 + 32 * q >= j) break;
+        const float* m = mean + (n0 + 32 * q) * a.C + int64_t(h) * kHN;
 #pragma unroll
-      for (int u = 0; u < kMaxSel; ++u)
-        if (u == p) bs[u] = s, bn[u] = n;
+        for (int d = 0; d < kHN; d += 4) {
+          const float4 m4 = *reinterpret_cast<const float4*>(m + d);
+          s2[q] += double(qv[d]) * double(m4.x);
+          s2[q] += double(qv[d + 1]) * double(m4.y);
+          s2[q] += double(qv[d + 2]) * double(m4.z);
+          s2[q] += double(qv[d + 3]) * double(m4.w);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int64_t n = n0 + 32 * q;
+        if (n >= j) break;
+        const double s = s2[q];
+        int p = n_sel;
+#pragma unroll
+        for (int u = kMaxSel - 1; u >= 0; --u)
+          if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
+#pragma unroll
+        for (int u = kMaxSel - 1; u > 0; --u)
+          if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
+#pragma unroll
+        for (int u = 0; u < kMaxSel; ++u)
+          if (u == p) bs[u] = s, bn[u] = n;
+      }
     }
     int hd = 0;
     int32_t res[kMaxSel];
@@ -487,6 +819,12 @@ __device__ __forceinline__ float dot64<__nv_bfloat16>(const float* qs, const __n
   return s;
 }
 
+// Two adjacent V dims of one key: the pair a lane accumulates.
+__device__ __forceinline__ float2 load_pair(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
+__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
+  return __bfloat1622float2(__ldg(reinterpret_cast<const __nv_bfloat162*>(p)));
+}
+
 struct AttendArgs {
   const float* q;
   const int32_t* sel;
@@ -494,55 +832,67 @@ struct AttendArgs {
   int64_t chunk;
   float scale;
   float *pm, *pl, *pacc;  // [B·H·S], [B·H·S], [B·H·S, 64]
+  unsigned* done;         // [B·H] splits finished; zero between steps (the merging block resets it)
+  float* out;             // [B, C]
 };
 
 // Grid (B·H, S), 128 threads: split `split` of the query's keys (chosen chunks in order, then the own chunk up
 // to the query) under an online softmax; 4 warps score 32 keys at a time (a key per lane, 16-byte loads),
-// lanes then accumulate V over dims (2 per lane). Partial (max, sum, acc) per split.
+// lanes then accumulate V over dims (dims 2·lane, 2·lane + 1). The V rows of a batch's keys are requested
+// together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split; the
+// last split of a (row, head) to finish merges the S partials in split order (no separate kernel).
 template <typename KT>
 __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const Tabs tb) {
   __shared__ __align__(16) float qs[kHN];
   __shared__ float acc_s[4][kHN], ms[4], ls[4];
+  await_previous_kernel();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = gridDim.y, split = blockIdx.y;
   const int bt = blockIdx.x, b = bt / a.H, h = bt % a.H;
   const int64_t t = tb.pos[b], j = t / a.chunk, off = int64_t(h) * kHN;
   const KT* K = static_cast<const KT*>(tb.kc[a.layer * tb.B + b]);
   const KT* V = static_cast<const KT*>(tb.vc[a.layer * tb.B + b]);
   if (threadIdx.x < kHN) qs[threadIdx.x] = a.q[int64_t(b) * a.C + off + threadIdx.x];
-  __syncthreads();
   const int32_t* my = a.sel + int64_t(bt) * kMaxSel;
-  int n_sel = 0;
-  while (n_sel < kMaxSel && my[n_sel] >= 0) ++n_sel;
+  int n_sel = 0;  // the choices end at the first −1 (independent loads, one round trip with q)
+  bool ended = false;
+#pragma unroll
+  for (int u = 0; u < kMaxSel; ++u) {
+    const int32_t c = my[u];
+    ended = ended || c < 0;
+    n_sel += ended ? 0 : 1;
+  }
+  __syncthreads();
   const int64_t n_keys = int64_t(n_sel) * a.chunk + (t - j * a.chunk + 1);
   const int64_t per = (n_keys + S - 1) / S, k0 = split * per, k1 = min_i64(n_keys, k0 + per);
   float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
   for (int64_t base = k0 + int64_t(warp) * 32; base < k1; base += 4 * 32) {
     const int64_t idx = base + lane;
     const bool valid = idx < k1;
+    const int n_valid = int(min_i64(32, k1 - base));
     int64_t slot = 0;
-    float sc = -INFINITY;
-    if (valid) {
+    if (valid)
       slot = idx < int64_t(n_sel) * a.chunk ? int64_t(my[idx / a.chunk]) * a.chunk + idx % a.chunk
                                             : j * a.chunk + (idx - int64_t(n_sel) * a.chunk);
-      sc = dot64<KT>(qs, K + slot * a.C + off) * a.scale;
+    float2 vp[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int64_t si = __shfl_sync(0xffffffffu, slot, i);
+      vp[i] = i < n_valid ? load_pair(V + si * a.C + off + 2 * lane) : make_float2(0.f, 0.f);
     }
+    const float sc = valid ? dot64<KT>(qs, K + slot * a.C + off) * a.scale : -INFINITY;
     const float m_new = fmaxf(m, warp_max(sc));  // finite: lane 0 of every batch is valid
     const float corr = expf(m - m_new);
     const float p = valid ? expf(sc - m_new) : 0.f;
     l = l * corr + warp_sum(p);
     m = m_new;
     acc0 *= corr, acc1 *= corr;
-    const int n_valid = int(min_i64(32, k1 - base));
-#pragma unroll 8
-    for (int i = 0; i < n_valid; ++i) {  // unrolled: the V loads of several keys in flight
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
       const float pi = __shfl_sync(0xffffffffu, p, i);
-      const int64_t si = __shfl_sync(0xffffffffu, slot, i);
-      const KT* vr = V + si * a.C + off;
-      acc0 += pi * to_f32(vr[lane]);
-      acc1 += pi * to_f32(vr[lane + 32]);
+      if (i < n_valid) acc0 += pi * vp[i].x, acc1 += pi * vp[i].y;
     }
   }
-  acc_s[warp][lane] = acc0, acc_s[warp][lane + 32] = acc1;
+  acc_s[warp][2 * lane] = acc0, acc_s[warp][2 * lane + 1] = acc1;
   if (lane == 0) ms[warp] = m, ls[warp] = l;
   __syncthreads();
   float M = -INFINITY;
@@ -559,22 +909,29 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
     for (int w = 0; w < 4; ++w) s += acc_s[w][threadIdx.x] * wt[w];
     a.pacc[o * kHN + threadIdx.x] = s;
   }
-}
-
-// Block per (row, head), 64 threads: merges the S partials into out [B, C].
-__global__ void combine_kernel(const float* pm, const float* pl, const float* pacc, int S, int C, int H, float* out) {
-  const int bt = blockIdx.x, b = bt / H, h = bt % H, d = threadIdx.x;
-  float M = -INFINITY;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, pm[bt * S + s]);
-  float L = 0.f, acc = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const float ms = pm[bt * S + s];
-    if (ms == -INFINITY) continue;
-    const float w = expf(ms - M);
-    L += pl[bt * S + s] * w;
-    acc += pacc[(int64_t(bt) * S + s) * kHN + d] * w;
+  __shared__ bool s_last;
+  __threadfence();  // this split's partial is visible before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(a.done + bt, 1u) == unsigned(S - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (threadIdx.x < kHN) {
+    const int d = threadIdx.x;
+    const int64_t p0 = int64_t(bt) * S;
+    float Mx = -INFINITY;
+    for (int s = 0; s < S; ++s) Mx = fmaxf(Mx, __ldcg(a.pm + p0 + s));
+    float Lx = 0.f, acc = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float mv = __ldcg(a.pm + p0 + s);
+      if (mv == -INFINITY) continue;
+      const float w = expf(mv - Mx);
+      Lx += __ldcg(a.pl + p0 + s) * w;
+      acc += __ldcg(a.pacc + (p0 + s) * kHN + d) * w;
+    }
+    a.out[int64_t(b) * a.C + off + d] = acc / Lx;
   }
-  out[int64_t(b) * C + int64_t(h) * kHN + d] = acc / L;
+  if (threadIdx.x == 0) a.done[bt] = 0;
 }
 
 template <typename T>
@@ -584,6 +941,19 @@ __global__ void transpose_kernel(const T* src, int64_t rows, int64_t cols, T* ds
     dst[c * rows + r] = src[i];
   }
 }
+
+using GemvFn = void (*)(GemvArgs, Tabs);
+struct GemvVariant {
+  GemvFn fn;
+  int loads, rw, rows;  // rows ≤ 0: gemv_row_kernel (B = 1, K ≤ loads·256), 0 with kLn, −1 without
+};
+const GemvVariant kGemvVariants[] = {
+    {gemv_row_kernel<3, 1, true>, 3, 1, 0},   {gemv_row_kernel<3, 2, true>, 3, 2, 0},   {gemv_row_kernel<3, 4, true>, 3, 4, 0},
+    {gemv_row_kernel<3, 1, false>, 3, 1, -1}, {gemv_row_kernel<3, 2, false>, 3, 2, -1}, {gemv_row_kernel<3, 4, false>, 3, 4, -1},
+    {gemv_row_kernel<12, 1, false>, 12, 1, -1}, {gemv_row_kernel<12, 2, false>, 12, 2, -1},
+    {gemv_kernel<3, 1, 1>, 3, 1, 1},       {gemv_kernel<3, 4, 1>, 3, 4, 1},       {gemv_kernel<12, 1, 1>, 12, 1, 1},
+    {gemv_kernel<3, 1, kRT>, 3, 1, kRT}, {gemv_kernel<3, 4, kRT>, 3, 4, kRT}, {gemv_kernel<12, 1, kRT>, 12, 1, kRT},
+};
 
 int is_bf16(const Tensor& t) { return t.dtype == DType::bf16 ? 1 : 0; }
 const float* fp(const Tensor& t) { return static_cast<const float*>(t.data); }
@@ -601,22 +971,33 @@ class CudaStepDecoder final : public StepDecoder {
       lora_.push_back(std::move(l));
     }
     const int64_t C = c_.n_embd, F = c_.n_ffn;
-    gemv_smem_ = size_t(kRT) * size_t(std::max<int64_t>(2 * C, F)) * 4;
-    RWKVX_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
+    gemv_smem_ = gemv_smem_bytes(C, F);
+    for (const GemvVariant& v : kGemvVariants)
+      if (v.rows > 0)
+        RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
     be_.synchronize();
   }
   ~CudaStepDecoder() override {
     for (auto& [n, b] : bufs_)
       if (b.exec) cudaGraphExecDestroy(b.exec);
+    for (HostBlob& hb : host_blob_) {
+      if (hb.uploaded) cudaEventDestroy(hb.uploaded);
+      if (hb.p) cudaFreeHost(hb.p);
+    }
   }
 
   // Shapes this decoder handles (others decode op by op).
+  // Largest GEMV shared memory: a tile's rows of LayerNorm(x) and shift deltas + LayerNorm weight and bias
+  // (K = C), or a tile's rows of the FFN hidden layer (K = F).
+  static size_t gemv_smem_bytes(int64_t C, int64_t F) {
+    return size_t(std::max<int64_t>((2 * kRT + 2) * C, kRT * F)) * 4;
+  }
   static bool supports(const ModelConfig& c, const ModelWeights& w, const cudaDeviceProp& prop) {
     const int64_t C = c.n_embd, F = c.n_ffn;
     if (c.head_size != kHN || C % kHN != 0 || C % 8 != 0 || F % 8 != 0) return false;
     if (c.n_sparse > 0 && (c.sparse.head_dim != kHN || c.sparse.top_k - 1 > kMaxSel || c.sparse.chunk <= 0)) return false;
     if (c.eviction.max_len > 0) return false;
-    if (size_t(kRT) * size_t(std::max<int64_t>(2 * C, F)) * 4 > size_t(prop.sharedMemPerBlockOptin)) return false;
+    if (gemv_smem_bytes(C, F) > size_t(prop.sharedMemPerBlockOptin)) return false;
     auto ok = [](const Tensor& t) { return t.dtype == DType::f32 || t.dtype == DType::bf16; };
     if (!ok(w.emb) || !ok(w.head)) return false;
     for (const RwkvBlockWeights& b : w.rwkv) {
@@ -653,10 +1034,20 @@ class CudaStepDecoder final : public StepDecoder {
       for (int s = 0; s < B; ++s) grow(state.kv[size_t(m)][size_t(batch.slot[size_t(s)])]);
 
     Bufs& bb = bufs_for(B);
-    // Parameter blob (layout as in Bufs::tabs).
-    std::vector<uint8_t>& h = host_blob_;
-    h.assign(bb.blob_bytes, 0);
-    auto put = [&](size_t off, const void* p, size_t n) { std::memcpy(h.data() + off, p, n); };
+    // Parameter blob (layout as in Bufs::tabs), written into pinned host memory (a cheaper upload than from
+    // pageable memory); two buffers in turn, each reused once its previous upload has been done.
+    HostBlob& h = host_blob_[blob_turn_];
+    blob_turn_ ^= 1;
+    if (h.uploaded) RWKVX_CUDA_CHECK(cudaEventSynchronize(h.uploaded));
+    else RWKVX_CUDA_CHECK(cudaEventCreateWithFlags(&h.uploaded, cudaEventDisableTiming));
+    if (h.cap < bb.blob_bytes) {
+      if (h.p) RWKVX_CUDA_CHECK(cudaFreeHost(h.p));
+      h.p = nullptr, h.cap = 0;
+      RWKVX_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&h.p), bb.blob_bytes));
+      h.cap = bb.blob_bytes;
+    }
+    std::memset(h.p, 0, bb.blob_bytes);
+    auto put = [&](size_t off, const void* p, size_t n) { std::memcpy(h.p + off, p, n); };
     for (int s = 0; s < B; ++s) {
       const int32_t slot = batch.slot[size_t(s)];
       put(bb.off_ids + 4 * size_t(s), ids + s, 4);
@@ -676,7 +1067,8 @@ class CudaStepDecoder final : public StepDecoder {
       put(bb.off_wkv + 8 * size_t(i), &state.wkv[size_t(i)].data, 8);
     }
     for (int64_t i = 0; i < c_.n_rwkv + c_.n_sparse; ++i) put(bb.off_ffn + 8 * size_t(i), &state.ffn_shift[size_t(i)].data, 8);
-    RWKVX_CUDA_CHECK(cudaMemcpyAsync(bb.blob.data, h.data(), h.size(), cudaMemcpyHostToDevice, be_.stream()));
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(bb.blob.data, h.p, bb.blob_bytes, cudaMemcpyHostToDevice, be_.stream()));
+    RWKVX_CUDA_CHECK(cudaEventRecord(h.uploaded, be_.stream()));
 
     if (graph_) {
       if (!bb.exec) {
@@ -717,7 +1109,7 @@ class CudaStepDecoder final : public StepDecoder {
   };
   struct Bufs {
     int B = 0, S = 1;
-    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, logits, blob;
+    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, done, logits, blob;
     size_t blob_bytes = 0, off_ids = 0, off_slot = 0, off_pos = 0, off_att = 0, off_wkv = 0, off_ffn = 0, off_kc = 0,
            off_vc = 0, off_mean = 0;
     cudaGraphExec_t exec = nullptr;
@@ -778,11 +1170,13 @@ class CudaStepDecoder final : public StepDecoder {
     b.logits = buf(Bz * size_t(c_.n_vocab));
     if (c_.n_sparse > 0) {
       const int64_t max_keys = int64_t(c_.sparse.top_k) * c_.sparse.chunk;
-      int64_t S = std::clamp<int64_t>((max_keys + 255) / 256, 1, 64);
-      const int64_t fill = (4 * int64_t(be_.sm_count()) + int64_t(Bz * H) - 1) / int64_t(Bz * H);
+      int64_t S = std::clamp<int64_t>((max_keys + 127) / 128, 1, 64);  // a split's keys: one batch per warp
+      const int64_t fill = (5 * int64_t(be_.sm_count()) + int64_t(Bz * H) - 1) / int64_t(Bz * H);
       b.S = int(std::max<int64_t>(1, std::min(S, fill)));
       b.sel = buf(Bz * H * kMaxSel);
       b.part = buf(Bz * H * size_t(b.S) * (kHN + 2));
+      b.done = be_.scratch(Bz * H * 4);
+      RWKVX_CUDA_CHECK(cudaMemsetAsync(b.done.data, 0, Bz * H * 4, be_.stream()));
     }
     const size_t L = size_t(c_.n_rwkv), M = size_t(c_.n_sparse);
     size_t off = 0;
@@ -814,7 +1208,6 @@ class CudaStepDecoder final : public StepDecoder {
   // ---- the step's kernels ----
   struct Gemv {
     GemvArgs a{};
-    int blocks = 0;
   };
   static Gemv ln_gemv(const Tensor& x, const LayerNormWeights& ln, int K) {
     Gemv g;
@@ -830,19 +1223,76 @@ class CudaStepDecoder final : public StepDecoder {
     RWKVX_ASSERT(g.a.n_jobs < kMaxJobs, "gemv: too many jobs");
     GemvJob& j = g.a.job[g.a.n_jobs++];
     j.W = W.data, j.bf16 = is_bf16(W), j.N = int(W.rows()), j.mu = mu ? fp(*mu) : nullptr;
-    j.out = out, j.ldo = ldo, j.epi = epi, j.layer = layer, j.block0 = g.blocks;
+    j.out = out, j.ldo = ldo, j.epi = epi, j.layer = layer;
     RWKVX_ASSERT(W.row_size() == g.a.K, "gemv: weight " + W.shape_str() + " does not take K inputs");
-    g.blocks += (j.N + kRT - 1) / kRT;
   }
+  // Variant: 3 pieces per lane for K ≤ 768 (a whole row in flight), else 12 (K > 3072 loops over chunks).
+  // Single stream: the register-resident row kernel with the fewest rows per warp that still puts every
+  // task's weights in flight at once (all warps resident); the tall head gets 4 rows per warp and a
+  // persistent grid. Batches: 8 rows per tile, one matrix row per warp (4 for the head).
   void run(Gemv& g, const Bufs& b) {
     g.a.C = int(c_.n_embd);
     g.a.kv_bf16 = c_.kv_dtype == DType::bf16;
     bool mix = false;
-    for (int i = 0; i < g.a.n_jobs; ++i) mix = mix || g.a.job[i].mu;
-    const size_t smem = size_t(std::min(kRT, b.B)) * size_t(g.a.K) * 4 * (mix ? 2 : 1);
+    int64_t rows = 0;
+    for (int i = 0; i < g.a.n_jobs; ++i) mix = mix || g.a.job[i].mu, rows += g.a.job[i].N;
+    RWKVX_ASSERT(mix == (g.a.in == nullptr && g.a.shift_kind != 0), "gemv: mixes need the shift rows");
+    const int loads = g.a.K <= 768 ? 3 : 12;
+    auto count_tasks = [&](int rw) {
+      int64_t n = 0;
+      for (int i = 0; i < g.a.n_jobs; ++i) n += (g.a.job[i].N + rw - 1) / rw;
+      return n;
+    };
+    const GemvVariant* v = nullptr;
+    size_t smem = 0;
+    int tile = 1;
+    const bool ln = g.a.in == nullptr;
+    if (b.B == 1 && g.a.K <= (ln ? 3 : 12) * 256) {
+      for (const GemvVariant& c : kGemvVariants) {
+        if (c.rows != (ln ? 0 : -1) || c.loads != loads) continue;
+        v = &c;  // listed by increasing rows per warp
+        if (count_tasks(c.rw) <= int64_t(be_.sm_count()) * blocks_per_sm(c.fn, 0) * kGemvWarps) break;
+      }
+    } else {
+      tile = b.B == 1 ? 1 : kRT;
+      const int rw = loads == 3 && rows >= 16384 ? 4 : 1;
+      for (const GemvVariant& c : kGemvVariants)
+        if (c.loads == loads && c.rw == rw && c.rows == tile) v = &c;
+      smem = (size_t(std::min(tile, b.B)) * (mix ? 2 : 1) + (g.a.in ? 0 : 2)) * size_t(g.a.K) * 4;
+    }
+    RWKVX_ASSERT(v, "gemv: no kernel variant");
     RWKVX_ASSERT(smem <= gemv_smem_, "gemv: shared memory");
-    gemv_kernel<<<dim3(unsigned(g.blocks), unsigned((b.B + kRT - 1) / kRT)), 256, smem, be_.stream()>>>(g.a, b.tabs);
-    RWKVX_CUDA_LAUNCHED();
+    g.a.n_tasks = 0;
+    for (int i = 0; i < g.a.n_jobs; ++i) {
+      g.a.job[i].task0 = g.a.n_tasks;
+      g.a.n_tasks += (g.a.job[i].N + v->rw - 1) / v->rw;
+    }
+    const unsigned tiles = unsigned((b.B + tile - 1) / tile);
+    const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(v->fn, smem) / int64_t(tiles);
+    const int64_t want = (g.a.n_tasks + kGemvWarps - 1) / kGemvWarps;
+    const unsigned blocks = unsigned(std::max<int64_t>(1, std::min(want, resident)));
+    launch(v->fn, dim3(blocks, tiles), dim3(kGemvWarps * 32), smem, g.a, b.tabs);
+  }
+  int blocks_per_sm(GemvFn fn, size_t smem) {
+    auto [it, fresh] = occupancy_.try_emplace({fn, smem}, 0);
+    if (fresh) RWKVX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&it->second, fn, kGemvWarps * 32, smem));
+    RWKVX_ASSERT(it->second > 0, "gemv: kernel does not fit on a multiprocessor");
+    return it->second;
+  }
+  // Every kernel but a step's first may start while its predecessor runs (see await_previous_kernel).
+  template <typename... P, typename... A>
+  void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+    launch_with(true, kernel, grid, block, smem, std::forward<A>(args)...);
+  }
+  template <typename... P, typename... A>
+  void launch_with(bool overlap_previous, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = be_.stream();
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = &attr, cfg.numAttrs = overlap_previous ? 1 : 0;
+    RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
   }
 
   void ffn(const Bufs& b, const ChannelMixWeights& w, const LayerNormWeights& ln2, int idx) {
@@ -860,9 +1310,8 @@ class CudaStepDecoder final : public StepDecoder {
   void enqueue(const Bufs& b) {
     const int C = int(c_.n_embd), H = C / kHN, B = b.B;
     auto mp = [](const Tensor& t) { return const_cast<float*>(fp(t)); };
-    embed_kernel<<<unsigned(B), 256, 0, be_.stream()>>>(w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight), fp(w_.ln0.bias),
-                                                        b.tabs, mp(b.x));
-    RWKVX_CUDA_LAUNCHED();
+    launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight),
+                fp(w_.ln0.bias), b.tabs, mp(b.x));
     for (const BlockRef& ref : c_.exec_order) {
       if (ref.kind == BlockRef::Kind::rwkv) {
         const int i = ref.index;
@@ -890,8 +1339,7 @@ class CudaStepDecoder final : public StepDecoder {
         h.r_k = fp(a.r_k), h.ln_w = fp(a.ln_x.weight), h.ln_b = fp(a.ln_x.bias);
         h.xsave = fp(b.xsave), h.layer = i, h.y = mp(b.y), h.C = C;
         const size_t smem = size_t(h.dw + h.da + h.dg + std::max(h.dv, 0)) * 4;
-        rwkv_head_kernel<<<unsigned(B * H), 256, smem, be_.stream()>>>(h, b.tabs);
-        RWKVX_CUDA_LAUNCHED();
+        launch(rwkv_head_kernel, dim3(unsigned(B * H)), dim3(256), smem, h, b.tabs);
         Gemv o = buf_gemv(b.y, C);
         job(o, a.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -908,20 +1356,15 @@ class CudaStepDecoder final : public StepDecoder {
         g.q = fp(b.q), g.layer = m, g.C = C, g.H = H, g.Kp = std::max(0, c_.sparse.top_k - 1);
         g.chunk = c_.sparse.chunk, g.sel = static_cast<int32_t*>(b.sel.data), g.kv_bf16 = c_.kv_dtype == DType::bf16;
         g.gate_blocks = (B * H + 7) / 8, g.mean_blocks_per_row = (C + 255) / 256;
-        gate_mean_kernel<<<unsigned(g.gate_blocks + B * g.mean_blocks_per_row), 256, 0, be_.stream()>>>(g, b.tabs);
-        RWKVX_CUDA_LAUNCHED();
+        launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
         AttendArgs at{};
         float* pm = mp(b.part);
         const size_t n = size_t(B) * size_t(H) * size_t(b.S);
         at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
         at.chunk = c_.sparse.chunk, at.scale = 1.0f / std::sqrt(float(kHN)), at.pm = pm, at.pl = pm + n, at.pacc = pm + 2 * n;
-        if (c_.kv_dtype == DType::bf16)
-          attend_kernel<__nv_bfloat16><<<dim3(unsigned(B * H), unsigned(b.S)), 128, 0, be_.stream()>>>(at, b.tabs);
-        else
-          attend_kernel<float><<<dim3(unsigned(B * H), unsigned(b.S)), 128, 0, be_.stream()>>>(at, b.tabs);
-        RWKVX_CUDA_LAUNCHED();
-        combine_kernel<<<unsigned(B * H), kHN, 0, be_.stream()>>>(at.pm, at.pl, at.pacc, b.S, C, H, mp(b.o));
-        RWKVX_CUDA_LAUNCHED();
+        at.done = static_cast<unsigned*>(b.done.data), at.out = mp(b.o);
+        launch(c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>,
+               dim3(unsigned(B * H), unsigned(b.S)), dim3(128), 0, at, b.tabs);
         Gemv o = buf_gemv(b.o, C);
         job(o, sw.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -938,9 +1381,16 @@ class CudaStepDecoder final : public StepDecoder {
   const ModelWeights& w_;
   bool graph_;
   size_t gemv_smem_ = 0;
+  std::map<std::pair<GemvFn, size_t>, int> occupancy_;
   std::vector<Lora> lora_;
   std::map<int, Bufs> bufs_;
-  std::vector<uint8_t> host_blob_;
+  struct HostBlob {
+    uint8_t* p = nullptr;  // pinned
+    size_t cap = 0;
+    cudaEvent_t uploaded = nullptr;  // recorded after its last upload
+  };
+  HostBlob host_blob_[2];
+  int blob_turn_ = 0;
 };
 
 }  // namespace
