@@ -116,7 +116,8 @@ __global__ void __launch_bounds__(256) wkv7_chain_kernel(const float* __restrict
                                                          const int64_t* __restrict__ seq_first_segment,
                                                          const float* __restrict__ transitions,
                                                          float* __restrict__ starts, int H) {
-  constexpr int TL = N / 16, NN = N * N, PV = NN / 4 / 256 > 0 ? NN / 4 / 256 : 1;  // float4s of P per thread
+  constexpr int TL = N / 16, NN = N * N, PV = NN / 1024;  // PV: float4s of P per thread
+  static_assert(NN % 1024 == 0, "P must split evenly into 16-byte pieces over 256 threads");
   extern __shared__ __align__(16) float chain_smem[];
   const int s = blockIdx.x / H, h = blockIdx.x % H, tid = threadIdx.x;
   const int64_t g0 = seq_first_segment[s], g1 = seq_first_segment[s + 1];
@@ -134,13 +135,11 @@ __global__ void __launch_bounds__(256) wkv7_chain_kernel(const float* __restrict
 #pragma unroll
       for (int b = 0; b < TL; ++b) e_next[a][b] = E[(ti + a) * N + tj + b];
 #pragma unroll
-    for (int q = 0; q < PV; ++q)
-      if (q * 1024 + tid * 4 < NN) p_next[q] = *reinterpret_cast<const float4*>(E + NN + q * 1024 + tid * 4);
+    for (int q = 0; q < PV; ++q) p_next[q] = *reinterpret_cast<const float4*>(E + NN + q * 1024 + tid * 4);
   };
   auto stage_p = [&] {
 #pragma unroll
-    for (int q = 0; q < PV; ++q)
-      if (q * 1024 + tid * 4 < NN) *reinterpret_cast<float4*>(Ps + q * 1024 + tid * 4) = p_next[q];
+    for (int q = 0; q < PV; ++q) *reinterpret_cast<float4*>(Ps + q * 1024 + tid * 4) = p_next[q];
   };
   const float* S0 = state + (int64_t(bt.slot[s]) * H + h) * NN;
   for (int o = tid; o < NN; o += 256) cur[o] = S0[o];
@@ -308,16 +307,22 @@ struct WkvSegmentRun {
   float* starts;       // per (segment, head): the state it starts from, N × N
 };
 
-// The sequential kernel over `b`'s sequences with their states in `state`, R value rows (4R threads) a block.
-template <int N, int R>
+// Value rows per block of wkv7_kernel (4 lanes each): a head spreads over N/16 multiprocessors (64 rows per
+// block measured no faster in the segment passes).
+constexpr int kWkvRows = 16;
+
+// The sequential kernel over `b`'s sequences with their states in `state`.
+template <int N>
 void wkv7_sequential(cudaStream_t stream, const WkvSegmentRun& a, DeviceBatch b, float* state) {
+  constexpr int R = kWkvRows;
   wkv7_kernel<N, R, false><<<unsigned(b.n_seq * a.H * (N / R)), 4 * R, 0, stream>>>(a.r, a.w, a.k, a.v, a.al, a.be,
                                                                                    state, b, a.C, a.H, a.y);
   RWKVX_CUDA_LAUNCHED();
 }
 
-template <int N, int R>
+template <int N>
 void wkv7_segments(cudaStream_t stream, const WkvSegmentRun& a) {
+  constexpr int R = kWkvRows;
   wkv7_kernel<N, R, true><<<unsigned(a.trans_batch.n_seq * a.H * (2 * N / R)), 4 * R, 0, stream>>>(
       a.r, a.w, a.k, a.v, a.al, a.be, a.transitions, a.trans_batch, a.C, a.H, nullptr);
   RWKVX_CUDA_LAUNCHED();
@@ -327,7 +332,7 @@ void wkv7_segments(cudaStream_t stream, const WkvSegmentRun& a) {
   wkv7_chain_kernel<N><<<seq_blocks, 256, smem, stream>>>(a.state, a.seq, a.seq_first_segment, a.transitions,
                                                           a.starts, a.H);
   RWKVX_CUDA_LAUNCHED();
-  wkv7_sequential<N, R>(stream, a, a.out_batch, a.starts);
+  wkv7_sequential<N>(stream, a, a.out_batch, a.starts);
   wkv7_store_final_kernel<N><<<seq_blocks, 256, 0, stream>>>(a.state, a.seq, a.seq_first_segment, a.starts, a.H);
   RWKVX_CUDA_LAUNCHED();
 }
@@ -361,10 +366,10 @@ void CudaBackend::wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const 
   if (L == 0) {
     const WkvSegmentRun run{f(r), f(w), f(k), f(v), f(alpha), f(beta), S, out, C, int(H)};
     const DeviceBatch b = upload_batch(batch);
-    switch (N) {  // 16 value rows a block: a head spreads over N/16 multiprocessors
-      case 32: wkv7_sequential<32, 16>(stream(), run, b, S); break;
-      case 64: wkv7_sequential<64, 16>(stream(), run, b, S); break;
-      default: wkv7_sequential<128, 16>(stream(), run, b, S);
+    switch (N) {
+      case 32: wkv7_sequential<32>(stream(), run, b, S); break;
+      case 64: wkv7_sequential<64>(stream(), run, b, S); break;
+      default: wkv7_sequential<128>(stream(), run, b, S);
     }
     return;
   }
@@ -398,10 +403,10 @@ void CudaBackend::wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const 
   Tensor transitions = scratch(size_t(n_seg * H * 2 * N * N) * 4), starts = scratch(size_t(n_seg * H * N * N) * 4);
   const WkvSegmentRun run{f(r), f(w), f(k), f(v), f(alpha), f(beta), S, out, C, int(H), seq, trans_batch, out_batch,
                           dev + 2 * n_seg + 1, static_cast<float*>(transitions.data), static_cast<float*>(starts.data)};
-  switch (N) {  // 16 value rows a block (64 rows measured no faster)
-    case 32: wkv7_segments<32, 16>(stream(), run); break;
-    case 64: wkv7_segments<64, 16>(stream(), run); break;
-    default: wkv7_segments<128, 16>(stream(), run);
+  switch (N) {
+    case 32: wkv7_segments<32>(stream(), run); break;
+    case 64: wkv7_segments<64>(stream(), run); break;
+    default: wkv7_segments<128>(stream(), run);
   }
 }
 
