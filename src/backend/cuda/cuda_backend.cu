@@ -139,8 +139,13 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
   RWKVX_CUBLAS_CHECK(cublasLtCreate(&lt_));
   const char* prof = std::getenv("RWKVX_CUDA_PROFILE");
   profile_ = prof && std::string(prof) == "1";
-  if (opt_.wkv_segment_rows < 0)
-    if (const char* seg = std::getenv("RWKVX_CUDA_WKV_SEGMENT"); seg && *seg) opt_.wkv_segment_rows = std::atoi(seg);
+  if (const char* seg = std::getenv("RWKVX_CUDA_WKV_SEGMENT"); seg && *seg && opt_.wkv_segment_rows < 0) {
+    char* end = nullptr;
+    const long rows = std::strtol(seg, &end, 10);
+    if (*end != '\0' || rows < 0 || rows > (1L << 30))
+      throw Error(std::string("RWKVX_CUDA_WKV_SEGMENT='") + seg + "': expected a row count (0 = sequential WKV-7)");
+    opt_.wkv_segment_rows = int(rows);
+  }
   workspace_ = scratch(size_t(32) << 20);
 }
 
