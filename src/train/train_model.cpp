@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/mapped_file.h"
+#include "train/block_tensors.h"
 #include "train/ops/channel_mix.h"
 #include "train/ops/elementwise.h"
 #include "train/ops/embedding.h"
@@ -18,8 +19,6 @@
 
 namespace rwkvx::train {
 
-constexpr double kLnEps = 1e-5;      // every LayerNorm (spec model.md §2)
-constexpr double kL2WrapCoef = 1e-4;  // L2Wrap factor before the 1/(B·T) (spec system.md §4.4)
 
 template <class S>
 struct TrainModelT<S>::BlockSaved {
@@ -49,51 +48,6 @@ struct TrainModelT<S>::Pass {
   std::vector<double> loss, lse, row_max;    // [Tp] CE per position (0 where not scored), logsumexp, max
 };
 
-namespace {
-
-// "rwkv.blocks.3." / "blocks.3." / "moba.1.": the checkpoint name prefix of a block.
-std::string block_prefix(const ModelConfig& c, const BlockRef& b) {
-  return b.kind == BlockRef::Kind::rwkv ? c.prefix + "blocks." + std::to_string(b.index) + "."
-                                        : "moba." + std::to_string(b.index) + ".";
-}
-
-template <class Get>
-auto time_mix_tensors(Get get, const std::string& b, bool first) {
-  using P = decltype(get(b));
-  TimeMixTensors<P> t{};
-  const std::string a = b + "att.";
-  t.x_r = get(a + "x_r"), t.x_w = get(a + "x_w"), t.x_k = get(a + "x_k");
-  t.x_v = get(a + "x_v"), t.x_a = get(a + "x_a"), t.x_g = get(a + "x_g");
-  t.w0 = get(a + "w0"), t.w1 = get(a + "w1"), t.w2 = get(a + "w2");
-  t.a0 = get(a + "a0"), t.a1 = get(a + "a1"), t.a2 = get(a + "a2");
-  if (!first) t.v0 = get(a + "v0"), t.v1 = get(a + "v1"), t.v2 = get(a + "v2");
-  t.g1 = get(a + "g1"), t.g2 = get(a + "g2"), t.k_k = get(a + "k_k"), t.k_a = get(a + "k_a"), t.r_k = get(a + "r_k");
-  t.receptance = get(a + "receptance.weight"), t.key = get(a + "key.weight");
-  t.value = get(a + "value.weight"), t.output = get(a + "output.weight");
-  t.ln_w = get(a + "ln_x.weight"), t.ln_b = get(a + "ln_x.bias");
-  return t;
-}
-
-template <class Get>
-auto head_tensors(Get get, const std::string& prefix) {
-  using P = decltype(get(prefix));
-  return HeadTensors<P>{get(prefix + "ln_out.weight"), get(prefix + "ln_out.bias"), get(prefix + "head.weight")};
-}
-
-template <class Get>
-auto channel_mix_tensors(Get get, const std::string& b) {
-  using P = decltype(get(b));
-  return ChannelMixTensors<P>{get(b + "ffn.x_k"), get(b + "ffn.key.weight"), get(b + "ffn.value.weight")};
-}
-
-template <class Get>
-auto sparse_attn_tensors(Get get, const std::string& b) {
-  using P = decltype(get(b));
-  return SparseAttnTensors<P>{get(b + "att.receptance.weight"), get(b + "att.key.weight"),
-                              get(b + "att.value.weight"), get(b + "att.output.weight")};
-}
-
-}  // namespace
 
 // ---- parameters ------------------------------------------------------------------------------------
 
@@ -280,6 +234,33 @@ void TrainModelT<S>::forward_pass(const int32_t* ids, const int32_t* targets, in
   p.x_final = std::move(x);
 }
 
+LossReport score_positions(const std::vector<int32_t>& targets, const std::vector<double>& loss,
+                           const std::vector<double>& row_max, int64_t P, const double* wts, int64_t T,
+                           const LossOptions& opt, std::vector<double>& coef, double* objective) {
+  const int64_t Tp = int64_t(targets.size());
+  int64_t n_valid = 0;
+  for (int64_t t = 0; t < T; ++t) n_valid += targets[size_t(P + t)] >= 0;
+  const double B = double(opt.batch_size);
+  const double denom =
+      opt.reduction == LossReduction::mean_all ? B * double(T) : B * double(std::max<int64_t>(1, n_valid));
+  coef.assign(size_t(Tp), 0.0);
+  LossReport rep;
+  rep.n_scored = n_valid;
+  for (int64_t t = 0; t < T; ++t) {
+    if (targets[size_t(P + t)] < 0) continue;
+    coef[size_t(P + t)] = wts[t] / denom;
+    rep.loss += coef[size_t(P + t)] * loss[size_t(P + t)];
+    rep.mean_ce += loss[size_t(P + t)];
+  }
+  rep.mean_ce /= double(std::max<int64_t>(1, n_valid));
+  if (objective) {
+    double pen = 0;
+    for (int64_t t = P; t < Tp; ++t) pen += 0.5 * row_max[size_t(t)] * row_max[size_t(t)];
+    *objective = rep.loss + (opt.l2wrap ? pen * kL2WrapCoef / (B * double(T)) : 0.0);
+  }
+  return rep;
+}
+
 template <class S>
 LossReport TrainModelT<S>::score(const Pass& p, const int32_t* ids, const int32_t* targets, const double* weights,
                                  int64_t T, const LossOptions& opt, std::vector<double>& coef,
@@ -292,27 +273,7 @@ LossReport TrainModelT<S>::score(const Pass& p, const int32_t* ids, const int32_
     // ℓ_full from this very forward; ℓ_short from fresh forwards over the windows (no gradient).
     longce_fill(ids, targets, T, opt, p.loss.data() + P, wts.data());
   }
-  int64_t n_valid = 0;
-  for (int64_t t = 0; t < T; ++t) n_valid += p.targets[size_t(P + t)] >= 0;
-  const double B = double(opt.batch_size);
-  const double denom =
-      opt.reduction == LossReduction::mean_all ? B * double(T) : B * double(std::max<int64_t>(1, n_valid));
-  coef.assign(size_t(p.Tp), 0.0);
-  LossReport rep;
-  rep.n_scored = n_valid;
-  for (int64_t t = 0; t < T; ++t) {
-    if (p.targets[size_t(P + t)] < 0) continue;
-    coef[size_t(P + t)] = wts[size_t(t)] / denom;
-    rep.loss += coef[size_t(P + t)] * p.loss[size_t(P + t)];
-    rep.mean_ce += p.loss[size_t(P + t)];
-  }
-  rep.mean_ce /= double(std::max<int64_t>(1, n_valid));
-  if (objective) {
-    double pen = 0;
-    for (int64_t t = P; t < p.Tp; ++t) pen += 0.5 * p.row_max[size_t(t)] * p.row_max[size_t(t)];
-    *objective = rep.loss + (opt.l2wrap ? pen * kL2WrapCoef / (B * double(T)) : 0.0);
-  }
-  return rep;
+  return score_positions(p.targets, p.loss, p.row_max, P, wts.data(), T, opt, coef, objective);
 }
 
 template <class S>

@@ -47,6 +47,17 @@ struct LossReport {
   int64_t n_scored = 0;
 };
 
+inline constexpr double kLnEps = 1e-5;      // every LayerNorm (spec model.md §2)
+inline constexpr double kL2WrapCoef = 1e-4;  // L2Wrap factor before the 1/(B·T) (spec system.md §4.4)
+
+// The loss of one (left-padded) pass from its per-position CE: coef[Tp] = wts / denominator on scored
+// positions (0 elsewhere), the report, and (when not null) the objective with the L2Wrap penalty from the
+// row maxima. targets, loss, row_max: [Tp] padded; wts: [T] weights of the unpadded positions; P pads.
+// Shared by the CPU and CUDA models.
+LossReport score_positions(const std::vector<int32_t>& targets, const std::vector<double>& loss,
+                           const std::vector<double>& row_max, int64_t P, const double* wts, int64_t T,
+                           const LossOptions& opt, std::vector<double>& coef, double* objective);
+
 template <class S>
 class TrainModelT {
  public:
