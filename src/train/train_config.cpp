@@ -145,6 +145,8 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
          c.groups = r.choice(k, v, {"rwkvx", "blinkdl"}) == "rwkvx" ? GroupRule::rwkvx : GroupRule::blinkdl;
        }},
       {"recompute", [&](const std::string& k, const json& v) { c.recompute = r.boolean(k, v); }},
+      {"device", [&](const std::string& k, const json& v) { c.device = r.choice(k, v, {"cpu", "cuda"}); }},
+      {"bf16", [&](const std::string& k, const json& v) { c.bf16 = r.boolean(k, v); }},
       {"seed", [&](const std::string& k, const json& v) { c.seed = uint64_t(r.integer(k, v, 0)); }},
       {"threads", [&](const std::string& k, const json& v) { c.threads = r.integer(k, v, 1); }},
       {"parallel_sequences",

@@ -50,6 +50,10 @@ struct TrainConfig {
   GroupRule groups = GroupRule::rwkvx;
 
   bool recompute = false;
+  // Where the steps run: "cpu" or "cuda" (a GPU build; without a usable GPU the run falls back to the CPU
+  // and says so). bf16: on CUDA, dense products with bf16 operands and fp32 accumulation (false: fp32).
+  std::string device = "cpu";
+  bool bf16 = true;
   uint64_t seed = 1;
   int64_t threads = 1;             // threads of the whole run
   int64_t parallel_sequences = 1;  // sequences trained at once (each on its own model copy), ≤ threads

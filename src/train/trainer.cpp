@@ -31,6 +31,10 @@
 #include "train/optimizer.h"
 #include "train/schedule.h"
 #include "train/train_model.h"
+#ifdef RWKVX_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#include "train/cuda/cuda_train_model.h"
+#endif
 
 namespace rwkvx::train {
 namespace {
@@ -173,6 +177,7 @@ class Run {
   int64_t plan_steps() const;
   ScheduleValue schedule(int64_t g) const;
   double train_step(int64_t g, double& grad_norm);
+  void sync_from_gpu();  // device cuda: the GPU's weights and moments into model_ and opt_
   void save_checkpoint(const std::string& stem);
   std::string save_state(int64_t step);
   void write_loss_files();
@@ -180,8 +185,14 @@ class Run {
   const TrainConfig& c_;
   const TrainRunOptions& o_;
   ModelOptions mo_;
-  std::unique_ptr<TrainModel> model_;
+  std::unique_ptr<TrainModel> model_;  // the parameters (on the CPU: the working copy)
   std::unique_ptr<AdamW> opt_;
+#ifdef RWKVX_HAVE_CUDA
+  // device "cuda": the working copy and the optimizer live on the GPU; model_ and opt_ hold what was loaded
+  // and receive the GPU's values and moments whenever a checkpoint or state is written.
+  std::unique_ptr<CudaTrainModel> gpu_;
+  std::unique_ptr<CudaAdamW> gpu_opt_;
+#endif
   std::vector<TrainModel> workers_;
   std::vector<std::unique_ptr<ThreadPool>> pools_;  // per sequence slot: the threads of its ops
   std::vector<std::vector<float>> acc_;
@@ -269,6 +280,27 @@ void Run::load_model_and_state() {
     info("resuming from " + state_dir + " at step " + std::to_string(start_step_));
   }
 
+  if (c_.device == "cuda") {
+#ifdef RWKVX_HAVE_CUDA
+    std::string why;
+    if (cuda_device_available(&why)) {
+      CudaTrainOptions go;
+      go.bf16_gemm = c_.bf16;
+      gpu_ = std::make_unique<CudaTrainModel>(m, go);
+      gpu_opt_ = std::make_unique<CudaAdamW>(*gpu_, ao);
+      gpu_opt_->set_steps(opt_->steps());
+      if (!state_dir.empty())
+        for (size_t i = 0; i < m.n_params(); ++i)
+          if (m.param(i).trainable) gpu_opt_->set_moments(i, opt_->exp_avg(i), opt_->exp_avg_sq(i));
+      info(std::string("device: cuda (") + (c_.bf16 ? "bf16" : "fp32") + " products, fp32 master weights)");
+      return;
+    }
+    info("device: cuda requested, but no usable GPU (" + why + "): training on the CPU");
+#else
+    info("device: cuda requested, but this build has no CUDA backend (configure with -DRWKVX_CUDA=ON): training "
+         "on the CPU");
+#endif
+  }
   // `parallel_sequences` slots, each a model copy with its share of `threads` for its ops (the remainder
   // goes to the first slots). Neither changes a result: ops split work by shape, never by thread count.
   const int64_t nt = std::min(c_.parallel_sequences, c_.micro_bsz);
@@ -349,6 +381,22 @@ int64_t Run::plan_steps() const {
 
 // One optimizer step at global step g: B sequences, gradients summed in batch order. Returns the loss.
 double Run::train_step(int64_t g, double& grad_norm) {
+#ifdef RWKVX_HAVE_CUDA
+  if (gpu_) {
+    // One sequence after another; each forward_backward adds its gradient (batch order, as on the CPU).
+    const uint64_t first = uint64_t(g + c_.epoch_begin * c_.epoch_steps) * uint64_t(c_.micro_bsz);
+    gpu_->zero_grad();
+    double loss = 0;
+    std::vector<int32_t> x, y;
+    for (int64_t b = 0; b < c_.micro_bsz; ++b) {
+      data_->sample(first + uint64_t(b), x, y);
+      loss += gpu_->forward_backward(x.data(), y.data(), int64_t(x.size()), loss_).loss;
+    }
+    const ScheduleValue sv = schedule(g);
+    grad_norm = gpu_opt_->step(sv.lr, sv.wd);
+    return loss;
+  }
+#endif
   TrainModel& m = *model_;
   const int64_t B = c_.micro_bsz;
   const int64_t nt = int64_t(workers_.size()) + 1;
@@ -397,7 +445,18 @@ double Run::train_step(int64_t g, double& grad_norm) {
   return loss;
 }
 
+void Run::sync_from_gpu() {
+#ifdef RWKVX_HAVE_CUDA
+  if (!gpu_) return;
+  gpu_->download_values(*model_);
+  opt_->set_steps(gpu_opt_->steps());
+  for (size_t i = 0; i < model_->n_params(); ++i)
+    if (model_->param(i).trainable) opt_->exp_avg(i) = gpu_opt_->exp_avg(i), opt_->exp_avg_sq(i) = gpu_opt_->exp_avg_sq(i);
+#endif
+}
+
 void Run::save_checkpoint(const std::string& stem) {
+  sync_from_gpu();
   const std::vector<TensorData> t = model_->to_tensor_data(c_.save_dtype);
   if (c_.save_pth) {
     PthWriteOptions po;
@@ -408,6 +467,7 @@ void Run::save_checkpoint(const std::string& stem) {
 }
 
 std::string Run::save_state(int64_t step) {
+  sync_from_gpu();
   const TrainModel& m = *model_;
   const fs::path final_dir = fs::path(c_.out_dir) / state_dir_name(step);
   const fs::path tmp = fs::path(c_.out_dir) / (state_dir_name(step) + ".tmp");
@@ -500,9 +560,11 @@ TrainResult Run::go() {
        stage_name(c_.stage) + ")");
   info("plan: " + std::to_string(total) + " steps of " + std::to_string(c_.micro_bsz) + " x " +
        std::to_string(c_.ctx_len) + " tokens, loss " + (c_.loss == LossKind::ce ? "ce" : "longce") +
-       (c_.recompute ? ", recompute" : "") + ", " + std::to_string(c_.threads) + " thread(s): " +
-       std::to_string(pools_.size()) + " sequence(s) at once, " + std::to_string(pools_[0]->size()) +
-       " thread(s) per sequence's ops (GEMM: " + fast::gemm_name() + ")");
+       (c_.recompute ? ", recompute" : "") + ", " +
+       (pools_.empty() ? std::string("on the GPU")
+                       : std::to_string(c_.threads) + " thread(s): " + std::to_string(pools_.size()) +
+                             " sequence(s) at once, " + std::to_string(pools_[0]->size()) +
+                             " thread(s) per sequence's ops (GEMM: " + fast::gemm_name() + ")"));
 
   csv_path_ = c_.out_dir + "/loss.csv";
   png_path_ = c_.out_dir + "/loss.png";

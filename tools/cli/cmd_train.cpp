@@ -18,7 +18,7 @@ namespace rwkvx {
 namespace {
 
 struct TrainArgs {
-  std::string config, resume;
+  std::string config, resume, device;
 };
 
 std::atomic<bool> g_stop{false};
@@ -43,7 +43,8 @@ std::string duration(double s) {
 }
 
 void run_train(const TrainArgs& a) {
-  const train::TrainConfig cfg = train::load_train_config(a.config);
+  train::TrainConfig cfg = train::load_train_config(a.config);
+  if (!a.device.empty()) cfg.device = a.device;
   const bool tty = isatty(STDERR_FILENO);
   bool line_open = false;
   auto end_line = [&] {
@@ -88,11 +89,13 @@ void register_train_commands(CLI::App& app) {
   static TrainArgs ta;
   CLI::App* t = app.add_subcommand(
       "train",
-      "train an RWKV-7 / RWKV-X model on the CPU as a JSON config describes (stage1: only the sparse blocks; "
+      "train an RWKV-7 / RWKV-X model on the CPU or a GPU as a JSON config describes (stage1: only the sparse blocks; "
       "stage2: all weights with LongCE; sft: responses only); see docs/training.md for the keys");
   t->add_option("config", ta.config, "the JSON config file")->required()->check(CLI::ExistingFile);
   t->add_option("--resume", ta.resume,
                 "continue exactly from a saved training state: the out_dir (its newest state-N/), a state-N "
                 "directory, or its state.json");
+  t->add_option("--device", ta.device, "cpu | cuda: where the steps run (overrides the config's 'device')")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   t->callback([] { run_train(ta); });
 }
