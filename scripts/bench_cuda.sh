@@ -13,6 +13,8 @@
 #   RWKVX_BENCH_LONG_CONTEXT (default 128K; empty = skip)
 #   RWKVX_BENCH_DECODE_LONG (default 1048000: the ~1M-token decode; 0 = skip)
 #   RWKVX_BENCH_BATCHES (default 1,8,64,256), RWKVX_BENCH_BATCH_CONTEXT (default 2000)
+#   RWKVX_BENCH_TRAIN_CONTEXTS (default 4096,65536; empty = skip the training benchmark),
+#   RWKVX_OFFICIAL_SRC: a checkout of howard-hou/RWKV-X's pretrain/ code for the official-trainer peer
 #   RWKVX_BENCH_PEERS (1 = run the peers), RWKVX_PEER_TOKENS (default 4096,16384,65536,131072),
 #   RWKVX_PEER_WHEELS: a folder of the wheels the device image lacks, installed first (fetched beforehand
 #   on a machine with network: pip download --no-deps fla-core==0.6.0 rwkv-x==0.1.3)
@@ -46,6 +48,16 @@ if [ -x "$dbench" ]; then
     --batch-context "$bctx"
 else
   echo "no decode benchmark binary at $dbench (build the tests with -DRWKVX_CUDA=ON)"
+fi
+tbench=${RWKVX_TRAIN_BENCH:-$(dirname "$dbench")/rwkvx_cuda_train_bench}
+tctx=${RWKVX_BENCH_TRAIN_CONTEXTS-4096,65536}
+if [ -n "$tctx" ] && [ -x "$tbench" ]; then
+  echo "== training steps (forward, backward, AdamW), RWKV-X 0.2B, batch 1, contexts $tctx"
+  "$tbench" --preset rwkvx-0.2b --contexts "$tctx" --steps 3
+fi
+if [ "${RWKVX_BENCH_PEERS:-0}" = 1 ] && [ -n "$tctx" ] && [ -n "${RWKVX_OFFICIAL_SRC:-}" ]; then
+  echo "== peer: the official RWKV-X PyTorch trainer (sources at \$RWKVX_OFFICIAL_SRC), same shapes"
+  python3 "$(dirname "$0")/peers/train_official.py" --official-src "$RWKVX_OFFICIAL_SRC" --ctx "$tctx" --steps 3 || true
 fi
 if [ "${RWKVX_BENCH_PEERS:-0}" = 1 ]; then
   ptokens=${RWKVX_PEER_TOKENS:-4096,16384,65536,131072}
