@@ -4,12 +4,8 @@
 //
 // rwkvx_cuda_train_bench [--preset rwkvx-0.2b | --model FILE] [--contexts 4096,65536] [--steps 3]
 //                        [--batch 1] [--fp32] [--recompute auto|on|off] [--loss ce|longce] [--stage1]
-//                        [--tokens-json CASE.json --grads-out GRADS.safetensors]
 // Each context: one warm-up step, then --steps timed steps; the median is reported. Recompute "auto" keeps
 // activations up to 8K tokens and recomputes blocks beyond (the official --grad_cp 1 at long contexts).
-// With --grads-out it times nothing: one forward_backward over the "tokens" of a golden case.json (plain
-// CE with L2Wrap, no padding, batch 1) writes every parameter's gradient (f32, checkpoint names) for the
-// comparison with the official trainer's autograd (scripts/peers/official_grads.py).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -20,11 +16,7 @@
 #include <string>
 #include <vector>
 
-#include <fstream>
-#include <nlohmann/json.hpp>
-
 #include "core/error.h"
-#include "model/formats/safetensors_writer.h"
 #include "model/random_init.h"
 #include "train/cuda/cuda_train_model.h"
 #include "train/train_model.h"
@@ -51,7 +43,7 @@ double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock:
 }  // namespace
 
 int main(int argc, char** argv) try {
-  std::string preset = "rwkvx-0.2b", model_path, recompute = "auto", loss = "ce", tokens_json, grads_out;
+  std::string preset = "rwkvx-0.2b", model_path, recompute = "auto", loss = "ce";
   std::vector<int64_t> contexts = {4096, 65536};
   int steps = 3;
   int64_t batch = 1;
@@ -71,23 +63,11 @@ int main(int argc, char** argv) try {
     else if (a == "--recompute") recompute = next();
     else if (a == "--loss") loss = next();
     else if (a == "--stage1") stage1 = true;
-    else if (a == "--tokens-json") tokens_json = next();
-    else if (a == "--grads-out") grads_out = next();
     else throw Error("unknown argument " + a);
   }
   ModelOptions mo;
   mo.chunk = 2048;
   mo.top_k = 3;
-  nlohmann::json golden_case;
-  if (!grads_out.empty()) {
-    std::ifstream f(tokens_json);
-    if (!f) throw Error(tokens_json + ": cannot open");
-    golden_case = nlohmann::json::parse(f);
-    if (golden_case.contains("config")) {  // the case's sparse-attention settings
-      mo.chunk = golden_case["config"].value("chunk", mo.chunk);
-      mo.top_k = golden_case["config"].value("topk", mo.top_k);
-    }
-  }
   TrainModel host = [&] {
     if (!model_path.empty()) return TrainModel::load(model_path, mo);
     for (const ModelPreset& p : model_presets())
@@ -95,23 +75,6 @@ int main(int argc, char** argv) try {
     throw Error("unknown preset " + preset);
   }();
   if (stage1) host.freeze_all_but_sparse();
-  if (!grads_out.empty()) {
-    const std::vector<int32_t> tok = golden_case.at("tokens").get<std::vector<int32_t>>();
-    if (tok.size() < 2) throw Error(tokens_json + ": needs at least 2 tokens");
-    CudaTrainOptions o;
-    o.bf16_gemm = !fp32;
-    CudaTrainModel gpu(host, o);
-    LossOptions lo;
-    lo.pad_multiple = 0;
-    const LossReport r = gpu.forward_backward(tok.data(), tok.data() + 1, int64_t(tok.size()) - 1, lo);
-    std::vector<TensorData> grads;
-    for (size_t i = 0; i < host.n_params(); ++i)
-      grads.push_back(make_tensor_data(host.param(i).name, DType::f32, host.param(i).shape, gpu.grad(i)));
-    save_safetensors(grads_out, grads);
-    std::printf("loss %.9g over %zu positions; %zu gradients written to %s\n", r.loss, tok.size() - 1, grads.size(),
-                grads_out.c_str());
-    return 0;
-  }
   int64_t n_params = 0, n_trainable = 0;
   for (size_t i = 0; i < host.n_params(); ++i) {
     n_params += host.param(i).numel;
