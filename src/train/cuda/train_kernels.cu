@@ -28,11 +28,24 @@ namespace {
 constexpr int kThreads = 256;     // elementwise and row-kernel blocks
 constexpr int kColThreads = 128;  // channels per column-kernel block
 constexpr int kRowThreads = 1024;  // cross-entropy: one block per row of V logits
-constexpr int kWarpsPerBlock = kThreads / 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 unsigned blocks_for(int64_t work, int threads, int64_t cap = int64_t(1) << 16) {
   return unsigned(std::clamp<int64_t>(ceil_div(work, threads), 1, cap));
+}
+
+// Lanes per row of the row kernels (see seg_sum): f(std::integral_constant<int, L>).
+template <class F>
+void with_row_lanes(int64_t row_len, F&& f) {
+  if (row_len <= 128) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, 32>{});
+}
+unsigned row_blocks(int64_t rows, int lanes) { return blocks_for(rows, kThreads / lanes); }
+
+// The decay's constant -e^{-1/2}, computed on the host as the CPU does.
+template <class S>
+S decay_scale() {
+  return S(-std::exp(-0.5));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -94,12 +107,13 @@ __device__ __forceinline__ void store(S* p, const S (&r)[K]) {
 
 __device__ __forceinline__ float dev_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double dev_tanh(double x) { return tanh(x); }
-// σ in double, rounded to S (train::sigmoid_of).
-template <class S>
-__device__ __forceinline__ S dev_sigmoid(S x) {
-  return S(1.0 / (1.0 + exp(-double(x))));
-}
-__device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
+// Transcendentals in S: fp32 ones for S = float (within an ulp or two of the CPU's double-then-rounded
+// values, and ~10x cheaper than fp64 ones, which made the fused time-mix kernels compute-bound), fp64 ones,
+// the CPU's exact expressions, for S = double.
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float sigm(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ double sigm(double x) { return 1.0 / (1.0 + exp(-x)); }
 
 // Sum over the warp in a fixed tree, broadcast from lane 0 (every lane gets the same bits).
 __device__ __forceinline__ double warp_sum(double v) {
@@ -109,7 +123,24 @@ __device__ __forceinline__ double warp_sum(double v) {
 }
 
 __device__ __forceinline__ int64_t warp_id_global() { return (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; }
-__device__ __forceinline__ int64_t warps_in_grid() { return (int64_t(gridDim.x) * blockDim.x) >> 5; }
+
+// Row kernels: a row (a norm group, a head) belongs to a segment of L lanes (L = 8 for rows up to 128
+// elements: 3 shuffle levels per reduction instead of 5, which bound the 64-channel heads), and a warp
+// takes 32/L consecutive rows per step. The sum is a fixed tree broadcast from the segment's lane 0.
+template <int L>
+__device__ __forceinline__ double seg_sum(double v) {
+#pragma unroll
+  for (int o = L / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o, L);
+  return __shfl_sync(0xffffffffu, v, 0, L);
+}
+// The row loop (its element loops are unrolled so that a lane's loads are in flight together):
+// `r - sub < rows` is the warp's own condition (sub = this segment's place in its warp), so
+// every lane of a warp runs the same iterations and the shuffles see the whole warp; `ok` guards the rows
+// past the end.
+#define RWKVX_FOR_ROWS(L, rows)                                                                  \
+  const int lane = int(threadIdx.x) & ((L)-1), sub = (int(threadIdx.x) & 31) / (L);              \
+  const int64_t n_seg_ = int64_t(gridDim.x) * (blockDim.x / (L));                                \
+  for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / (L); r - sub < (rows); r += n_seg_)
 
 // ---- elementwise maps ----------------------------------------------------------------------------------
 
@@ -157,7 +188,7 @@ struct SigmoidFwd {
     S v[K];
     load<K>(x + i, v);
 #pragma unroll
-    for (int j = 0; j < K; ++j) v[j] = dev_sigmoid(v[j]);
+    for (int j = 0; j < K; ++j) v[j] = sigm(v[j]);
     store<K>(y + i, v);
   }
 };
@@ -264,7 +295,7 @@ struct ShiftMixFwd {
   }
 };
 
-// out = v + (v_first - v) ⊙ σ(v0 + vg), the sum v0 + vg in S and σ in double, as on the CPU.
+// out = v + (v_first - v) ⊙ σ(v0 + vg).
 template <class S>
 struct ValueResidualFwd {
   const S* v;
@@ -282,7 +313,7 @@ struct ValueResidualFwd {
     load<K>(v0 + i % C, z);
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-      const S s = dev_sigmoid(S(z[j] + g[j]));
+      const S s = sigm(S(z[j] + g[j]));
       a[j] = a[j] + (f[j] - a[j]) * s;
     }
     store<K>(out + i, a);
@@ -427,51 +458,55 @@ __global__ void __launch_bounds__(kColThreads)
 
 // ---- group norm ----------------------------------------------------------------------------------------
 
-// One warp per group row r = t·(C/G) + g (its G channels are contiguous at x + r·G).
-template <class S>
+// Group row r = t·(C/G) + g: its G channels are contiguous at x + r·G.
+template <class S, int L>
 __global__ void __launch_bounds__(kThreads)
     group_norm_forward_kernel(const S* x, const S* __restrict__ w, const S* __restrict__ b, S* y, S* mean, S* rstd,
                               int64_t rows, int64_t C, int64_t G, double eps) {
-  const int lane = threadIdx.x & 31;
   const int64_t n_groups = C / G;
-  for (int64_t r = warp_id_global(); r < rows; r += warps_in_grid()) {
+  RWKVX_FOR_ROWS(L, rows) {
+    const bool ok = r < rows;
     const S* xr = x + r * G;
     S* yr = y + r * G;
     const int64_t c0 = (r % n_groups) * G;
     double s = 0;
-    for (int64_t i = lane; i < G; i += 32) s += double(xr[i]);
-    const double mu = warp_sum(s) / double(G);
+    #pragma unroll 4
+    for (int64_t i = lane; ok && i < G; i += L) s += double(xr[i]);
+    const double mu = seg_sum<L>(s) / double(G);
     double v = 0;
-    for (int64_t i = lane; i < G; i += 32) {
+    #pragma unroll 4
+    for (int64_t i = lane; ok && i < G; i += L) {
       const double d = double(xr[i]) - mu;
       v += d * d;
     }
-    const double inv = 1.0 / sqrt(warp_sum(v) / double(G) + eps);
-    for (int64_t i = lane; i < G; i += 32)
+    const double inv = 1.0 / sqrt(seg_sum<L>(v) / double(G) + eps);
+    #pragma unroll 4
+    for (int64_t i = lane; ok && i < G; i += L)
       yr[i] = S((double(xr[i]) - mu) * inv * double(w[c0 + i]) + double(b[c0 + i]));
-    if (lane == 0) mean[r] = S(mu), rstd[r] = S(inv);
+    if (ok && lane == 0) mean[r] = S(mu), rstd[r] = S(inv);
   }
 }
 
 // Per group row: m1 = mean(dy ⊙ w), m2 = mean(dy ⊙ w ⊙ x̂).
-template <class S>
+template <class S, int L>
 __global__ void __launch_bounds__(kThreads)
     group_norm_stats_kernel(const S* __restrict__ dy, const S* __restrict__ x, const S* __restrict__ w,
                             const S* __restrict__ mean, const S* __restrict__ rstd, double2* stats, int64_t rows,
                             int64_t C, int64_t G) {
-  const int lane = threadIdx.x & 31;
   const int64_t n_groups = C / G;
-  for (int64_t r = warp_id_global(); r < rows; r += warps_in_grid()) {
+  RWKVX_FOR_ROWS(L, rows) {
+    const bool ok = r < rows;
     const int64_t o = r * G, c0 = (r % n_groups) * G;
-    const double mu = double(mean[r]), inv = double(rstd[r]);
+    const double mu = ok ? double(mean[r]) : 0.0, inv = ok ? double(rstd[r]) : 0.0;
     double m1 = 0, m2 = 0;
-    for (int64_t i = lane; i < G; i += 32) {
+    #pragma unroll 4
+    for (int64_t i = lane; ok && i < G; i += L) {
       const double xh = (double(x[o + i]) - mu) * inv, dxh = double(dy[o + i]) * double(w[c0 + i]);
       m1 += dxh;
       m2 += dxh * xh;
     }
-    m1 = warp_sum(m1), m2 = warp_sum(m2);
-    if (lane == 0) stats[r] = make_double2(m1 / double(G), m2 / double(G));
+    m1 = seg_sum<L>(m1), m2 = seg_sum<L>(m2);
+    if (ok && lane == 0) stats[r] = make_double2(m1 / double(G), m2 / double(G));
   }
 }
 
@@ -507,27 +542,29 @@ __global__ void __launch_bounds__(kColThreads)
 
 // ---- wkv inputs --------------------------------------------------------------------------------------
 
-// One warp per (t, head): the L2 norm of kk = k ⊙ k_k, then every output of the row.
-template <class S>
+// Per (t, head): the L2 norm of kk = k ⊙ k_k, then every output of the row.
+template <class S, int L>
 __global__ void __launch_bounds__(kThreads)
     wkv_inputs_forward_kernel(const S* __restrict__ wl, const S* __restrict__ al, const S* __restrict__ k,
                               const S* __restrict__ w0, const S* __restrict__ a0, const S* __restrict__ k_k,
                               const S* __restrict__ k_a, S* w, S* a, S* alpha, S* beta, S* k_out, int64_t rows,
-                              int64_t C, int64_t N, double c_w) {
-  const int lane = threadIdx.x & 31;
+                              int64_t C, int64_t N, S c_w) {
   const int64_t H = C / N;
-  for (int64_t r = warp_id_global(); r < rows; r += warps_in_grid()) {
+  RWKVX_FOR_ROWS(L, rows) {
+    const bool ok = r < rows;
     const int64_t o = r * N, c0 = (r % H) * N;
     double norm = 0;
-    for (int64_t j = lane; j < N; j += 32) {
+    #pragma unroll 4
+    for (int64_t j = lane; ok && j < N; j += L) {
       const double kk = double(k[o + j]) * double(k_k[c0 + j]);
       norm += kk * kk;
     }
-    const double inv = 1.0 / fmax(sqrt(warp_sum(norm)), 1e-12);
-    for (int64_t j = lane; j < N; j += 32) {
+    const double inv = 1.0 / fmax(sqrt(seg_sum<L>(norm)), 1e-12);
+    #pragma unroll 4
+    for (int64_t j = lane; ok && j < N; j += L) {
       const int64_t i = o + j, c = c0 + j;
-      w[i] = S(exp(c_w / (1.0 + exp(-double(S(w0[c] + wl[i]))))));
-      const S av = dev_sigmoid(S(a0[c] + al[i]));
+      w[i] = dev_exp(c_w / (S(1) + dev_exp(-S(w0[c] + wl[i]))));
+      const S av = sigm(S(a0[c] + al[i]));
       a[i] = av;
       const S kk = S(double(k[i]) * double(k_k[c]) * inv);
       alpha[i] = -kk;
@@ -537,32 +574,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Per (t, head): the norm ‖k ⊙ k_k‖ and kk · dkk, dkk = -dalpha + dbeta ⊙ a.
-template <class S>
+// Per (t, head): ‖k ⊙ k_k‖, its clamped inverse, and kk · dkk with dkk = -dalpha + dbeta ⊙ a.
+struct NormStats {
+  double norm, inv, dot;
+};
+template <class S, int L>
 __global__ void __launch_bounds__(kThreads)
     wkv_inputs_stats_kernel(const S* __restrict__ dalpha, const S* __restrict__ dbeta, const S* __restrict__ al,
                             const S* __restrict__ k, const S* __restrict__ a0, const S* __restrict__ k_k,
-                            double2* stats, int64_t rows, int64_t C, int64_t N) {
-  const int lane = threadIdx.x & 31;
+                            NormStats* stats, int64_t rows, int64_t C, int64_t N) {
   const int64_t H = C / N;
-  for (int64_t r = warp_id_global(); r < rows; r += warps_in_grid()) {
+  RWKVX_FOR_ROWS(L, rows) {
+    const bool ok = r < rows;
     const int64_t o = r * N, c0 = (r % H) * N;
     double norm = 0;
-    for (int64_t j = lane; j < N; j += 32) {
+    #pragma unroll 4
+    for (int64_t j = lane; ok && j < N; j += L) {
       const double x = double(k[o + j]) * double(k_k[c0 + j]);
       norm += x * x;
     }
-    norm = sqrt(warp_sum(norm));
+    norm = sqrt(seg_sum<L>(norm));
     const double inv = 1.0 / fmax(norm, 1e-12);
     double dot = 0;
-    for (int64_t j = lane; j < N; j += 32) {
+    #pragma unroll 4
+    for (int64_t j = lane; ok && j < N; j += L) {
       const int64_t i = o + j, c = c0 + j;
-      const double a = sigmoid_d(double(a0[c]) + double(al[i]));
+      const double a = double(sigm(S(a0[c] + al[i])));
       const double kk = double(k[i]) * double(k_k[c]) * inv;
       dot += kk * (-double(dalpha[i]) + double(dbeta[i]) * a);
     }
-    dot = warp_sum(dot);
-    if (lane == 0) stats[r] = make_double2(norm, dot);
+    dot = seg_sum<L>(dot);
+    if (ok && lane == 0) stats[r] = NormStats{norm, inv, dot};
   }
 }
 
@@ -572,25 +614,25 @@ __global__ void __launch_bounds__(kColThreads)
     wkv_inputs_backward_kernel(const S* __restrict__ dw, const S* __restrict__ dalpha, const S* __restrict__ dbeta,
                                const S* __restrict__ dk_out, const S* __restrict__ wl, const S* __restrict__ al,
                                const S* __restrict__ k, const S* __restrict__ w0, const S* __restrict__ a0,
-                               const S* __restrict__ k_k, const S* __restrict__ k_a, const double2* __restrict__ stats,
-                               S* dwl, S* dal, S* dk, double* part, int64_t T, int64_t C, int64_t N, double c_w,
-                               int64_t tb_size, int64_t n_tb) {
+                               const S* __restrict__ k_k, const S* __restrict__ k_a,
+                               const NormStats* __restrict__ stats, S* dwl, S* dal, S* dk, double* part, int64_t T,
+                               int64_t C, int64_t N, S c_w, int64_t tb_size, int64_t n_tb) {
   ColumnRange r;
   if (!column_range(C, T, tb_size, r)) return;
   const int64_t c = r.c, H = C / N, h = c / N;
-  const double kkc = double(k_k[c]), kac = double(k_a[c]), a0c = double(a0[c]), w0c = double(w0[c]);
+  const double kkc = double(k_k[c]), kac = double(k_a[c]), cw = double(c_w);
+  const S a0c = a0[c], w0c = w0[c];
   double acc_w0 = 0, acc_a0 = 0, acc_kk = 0, acc_ka = 0;
 #pragma unroll 2
   for (int64_t t = r.t0; t < r.t1; ++t) {
     const int64_t i = t * C + c;
-    const double2 st = stats[t * H + h];
-    const double norm = st.x, dot = st.y, inv = 1.0 / fmax(norm, 1e-12);
+    const NormStats st = stats[t * H + h];
     const double kv = double(k[i]), dko = double(dk_out[i]), db = double(dbeta[i]);
-    const double a = sigmoid_d(a0c + double(al[i]));
-    const double kk = kv * kkc * inv;
+    const double a = double(sigm(S(a0c + al[i])));
+    const double kk = kv * kkc * st.inv;
     const double dkk = -double(dalpha[i]) + db * a;
     // d(x / ‖x‖) = (dkk - kk (kk · dkk)) / ‖x‖ above the norm's clamp, dkk / 1e-12 below it.
-    const double dxn = norm > 1e-12 ? (dkk - kk * dot) * inv : dkk * inv;
+    const double dxn = st.norm > 1e-12 ? (dkk - kk * st.dot) * st.inv : dkk * st.inv;
     if (dk) {
       S v = dk[i];
       v += S(dxn * kkc);
@@ -603,9 +645,9 @@ __global__ void __launch_bounds__(kColThreads)
     const double dza = da * a * (1.0 - a);
     if (dal) dal[i] += S(dza);
     acc_a0 += dza;
-    const double s = sigmoid_d(w0c + double(wl[i]));
-    const double wv = exp(c_w * s);
-    const double dzw = double(dw[i]) * wv * c_w * s * (1.0 - s);
+    const S sw = sigm(S(w0c + wl[i]));
+    const double s = double(sw), wv = double(dev_exp(S(c_w * sw)));
+    const double dzw = double(dw[i]) * wv * cw * s * (1.0 - s);
     if (dwl) dwl[i] += S(dzw);
     acc_w0 += dzw;
   }
@@ -626,12 +668,12 @@ __global__ void __launch_bounds__(kColThreads)
                                    double* part, int64_t T, int64_t C, int64_t tb_size, int64_t n_tb) {
   ColumnRange r;
   if (!column_range(C, T, tb_size, r)) return;
-  const double v0c = double(v0[r.c]);
+  const S v0c = v0[r.c];
   double acc = 0;
 #pragma unroll 4
   for (int64_t t = r.t0; t < r.t1; ++t) {
     const int64_t i = t * C + r.c;
-    const double g = sigmoid_d(v0c + double(vg[i])), d = double(dout[i]);
+    const double g = double(sigm(S(v0c + vg[i]))), d = double(dout[i]);
     if (dv) dv[i] += S(d * (1.0 - g));
     if (dvf) dvf[i] += S(d * g);
     const double dz = d * (double(vf[i]) - double(v[i])) * g * (1.0 - g);
@@ -643,37 +685,40 @@ __global__ void __launch_bounds__(kColThreads)
 
 // ---- rwkv7 output --------------------------------------------------------------------------------------
 
-// One warp per (t, head): GroupNorm of y over the head, plus the bonus (Σ r k r_k) v, times the gate. The
+// Per (t, head): GroupNorm of y over the head, plus the bonus (Σ r k r_k) v, times the gate. The
 // normalised value is rounded to S before the bonus is added, as on the CPU (which writes it to out first).
-template <class S>
+template <class S, int L>
 __global__ void __launch_bounds__(kThreads)
     rwkv7_output_forward_kernel(const S* y, const S* __restrict__ rr, const S* __restrict__ k,
                                 const S* __restrict__ v, const S* __restrict__ r_k, const S* __restrict__ g,
                                 const S* __restrict__ ln_w, const S* __restrict__ ln_b, double eps, S* out, S* mean,
                                 S* rstd, int64_t rows, int64_t C, int64_t N) {
-  const int lane = threadIdx.x & 31;
   const int64_t H = C / N;
-  for (int64_t r = warp_id_global(); r < rows; r += warps_in_grid()) {
+  RWKVX_FOR_ROWS(L, rows) {
+    const bool ok = r < rows;
     const int64_t o = r * N, c0 = (r % H) * N;
     double s = 0, u = 0;
-    for (int64_t j = lane; j < N; j += 32) {
+    #pragma unroll 4
+    for (int64_t j = lane; ok && j < N; j += L) {
       s += double(y[o + j]);
       u += double(rr[o + j]) * double(k[o + j]) * double(r_k[c0 + j]);
     }
-    const double mu = warp_sum(s) / double(N);
-    u = warp_sum(u);
+    const double mu = seg_sum<L>(s) / double(N);
+    u = seg_sum<L>(u);
     double var = 0;
-    for (int64_t j = lane; j < N; j += 32) {
+    #pragma unroll 4
+    for (int64_t j = lane; ok && j < N; j += L) {
       const double d = double(y[o + j]) - mu;
       var += d * d;
     }
-    const double inv = 1.0 / sqrt(warp_sum(var) / double(N) + eps);
-    for (int64_t j = lane; j < N; j += 32) {
+    const double inv = 1.0 / sqrt(seg_sum<L>(var) / double(N) + eps);
+    #pragma unroll 4
+    for (int64_t j = lane; ok && j < N; j += L) {
       const int64_t i = o + j, c = c0 + j;
       const S gn = S((double(y[i]) - mu) * inv * double(ln_w[c]) + double(ln_b[c]));
       out[i] = S((double(gn) + u * double(v[i])) * double(g[i]));
     }
-    if (lane == 0) mean[r] = S(mu), rstd[r] = S(inv);
+    if (ok && lane == 0) mean[r] = S(mu), rstd[r] = S(inv);
   }
 }
 
@@ -683,19 +728,20 @@ struct OutputStats {
 
 // Per (t, head): u = Σ r k r_k, du = Σ dout g v, and the GroupNorm backward means m1, m2 of dgn ⊙ ln_w
 // (dgn = dout ⊙ g rounded to S, the CPU's intermediate).
-template <class S>
+template <class S, int L>
 __global__ void __launch_bounds__(kThreads)
     rwkv7_output_stats_kernel(const S* __restrict__ dout, const S* __restrict__ y, const S* __restrict__ rr,
                               const S* __restrict__ k, const S* __restrict__ v, const S* __restrict__ r_k,
                               const S* __restrict__ g, const S* __restrict__ ln_w, const S* __restrict__ mean,
                               const S* __restrict__ rstd, OutputStats* stats, int64_t rows, int64_t C, int64_t N) {
-  const int lane = threadIdx.x & 31;
   const int64_t H = C / N;
-  for (int64_t r = warp_id_global(); r < rows; r += warps_in_grid()) {
+  RWKVX_FOR_ROWS(L, rows) {
+    const bool ok = r < rows;
     const int64_t o = r * N, c0 = (r % H) * N;
-    const double mu = double(mean[r]), inv = double(rstd[r]);
+    const double mu = ok ? double(mean[r]) : 0.0, inv = ok ? double(rstd[r]) : 0.0;
     double u = 0, du = 0, m1 = 0, m2 = 0;
-    for (int64_t j = lane; j < N; j += 32) {
+    #pragma unroll 4
+    for (int64_t j = lane; ok && j < N; j += L) {
       const int64_t i = o + j, c = c0 + j;
       const double d = double(dout[i]);
       u += double(rr[i]) * double(k[i]) * double(r_k[c]);
@@ -704,8 +750,8 @@ __global__ void __launch_bounds__(kThreads)
       m1 += dxh;
       m2 += dxh * ((double(y[i]) - mu) * inv);
     }
-    u = warp_sum(u), du = warp_sum(du), m1 = warp_sum(m1), m2 = warp_sum(m2);
-    if (lane == 0) stats[r] = OutputStats{u, du, m1 / double(N), m2 / double(N)};
+    u = seg_sum<L>(u), du = seg_sum<L>(du), m1 = seg_sum<L>(m1), m2 = seg_sum<L>(m2);
+    if (ok && lane == 0) stats[r] = OutputStats{u, du, m1 / double(N), m2 / double(N)};
   }
 }
 
@@ -716,8 +762,8 @@ __global__ void __launch_bounds__(kColThreads)
                                  const S* __restrict__ k, const S* __restrict__ v, const S* __restrict__ r_k,
                                  const S* __restrict__ g, const S* __restrict__ ln_w, const S* __restrict__ ln_b,
                                  const S* __restrict__ mean, const S* __restrict__ rstd,
-                                 const OutputStats* __restrict__ stats, S* dy, S* dr, S* dk, S* dv, S* dg, double* part,
-                                 int64_t T, int64_t C, int64_t N, int64_t tb_size, int64_t n_tb) {
+                                 const OutputStats* __restrict__ stats, S* dy, S* dr, S* dk, S* dv, S* dg,
+                                 double* part, int64_t T, int64_t C, int64_t N, int64_t tb_size, int64_t n_tb) {
   ColumnRange r;
   if (!column_range(C, T, tb_size, r)) return;
   const int64_t c = r.c, H = C / N, h = c / N;
@@ -727,18 +773,17 @@ __global__ void __launch_bounds__(kColThreads)
   for (int64_t t = r.t0; t < r.t1; ++t) {
     const int64_t i = t * C + c, row = t * H + h;
     const OutputStats st = stats[row];
-    const double u = st.u, du = st.du, m1 = st.m1, m2 = st.m2;
     const double mu = double(mean[row]), inv = double(rstd[row]);
     const double d = double(dout[i]), gi = double(g[i]), vi = double(v[i]), ri = double(rr[i]), ki = double(k[i]);
     const double xh = (double(y[i]) - mu) * inv;
     const double gn = xh * lw + lb;
-    if (dg) dg[i] += S(d * (gn + u * vi));
-    if (dv) dv[i] += S(d * gi * u);
-    if (dr) dr[i] += S(du * ki * rk);
-    if (dk) dk[i] += S(du * ri * rk);
-    acc_rk += du * ri * ki;
+    if (dg) dg[i] += S(d * (gn + st.u * vi));
+    if (dv) dv[i] += S(d * gi * st.u);
+    if (dr) dr[i] += S(st.du * ki * rk);
+    if (dk) dk[i] += S(st.du * ri * rk);
+    acc_rk += st.du * ri * ki;
     const double dgn = double(S(d * gi));
-    if (dy) dy[i] += S(inv * (dgn * lw - m1 - xh * m2));
+    if (dy) dy[i] += S(inv * (dgn * lw - st.m1 - xh * st.m2));
     acc_w += dgn * xh;
     acc_b += dgn;
   }
@@ -751,28 +796,47 @@ __global__ void __launch_bounds__(kColThreads)
 
 // ---- embedding backward -------------------------------------------------------------------------------
 
-// One block per distinct id; each channel adds its rows in t order, as the CPU loop does (so the result is
-// the CPU's to the bit). Eight row loads are issued before the eight dependent adds.
+// Block (distinct id, channel block): each channel adds the id's rows in t order, as the CPU loop does (so
+// the result is the CPU's to the bit). The sum is a serial chain per channel, so a frequent id is bound by
+// load latency: the row indices are staged in shared memory and 32 row loads are in flight per add batch.
+constexpr int kEmbThreads = 256;  // channels per block
+constexpr int kEmbRows = 256;
+constexpr int kEmbDepth = 32;
 template <class S>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kEmbThreads)
     embedding_backward_kernel(const S* __restrict__ dout, const int32_t* __restrict__ order,
                               const int32_t* __restrict__ uniq, const int32_t* __restrict__ starts, S* dE, int64_t C) {
-  const int64_t u = blockIdx.x;
+  __shared__ int32_t rows[kEmbRows];
+  const int64_t u = blockIdx.x, c = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t p0 = starts[u], p1 = starts[u + 1];
-  S* row = dE + int64_t(uniq[u]) * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    S acc = row[c];
-    int64_t p = p0;
-    for (; p + 8 <= p1; p += 8) {
-      S v[8];
-#pragma unroll
-      for (int q = 0; q < 8; ++q) v[q] = dout[int64_t(order[p + q]) * C + c];
-#pragma unroll
-      for (int q = 0; q < 8; ++q) acc += v[q];
+  S* out = dE + int64_t(uniq[u]) * C + c;
+  S acc = c < C ? *out : S(0);
+  const S* col = dout + c;
+  if (p1 - p0 <= kEmbDepth) {  // most ids: a few rows, no staging
+    if (c < C) {
+#pragma unroll 8
+      for (int64_t p = p0; p < p1; ++p) acc += col[int64_t(order[p]) * C];
+      *out = acc;
     }
-    for (; p < p1; ++p) acc += dout[int64_t(order[p]) * C + c];
-    row[c] = acc;
+    return;
   }
+  for (int64_t q0 = p0; q0 < p1; q0 += kEmbRows) {
+    const int n = int(p1 - q0 < kEmbRows ? p1 - q0 : kEmbRows);
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) rows[i] = order[q0 + i];
+    __syncthreads();
+    if (c >= C) continue;
+    int i = 0;
+    for (; i + kEmbDepth <= n; i += kEmbDepth) {
+      S v[kEmbDepth];
+#pragma unroll
+      for (int q = 0; q < kEmbDepth; ++q) v[q] = col[int64_t(rows[i + q]) * C];
+#pragma unroll
+      for (int q = 0; q < kEmbDepth; ++q) acc += v[q];
+    }
+    for (; i < n; ++i) acc += col[int64_t(rows[i]) * C];
+  }
+  if (c < C) *out = acc;
 }
 
 // ---- cross-entropy rows ---------------------------------------------------------------------------------
@@ -787,7 +851,7 @@ __device__ T block_reduce(T v, Op op, T* sh) {
   if (lane == 0) sh[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = sh[lane < n_warps ? lane : 0];
+    if (lane < n_warps) v = sh[lane];  // other lanes keep theirs: never combined below
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const T other = __shfl_down_sync(0xffffffffu, v, o);
@@ -1010,9 +1074,11 @@ void group_norm_forward(cudaStream_t st, const S* x, const S* w, const S* b, S* 
                         int64_t C, int64_t G, double eps) {
   const int64_t rows = T * (C / G);
   if (rows <= 0) return;
-  group_norm_forward_kernel<S><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, st>>>(x, w, b, y, mean, rstd, rows, C,
-                                                                                      G, eps);
-  RWKVX_CUDA_LAUNCHED();
+  with_row_lanes(G, [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    group_norm_forward_kernel<S, L><<<row_blocks(rows, L), kThreads, 0, st>>>(x, w, b, y, mean, rstd, rows, C, G, eps);
+    RWKVX_CUDA_LAUNCHED();
+  });
 }
 template <class S>
 void group_norm_backward(cudaStream_t st, const S* dy, const S* x, const S* w, const S* mean, const S* rstd, S* dx,
@@ -1023,9 +1089,12 @@ void group_norm_backward(cudaStream_t st, const S* dy, const S* x, const S* w, c
   StreamScratch stats(st, dx ? size_t(rows) * sizeof(double2) : 0);
   StreamScratch part(st, dw || db ? size_t(2 * C * tb.count) * sizeof(double) : 0);
   if (dx) {
-    group_norm_stats_kernel<S><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, st>>>(
-        dy, x, w, mean, rstd, stats.as<double2>(), rows, C, G);
-    RWKVX_CUDA_LAUNCHED();
+    with_row_lanes(G, [&](auto lanes) {
+      constexpr int L = decltype(lanes)::value;
+      group_norm_stats_kernel<S, L><<<row_blocks(rows, L), kThreads, 0, st>>>(dy, x, w, mean, rstd,
+                                                                             stats.as<double2>(), rows, C, G);
+      RWKVX_CUDA_LAUNCHED();
+    });
   }
   group_norm_backward_kernel<S><<<column_grid(C, tb), kColThreads, 0, st>>>(
       dy, x, w, mean, rstd, stats.as<double2>(), dx, part.as<double>(), T, C, G, tb.size, tb.count);
@@ -1042,9 +1111,12 @@ void wkv_inputs_forward(cudaStream_t st, const S* wl, const S* al, const S* k, c
                         const S* k_a, S* w, S* a, S* alpha, S* beta, S* k_out, int64_t T, int64_t C, int64_t N) {
   const int64_t rows = T * (C / N);
   if (rows <= 0) return;
-  wkv_inputs_forward_kernel<S><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, st>>>(
-      wl, al, k, w0, a0, k_k, k_a, w, a, alpha, beta, k_out, rows, C, N, -std::exp(-0.5));
-  RWKVX_CUDA_LAUNCHED();
+  with_row_lanes(N, [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    wkv_inputs_forward_kernel<S, L><<<row_blocks(rows, L), kThreads, 0, st>>>(
+        wl, al, k, w0, a0, k_k, k_a, w, a, alpha, beta, k_out, rows, C, N, decay_scale<S>());
+    RWKVX_CUDA_LAUNCHED();
+  });
 }
 template <class S>
 void wkv_inputs_backward(cudaStream_t st, const S* dw, const S* dalpha, const S* dbeta, const S* dk_out, const S* wl,
@@ -1054,14 +1126,17 @@ void wkv_inputs_backward(cudaStream_t st, const S* dw, const S* dalpha, const S*
   const bool params = dw0 || da0 || dk_k || dk_a;
   if (rows <= 0 || (!dwl && !dal && !dk && !params)) return;
   const TokenBlocks tb = token_blocks(T);
-  StreamScratch stats(st, size_t(rows) * sizeof(double2));
+  StreamScratch stats(st, size_t(rows) * sizeof(NormStats));
   StreamScratch part(st, params ? size_t(4 * C * tb.count) * sizeof(double) : 0);
-  wkv_inputs_stats_kernel<S><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, st>>>(dalpha, dbeta, al, k, a0, k_k,
-                                                                                    stats.as<double2>(), rows, C, N);
-  RWKVX_CUDA_LAUNCHED();
+  with_row_lanes(N, [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    wkv_inputs_stats_kernel<S, L><<<row_blocks(rows, L), kThreads, 0, st>>>(dalpha, dbeta, al, k, a0, k_k,
+                                                                           stats.as<NormStats>(), rows, C, N);
+    RWKVX_CUDA_LAUNCHED();
+  });
   wkv_inputs_backward_kernel<S><<<column_grid(C, tb), kColThreads, 0, st>>>(
-      dw, dalpha, dbeta, dk_out, wl, al, k, w0, a0, k_k, k_a, stats.as<double2>(), dwl, dal, dk, part.as<double>(), T,
-      C, N, -std::exp(-0.5), tb.size, tb.count);
+      dw, dalpha, dbeta, dk_out, wl, al, k, w0, a0, k_k, k_a, stats.as<NormStats>(), dwl, dal, dk, part.as<double>(),
+      T, C, N, decay_scale<S>(), tb.size, tb.count);
   RWKVX_CUDA_LAUNCHED();
   if (params) {
     GradOut<S> out;
@@ -1098,9 +1173,12 @@ void rwkv7_output_forward(cudaStream_t st, const S* y, const S* r, const S* k, c
                           int64_t N) {
   const int64_t rows = T * (C / N);
   if (rows <= 0) return;
-  rwkv7_output_forward_kernel<S><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, st>>>(
-      y, r, k, v, r_k, g, ln_w, ln_b, eps, out, mean, rstd, rows, C, N);
-  RWKVX_CUDA_LAUNCHED();
+  with_row_lanes(N, [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    rwkv7_output_forward_kernel<S, L><<<row_blocks(rows, L), kThreads, 0, st>>>(y, r, k, v, r_k, g, ln_w, ln_b, eps,
+                                                                               out, mean, rstd, rows, C, N);
+    RWKVX_CUDA_LAUNCHED();
+  });
 }
 template <class S>
 void rwkv7_output_backward(cudaStream_t st, const S* dout, const S* y, const S* r, const S* k, const S* v,
@@ -1112,9 +1190,12 @@ void rwkv7_output_backward(cudaStream_t st, const S* dout, const S* y, const S* 
   const TokenBlocks tb = token_blocks(T);
   StreamScratch stats(st, size_t(rows) * sizeof(OutputStats));
   StreamScratch part(st, params ? size_t(3 * C * tb.count) * sizeof(double) : 0);
-  rwkv7_output_stats_kernel<S><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, st>>>(
-      dout, y, r, k, v, r_k, g, ln_w, mean, rstd, stats.as<OutputStats>(), rows, C, N);
-  RWKVX_CUDA_LAUNCHED();
+  with_row_lanes(N, [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    rwkv7_output_stats_kernel<S, L><<<row_blocks(rows, L), kThreads, 0, st>>>(dout, y, r, k, v, r_k, g, ln_w, mean,
+                                                                             rstd, stats.as<OutputStats>(), rows, C, N);
+    RWKVX_CUDA_LAUNCHED();
+  });
   rwkv7_output_backward_kernel<S><<<column_grid(C, tb), kColThreads, 0, st>>>(
       dout, y, r, k, v, r_k, g, ln_w, ln_b, mean, rstd, stats.as<OutputStats>(), dy, dr, dk, dv, dg, part.as<double>(), T,
       C, N, tb.size, tb.count);
@@ -1134,7 +1215,8 @@ template <class S>
 void embedding_backward(cudaStream_t st, const S* dout, const int32_t* order, const int32_t* uniq,
                         const int32_t* starts, int64_t n_uniq, S* dE, int64_t C) {
   if (n_uniq <= 0 || C <= 0 || !dE) return;
-  embedding_backward_kernel<S><<<unsigned(n_uniq), kThreads, 0, st>>>(dout, order, uniq, starts, dE, C);
+  embedding_backward_kernel<S><<<dim3(unsigned(n_uniq), unsigned(ceil_div(C, kEmbThreads))), kEmbThreads, 0, st>>>(
+      dout, order, uniq, starts, dE, C);
   RWKVX_CUDA_LAUNCHED();
 }
 
