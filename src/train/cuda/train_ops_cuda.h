@@ -107,6 +107,11 @@ template <class S> void cross_entropy_rows(cudaStream_t st, const S* logits, con
 template <class S> void cross_entropy_grad_rows(cudaStream_t st, S* logits, const int32_t* targets, const double* lse,
                                                 const double* coef, double l2_scale, int64_t l2_first, int64_t n,
                                                 int64_t V);
+// Host side of embedding_backward: positions grouped by id, sorted by (id, t).
+struct EmbeddingGradPlan {
+  std::vector<int32_t> order, uniq, starts;
+};
+EmbeddingGradPlan embedding_grad_plan(const int32_t* ids, int64_t T);
 
 // ---- optimizer (optimizer.cpp) -------------------------------------------------------------------------
 // Σ g² of n floats in double, written to *out (device), in a fixed order.
