@@ -94,9 +94,6 @@ template <class S> void embedding_forward(cudaStream_t st, const S* E, const int
 // uniq [n_uniq] = the distinct ids, starts [n_uniq + 1] = where each id's run begins in order.
 template <class S> void embedding_backward(cudaStream_t st, const S* dout, const int32_t* order, const int32_t* uniq,
                                            const int32_t* starts, int64_t n_uniq, S* dE, int64_t C);
-// Host side of embedding_backward: positions grouped by id, sorted by (id, t).
-struct EmbeddingGradPlan { std::vector<int32_t> order, uniq, starts; };
-EmbeddingGradPlan embedding_grad_plan(const int32_t* ids, int64_t T);
 // Per row t of logits [n, V]: lse[t], loss[t] = lse - logits[t, target] (0 where target < 0), row_max[t];
 // sums in double (device arrays of double).
 template <class S> void cross_entropy_rows(cudaStream_t st, const S* logits, const int32_t* targets, int64_t n,
