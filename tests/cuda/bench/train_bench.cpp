@@ -3,9 +3,9 @@
 // at several context lengths (scripts/bench_cuda.sh runs it; BENCHMARKS.md records it).
 //
 // rwkvx_cuda_train_bench [--preset rwkvx-0.2b | --model FILE] [--contexts 4096,65536] [--steps 3]
-//                        [--batch 1] [--fp32] [--recompute auto|on|off] [--loss ce|longce] [--stage1]
-// Each context: one warm-up step, then --steps timed steps; the median is reported. Recompute "auto" keeps
-// activations up to 8K tokens and recomputes blocks beyond (the official --grad_cp 1 at long contexts).
+//                        [--batch 1] [--fp32] [--recompute on|off|auto] [--loss ce|longce] [--stage1]
+// Each context: one warm-up step, then --steps timed steps; the median is reported. Recompute is on by
+// default, as the official trainer runs (--grad_cp 1); "auto" keeps activations up to 8K tokens.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -43,7 +43,7 @@ double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock:
 }  // namespace
 
 int main(int argc, char** argv) try {
-  std::string preset = "rwkvx-0.2b", model_path, recompute = "auto", loss = "ce";
+  std::string preset = "rwkvx-0.2b", model_path, recompute = "on", loss = "ce";
   std::vector<int64_t> contexts = {4096, 65536};
   int steps = 3;
   int64_t batch = 1;
