@@ -22,10 +22,6 @@
 #include "train/ops/parallel.h"
 #include "train/ops/sparse_attention.h"
 
-namespace rwkvx::train::cuda {
-void set_moba_exact_attention(int mode);  // moba_train.cu: 1 exact, 0 fast, -1 environment
-}
-
 namespace rwkvx {
 namespace {
 

@@ -257,6 +257,7 @@ struct CudaTrainModelT<S>::Impl {
     gemm->linear_forward(x, p.query, s.q.data(), T, C, C);
     gemm->linear_forward(x, p.key, s.sk.data(), T, C, C);
     gemm->linear_forward(x, p.value, s.sv.data(), T, C, C);
+    co::set_moba_exact_attention(opt.bf16_gemm ? -1 : 1);  // fp32 products: fp32 attention too
     co::moba_forward(st, s.q.data(), s.sk.data(), s.sv.data(), s.o.data(), s.selected.data(), s.lse.data(), T, C,
                      sh.D, sh.chunk, sh.top_k);
     gemm->linear_forward(s.o.data(), p.output, out, T, C, C);
@@ -266,6 +267,7 @@ struct CudaTrainModelT<S>::Impl {
     const int64_t T = sh.T, C = sh.C;
     DA<S> dO = zeros(T * C), dq = zeros(T * C), dk = zeros(T * C), dv = zeros(T * C);
     gemm->linear_backward(dout, s.o.data(), p.output, dO.data(), g.output, T, C, C);
+    co::set_moba_exact_attention(opt.bf16_gemm ? -1 : 1);
     co::moba_backward(st, dO.data(), s.q.data(), s.sk.data(), s.sv.data(), s.selected.data(), s.lse.data(), dq.data(),
                       dk.data(), dv.data(), T, C, sh.D, sh.chunk, sh.top_k);
     gemm->linear_backward(dq.data(), x, p.query, dx, g.query, T, C, C);

@@ -52,10 +52,6 @@
 
 namespace rwkvx::train::cuda {
 
-// Forces the exact (CUDA-core, S arithmetic) attention for float: 1 on, 0 off, -1 (default) the environment
-// variable RWKVX_CUDA_TRAIN_EXACT_ATTN decides. Not in the header: tests and experiments declare it.
-void set_moba_exact_attention(int mode);
-
 namespace {
 
 int g_exact_mode = -1;

@@ -81,6 +81,11 @@ template <class S> void wkv7_backward(cudaStream_t st, const S* dy, const S* r, 
 // means of k over complete chunks, gate q·mean unscaled, ties to the lower chunk (spec model.md §5).
 template <class S> void moba_forward(cudaStream_t st, const S* q, const S* k, const S* v, S* out, int32_t* selected,
                                      S* lse, int64_t T, int64_t C, int64_t D, int64_t chunk, int64_t top_k);
+// Which float attention path moba_forward/backward take: 1 the exact CUDA-core one (fp32 arithmetic), 0 the
+// bf16 tensor-core one (fp32 accumulation; used when D = 64 and chunk and C are multiples of 64), -1 (the
+// default) the environment variable RWKVX_CUDA_TRAIN_EXACT_ATTN decides (set and not "0": exact). double
+// is always exact. A process-wide setting: the CUDA train model sets it before each call.
+void set_moba_exact_attention(int mode);
 template <class S> void moba_backward(cudaStream_t st, const S* dout, const S* q, const S* k, const S* v,
                                       const int32_t* selected, const S* lse, S* dq, S* dk, S* dv, int64_t T,
                                       int64_t C, int64_t D, int64_t chunk, int64_t top_k);
