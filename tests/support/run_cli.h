@@ -53,9 +53,11 @@ inline std::string read_text(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-// `args` are quoted one by one; `stdin_file` (optional) is redirected to the command's stdin.
+// `args` are quoted one by one; `stdin_file` (optional) is redirected to the command's stdin. The binary is
+// the one built beside the tests, or $RWKVX_TEST_BINARY (running a copied test binary on another machine).
 inline CliResult run_rwkvx(const TempDir& dir, const std::vector<std::string>& args, const std::string& stdin_file = "") {
-  std::string cmd = shell_quote(RWKVX_BINARY);
+  const char* bin = std::getenv("RWKVX_TEST_BINARY");
+  std::string cmd = shell_quote(bin && *bin ? bin : RWKVX_BINARY);
   for (const std::string& a : args) cmd += " " + shell_quote(a);
   const std::string out = dir.file("cli.stdout"), err = dir.file("cli.stderr");
   cmd += " >" + shell_quote(out) + " 2>" + shell_quote(err);

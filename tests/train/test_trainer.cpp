@@ -303,6 +303,48 @@ TEST(TrainCli, ResumeEqualsTheUninterruptedRun) {
   EXPECT_NE(c.stderr_text.find("key 'lr_init'"), std::string::npos) << c.stderr_text;
 }
 
+// `device: cuda`: with a GPU the steps run there (the loss falls as on the CPU, and a resumed run equals
+// the uninterrupted one bit for bit: every GPU reduction has a fixed order); without one (CI) the run says
+// so and trains on the CPU.
+TEST(TrainCli, CudaDeviceTrainsOrFallsBackToTheCpu) {
+  test::TempDir dir;
+  const std::string model = test::write_random_model(dir, "m.safetensors", tiny_spec(1));
+  const std::string data = write_pattern_data(dir);
+  json cfg = base_config(model, data, dir.file("full"));
+  cfg["steps"] = 60;
+  cfg["micro_bsz"] = 2;
+  cfg["save_every"] = 40;
+  cfg["device"] = "cuda";
+  cfg["bf16"] = false;
+  const test::CliResult r = test::run_rwkvx(dir, {"train", write_config(dir, "full.json", cfg)});
+  ASSERT_EQ(r.status, 0) << r.stderr_text;
+  const bool on_gpu = r.stderr_text.find("device: cuda (fp32 products") != std::string::npos;
+  RecordProperty("ran_on", on_gpu ? "cuda" : "cpu");
+  if (!on_gpu) {
+    EXPECT_NE(r.stderr_text.find("training on the CPU"), std::string::npos) << r.stderr_text;
+  }
+  const std::vector<CsvRow> rows = read_csv(dir.file("full/loss.csv"));
+  ASSERT_EQ(rows.size(), 60u);
+  EXPECT_LT(mean_loss(rows, 50, 60), rows[0].loss / 5);
+  // Stop at 40 (a state), resume to 60 with the device named on the command line instead.
+  cfg["out_dir"] = dir.file("split");
+  cfg["steps"] = 40;
+  cfg.erase("device");
+  ASSERT_EQ(test::run_rwkvx(dir, {"train", write_config(dir, "a.json", cfg), "--device", "cuda"}).status, 0);
+  cfg["steps"] = 60;
+  const test::CliResult b =
+      test::run_rwkvx(dir, {"train", write_config(dir, "b.json", cfg), "--device", "cuda", "--resume", dir.file("split")});
+  ASSERT_EQ(b.status, 0) << b.stderr_text;
+  EXPECT_EQ(test::read_text(dir.file("split/loss.csv")), test::read_text(dir.file("full/loss.csv")));
+  EXPECT_EQ(test::read_text(dir.file("split/rwkv-final.safetensors")),
+            test::read_text(dir.file("full/rwkv-final.safetensors")));
+  // A device the trainer does not know is refused, naming the key.
+  cfg["device"] = "tpu";
+  const test::CliResult bad = test::run_rwkvx(dir, {"train", write_config(dir, "bad.json", cfg)});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.stderr_text.find("key 'device'"), std::string::npos) << bad.stderr_text;
+}
+
 TEST(TrainCli, CtrlCSavesAStateAndExits130) {
   test::TempDir dir;
   const std::string model = test::write_random_model(dir, "m.safetensors", tiny_spec(1));
