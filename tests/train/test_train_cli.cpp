@@ -1,4 +1,4 @@
-// `rwkvx data` and `rwkvx expand` through the real binary: expected token ids for a small jsonl (the
+// `rwkvx data`, `rwkvx expand` and `rwkvx grad` through the real binary: expected token ids for a small jsonl (the
 // tokenizer golden cases, each followed by the end-of-document 0), the text splits, epochs and seeded
 // shuffles, the magic_prime line, and bad inputs exiting 1 with a message naming the problem.
 #include <gtest/gtest.h>
@@ -13,6 +13,7 @@
 #include "support/run_cli.h"
 #include "support/test_util.h"
 #include "train/data/binidx.h"
+#include "train/train_model.h"
 
 namespace rwkvx {
 namespace {
@@ -183,6 +184,41 @@ TEST(ExpandCli, WritesALoadableRwkvxAndRefusesBadRequests) {
     EXPECT_NE(res.stderr_text.find(c.expect), std::string::npos) << c.what << ": " << res.stderr_text;
   }
   EXPECT_FALSE(std::filesystem::exists(dir.file("a.pth")));
+}
+
+// `rwkvx grad` on a golden case: one f32 gradient per checkpoint tensor, equal to the trainer's (the file is
+// what scripts/peers/official_grads.py compares with the official trainer's autograd); bad token files exit 1.
+TEST(GradCli, WritesTheTrainersGradients) {
+  test::TempDir dir;
+  const std::string gdir = test::golden_dir("rwkvx-tiny");
+  const test::CliResult r = test::run_rwkvx(
+      dir, {"grad", "--model", gdir + "/model.safetensors", "--tokens-json", gdir + "/case.json", "--out", dir.file("g.safetensors")});
+  ASSERT_EQ(r.status, 0) << r.stderr_text;
+  EXPECT_NE(r.stdout_text.find("159 positions"), std::string::npos) << r.stdout_text;
+  const TensorStore g = load_checkpoint(dir.file("g.safetensors"));
+  nlohmann::json cas = nlohmann::json::parse(std::ifstream(gdir + "/case.json"));
+  const std::vector<int32_t> tok = cas["tokens"].get<std::vector<int32_t>>();
+  ModelOptions mo;
+  mo.chunk = cas["config"]["chunk"].get<int>();
+  mo.top_k = cas["config"]["topk"].get<int>();
+  train::TrainModel m = train::TrainModel::load(gdir + "/model.safetensors", mo);
+  train::LossOptions lo;
+  lo.pad_multiple = 0;
+  m.zero_grad();
+  m.forward_backward(tok.data(), tok.data() + 1, int64_t(tok.size()) - 1, lo);
+  ASSERT_EQ(g.tensors.size(), m.n_params());
+  for (size_t i = 0; i < m.n_params(); ++i) {
+    const StoredTensor* t = g.find(m.param(i).name);
+    ASSERT_NE(t, nullptr) << m.param(i).name;
+    EXPECT_EQ(t->to_f32(), m.grad(i)) << m.param(i).name;
+  }
+  dir.write("bad.json", R"({"tokens": [1, "two", 3]})");
+  const test::CliResult bad =
+      test::run_rwkvx(dir, {"grad", "--model", gdir + "/model.safetensors", "--tokens-json", dir.file("bad.json"),
+                            "--out", dir.file("b.safetensors")});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.stderr_text.find("bad.json"), std::string::npos) << bad.stderr_text;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("b.safetensors")));
 }
 
 }  // namespace
