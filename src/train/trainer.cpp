@@ -4,6 +4,11 @@
 // depends on neither `threads` nor `parallel_sequences`, and a resumed run (fp32 weights, AdamW
 // moments and the step restored; the data position is a function of the step) repeats the uninterrupted
 // one bit for bit.
+// Data parallel (WORLD_SIZE > 1, device cuda; docs/training.md "Data-parallel training"): one process per
+// GPU; `micro_bsz` stays the global batch, rank r trains the samples b ≡ r (mod world) of each step, the
+// gradients are summed over the ranks into each tensor's ZeRO-1 owner (dist/cuda/dist_adamw.h), and rank
+// 0 alone writes loss.csv, checkpoints and states (the same files as one process writes, so a state
+// resumes on any GPU count).
 #include "train/trainer.h"
 
 #include <chrono>
@@ -24,6 +29,7 @@
 #include "train/data/binidx.h"
 #include "train/data/sampler.h"
 #include "train/data/sft_data.h"
+#include "train/dist/dist.h"
 #include "train/loss_plot.h"
 #include "core/thread_pool.h"
 #include "train/ops/fast.h"
@@ -34,6 +40,8 @@
 #ifdef RWKVX_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
 #include "train/cuda/cuda_train_model.h"
+#include "train/dist/cuda/dist_adamw.h"
+#include "train/dist/cuda/nccl_comm.h"
 #endif
 
 namespace rwkvx::train {
@@ -170,28 +178,33 @@ class Run {
 
  private:
   void info(const std::string& s) const {
-    if (o_.log) o_.log(s);
+    if (o_.log && env_.rank == 0) o_.log(s);
   }
+  bool writer() const { return env_.rank == 0; }  // the one process that writes files
   void load_model_and_state();
   void open_data();
   int64_t plan_steps() const;
   ScheduleValue schedule(int64_t g) const;
   double train_step(int64_t g, double& grad_norm);
-  void sync_from_gpu();  // device cuda: the GPU's weights and moments into model_ and opt_
+  void sync_from_gpu(bool moments);  // device cuda: the GPU's weights (and moments) into model_ and opt_
   void save_checkpoint(const std::string& stem);
   std::string save_state(int64_t step);
   void write_loss_files();
 
   const TrainConfig& c_;
   const TrainRunOptions& o_;
+  dist::DistEnv env_;
   ModelOptions mo_;
   std::unique_ptr<TrainModel> model_;  // the parameters (on the CPU: the working copy)
   std::unique_ptr<AdamW> opt_;
 #ifdef RWKVX_HAVE_CUDA
   // device "cuda": the working copy and the optimizer live on the GPU; model_ and opt_ hold what was loaded
   // and receive the GPU's values and moments whenever a checkpoint or state is written.
+  // Data parallel: the communicator (made first, destroyed last) and the ZeRO-1 optimizer instead of gpu_opt_.
+  std::unique_ptr<dist::Communicator> comm_;
   std::unique_ptr<CudaTrainModel> gpu_;
   std::unique_ptr<CudaAdamW> gpu_opt_;
+  std::unique_ptr<dist::DistAdamW> dist_opt_;
 #endif
   std::vector<TrainModel> workers_;
   std::vector<std::unique_ptr<ThreadPool>> pools_;  // per sequence slot: the threads of its ops
@@ -284,17 +297,33 @@ void Run::load_model_and_state() {
 #ifdef RWKVX_HAVE_CUDA
     std::string why;
     if (cuda_device_available(&why)) {
+      if (env_.distributed()) comm_ = std::make_unique<dist::Communicator>(env_);  // cudaSetDevice(LOCAL_RANK)
       CudaTrainOptions go;
       go.bf16_gemm = c_.bf16;
       gpu_ = std::make_unique<CudaTrainModel>(m, go);
-      gpu_opt_ = std::make_unique<CudaAdamW>(*gpu_, ao);
-      gpu_opt_->set_steps(opt_->steps());
+      if (comm_) {
+        dist_opt_ = std::make_unique<dist::DistAdamW>(*gpu_, ao, *comm_);
+        dist_opt_->set_steps(opt_->steps());
+      } else {
+        gpu_opt_ = std::make_unique<CudaAdamW>(*gpu_, ao);
+        gpu_opt_->set_steps(opt_->steps());
+      }
       if (!state_dir.empty())
-        for (size_t i = 0; i < m.n_params(); ++i)
-          if (m.param(i).trainable) gpu_opt_->set_moments(i, opt_->exp_avg(i), opt_->exp_avg_sq(i));
-      info(std::string("device: cuda (") + (c_.bf16 ? "bf16" : "fp32") + " products, fp32 master weights)");
+        for (size_t i = 0; i < m.n_params(); ++i) {
+          if (!m.param(i).trainable) continue;
+          if (dist_opt_) dist_opt_->set_moments(i, opt_->exp_avg(i), opt_->exp_avg_sq(i));
+          else gpu_opt_->set_moments(i, opt_->exp_avg(i), opt_->exp_avg_sq(i));
+        }
+      info(std::string("device: cuda (") + (c_.bf16 ? "bf16" : "fp32") + " products, fp32 master weights)" +
+           (comm_ ? ", data parallel over " + std::to_string(env_.world) +
+                        " GPUs (NCCL; gradients summed into ZeRO-1 owners; rank r trains samples b = r mod " +
+                        std::to_string(env_.world) + " of each step)"
+                  : std::string()));
       return;
     }
+    if (env_.distributed())
+      throw Error("WORLD_SIZE=" + std::to_string(env_.world) + ": data-parallel training needs a GPU per rank (" +
+                  why + ")");
     info("device: cuda requested, but no usable GPU (" + why + "): training on the CPU");
 #else
     info("device: cuda requested, but this build has no CUDA backend (configure with -DRWKVX_CUDA=ON): training "
@@ -384,15 +413,20 @@ double Run::train_step(int64_t g, double& grad_norm) {
 #ifdef RWKVX_HAVE_CUDA
   if (gpu_) {
     // One sequence after another; each forward_backward adds its gradient (batch order, as on the CPU).
+    // Data parallel: this rank's samples b ≡ rank (mod world); DistAdamW sums the ranks' gradients.
     const uint64_t first = uint64_t(g + c_.epoch_begin * c_.epoch_steps) * uint64_t(c_.micro_bsz);
     gpu_->zero_grad();
     double loss = 0;
     std::vector<int32_t> x, y;
-    for (int64_t b = 0; b < c_.micro_bsz; ++b) {
+    for (int64_t b : dist::local_samples(c_.micro_bsz, env_.rank, env_.world)) {
       data_->sample(first + uint64_t(b), x, y);
       loss += gpu_->forward_backward(x.data(), y.data(), int64_t(x.size()), loss_).loss;
     }
     const ScheduleValue sv = schedule(g);
+    if (dist_opt_) {
+      grad_norm = dist_opt_->step(sv.lr, sv.wd);
+      return comm_->all_reduce_sum_host(loss);
+    }
     grad_norm = gpu_opt_->step(sv.lr, sv.wd);
     return loss;
   }
@@ -445,18 +479,29 @@ double Run::train_step(int64_t g, double& grad_norm) {
   return loss;
 }
 
-void Run::sync_from_gpu() {
+void Run::sync_from_gpu(bool moments) {
 #ifdef RWKVX_HAVE_CUDA
   if (!gpu_) return;
-  gpu_->download_values(*model_);
+  gpu_->download_values(*model_);  // data parallel: the same values on every rank
+  if (!moments) return;
+  if (dist_opt_) {
+    // Collective: each tensor's moments come from their owner (every rank takes part; rank 0 writes them).
+    opt_->set_steps(dist_opt_->steps());
+    for (size_t i = 0; i < model_->n_params(); ++i)
+      if (model_->param(i).trainable) opt_->exp_avg(i) = dist_opt_->exp_avg(i), opt_->exp_avg_sq(i) = dist_opt_->exp_avg_sq(i);
+    return;
+  }
   opt_->set_steps(gpu_opt_->steps());
   for (size_t i = 0; i < model_->n_params(); ++i)
     if (model_->param(i).trainable) opt_->exp_avg(i) = gpu_opt_->exp_avg(i), opt_->exp_avg_sq(i) = gpu_opt_->exp_avg_sq(i);
+#else
+  (void)moments;
 #endif
 }
 
 void Run::save_checkpoint(const std::string& stem) {
-  sync_from_gpu();
+  sync_from_gpu(false);
+  if (!writer()) return;
   const std::vector<TensorData> t = model_->to_tensor_data(c_.save_dtype);
   if (c_.save_pth) {
     PthWriteOptions po;
@@ -467,9 +512,10 @@ void Run::save_checkpoint(const std::string& stem) {
 }
 
 std::string Run::save_state(int64_t step) {
-  sync_from_gpu();
+  sync_from_gpu(true);
   const TrainModel& m = *model_;
   const fs::path final_dir = fs::path(c_.out_dir) / state_dir_name(step);
+  if (!writer()) return final_dir.string();
   const fs::path tmp = fs::path(c_.out_dir) / (state_dir_name(step) + ".tmp");
   std::error_code ec;
   fs::remove_all(tmp, ec);
@@ -518,12 +564,24 @@ std::string Run::save_state(int64_t step) {
 }
 
 void Run::write_loss_files() {
+  if (!writer()) return;
   std::vector<LossPoint> pts;
   for (const LossRow& r : rows_) pts.push_back({r.step, r.loss});
   write_loss_png(png_path_, pts);
 }
 
 TrainResult Run::go() {
+  env_ = dist::dist_env();
+  if (env_.distributed()) {
+#ifdef RWKVX_HAVE_CUDA
+    if (c_.device != "cuda")
+      throw Error("WORLD_SIZE=" + std::to_string(env_.world) + ": data-parallel training runs on GPUs only (" +
+                  c_.source + ": set 'device' to cuda, or run one process)");
+#else
+    throw Error("WORLD_SIZE=" + std::to_string(env_.world) +
+                ": data-parallel training needs the CUDA build (configure with -DRWKVX_CUDA=ON)");
+#endif
+  }
   std::error_code ec;
   fs::create_directories(c_.out_dir, ec);
   if (ec || !fs::is_directory(c_.out_dir))
@@ -569,20 +627,24 @@ TrainResult Run::go() {
   csv_path_ = c_.out_dir + "/loss.csv";
   png_path_ = c_.out_dir + "/loss.png";
   if (start_step_ > 0) rows_ = read_loss_csv(csv_path_, start_step_);
-  {
+  if (writer()) {
     std::string text = csv_header();
     for (const LossRow& r : rows_) text += csv_row(r);
     write_text_atomic(csv_path_, text);
+    csv_ = std::make_unique<std::ofstream>(csv_path_, std::ios::app);
+    if (!*csv_) throw Error(csv_path_ + ": cannot open for appending");
   }
-  csv_ = std::make_unique<std::ofstream>(csv_path_, std::ios::app);
-  if (!*csv_) throw Error(csv_path_ + ": cannot open for appending");
 
   TrainResult res;
   const auto t0 = std::chrono::steady_clock::now();
   int64_t g = start_step_;
   int64_t run_tokens = 0;
   while (g < total) {
-    if (o_.stop && o_.stop->load()) {
+    bool stop = o_.stop && o_.stop->load();
+#ifdef RWKVX_HAVE_CUDA
+    if (comm_) stop = comm_->all_reduce_sum_host(stop ? 1.0 : 0.0) > 0;  // every rank stops at the same step
+#endif
+    if (stop) {
       res.stopped = true;
       break;
     }
@@ -594,10 +656,12 @@ TrainResult Run::go() {
     run_tokens += c_.micro_bsz * c_.ctx_len;
     const LossRow row{g, tokens_seen_, loss, lr, grad_norm};
     rows_.push_back(row);
-    *csv_ << csv_row(row);
-    csv_->flush();
-    if (!*csv_) throw Error(csv_path_ + ": write failed");
-    if (o_.progress) {
+    if (csv_) {
+      *csv_ << csv_row(row);
+      csv_->flush();
+      if (!*csv_) throw Error(csv_path_ + ": write failed");
+    }
+    if (o_.progress && writer()) {
       TrainProgress p;
       p.step = g, p.total_steps = total, p.run_steps = g - start_step_;
       p.loss = loss, p.lr = lr, p.grad_norm = grad_norm;

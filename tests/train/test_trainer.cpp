@@ -463,5 +463,36 @@ TEST(TrainCli, BadInputsExitNonZeroWithClearMessages) {
   EXPECT_NE(r.stderr_text.find("no training state found"), std::string::npos) << r.stderr_text;
 }
 
+// Data parallel (docs/training.md): several processes need device cuda; the launcher forwards the ranks'
+// failure. (The GPU runs themselves are measured on the device machine, BENCHMARKS.md.)
+TEST(TrainCli, DataParallelNeedsCudaAndTheLauncherForwardsFailures) {
+  test::TempDir dir;
+  const std::string model = test::write_random_model(dir, "m.safetensors", tiny_spec(1));
+  const std::string c = write_config(dir, "c.json", base_config(model, write_pattern_data(dir), dir.file("out")));
+  const std::string err_file = test::shell_quote(dir.file("err.txt"));
+  std::string cmd = "WORLD_SIZE=2 RANK=1 RWKVX_DIST_INIT=file://" + dir.file("rdv") + " " +
+                    test::shell_quote(RWKVX_BINARY) + " train " + test::shell_quote(c) + " >/dev/null 2>" + err_file;
+  int rc = std::system(cmd.c_str());
+  ASSERT_TRUE(WIFEXITED(rc));
+  EXPECT_EQ(WEXITSTATUS(rc), 1);
+  std::string err = test::read_text(dir.file("err.txt"));
+  EXPECT_NE(err.find("data-parallel training runs on GPUs only"), std::string::npos) << err;
+  cmd = "WORLD_SIZE=2 " + test::shell_quote(RWKVX_BINARY) + " train " + test::shell_quote(c) + " >/dev/null 2>" +
+        err_file;
+  rc = std::system(cmd.c_str());
+  EXPECT_EQ(WEXITSTATUS(rc), 1);
+  err = test::read_text(dir.file("err.txt"));
+  EXPECT_NE(err.find("RANK is not set"), std::string::npos) << err;
+  cmd = test::shell_quote(std::string(RWKVX_SOURCE_DIR) + "/scripts/launch_dp.sh") + " 2 " +
+        test::shell_quote(RWKVX_BINARY) + " train " + test::shell_quote(c) + " >/dev/null 2>" + err_file;
+  rc = std::system(cmd.c_str());
+  ASSERT_TRUE(WIFEXITED(rc));
+  EXPECT_EQ(WEXITSTATUS(rc), 1);
+  err = test::read_text(dir.file("err.txt"));
+  EXPECT_NE(err.find("data-parallel training runs on GPUs only"), std::string::npos) << err;
+  EXPECT_NE(err.find("launch_dp.sh: rank"), std::string::npos) << err;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("out/loss.csv")));
+}
+
 }  // namespace
 }  // namespace rwkvx

@@ -86,6 +86,9 @@ void run_train(const TrainArgs& a) {
     std::fflush(stderr);
     std::exit(130);
   }
+  // Data parallel: only rank 0 (the one that wrote the files) says so.
+  const char* rank = std::getenv("RANK");
+  if (rank && std::getenv("WORLD_SIZE") && std::atoi(std::getenv("WORLD_SIZE")) > 1 && std::atoi(rank) != 0) return;
   std::printf("trained %lld steps; checkpoints, %s, loss.csv and loss.png in %s\n", static_cast<long long>(r.steps),
               r.last_state.c_str(), cfg.out_dir.c_str());
 }

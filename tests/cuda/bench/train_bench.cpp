@@ -6,12 +6,17 @@
 //                        [--batch 1] [--fp32] [--recompute on|off|auto] [--loss ce|longce] [--stage1]
 // Each context: one warm-up step, then --steps timed steps; the median is reported. Recompute is on by
 // default, as the official trainer runs (--grad_cp 1); "auto" keeps activations up to 8K tokens.
+// Data parallel (WORLD_SIZE > 1, started by scripts/launch_dp.sh N rwkvx_cuda_train_bench ...): --batch is
+// the global batch; rank r runs the sequences b ≡ r (mod world) of each step, the gradients are summed
+// into their ZeRO-1 owners and the step is DistAdamW's (as `rwkvx train`); rank 0 prints the tokens/s of
+// the whole job and per GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -19,6 +24,8 @@
 #include "core/error.h"
 #include "model/random_init.h"
 #include "train/cuda/cuda_train_model.h"
+#include "train/dist/cuda/dist_adamw.h"
+#include "train/dist/cuda/nccl_comm.h"
 #include "train/train_model.h"
 
 using namespace rwkvx;
@@ -65,6 +72,11 @@ int main(int argc, char** argv) try {
     else if (a == "--stage1") stage1 = true;
     else throw Error("unknown argument " + a);
   }
+  const dist::DistEnv env = dist::dist_env();
+  std::unique_ptr<dist::Communicator> comm;
+  if (env.distributed()) comm = std::make_unique<dist::Communicator>(env);  // cudaSetDevice(LOCAL_RANK)
+  const bool lead = env.rank == 0;
+  const int64_t local_batch = int64_t(dist::local_samples(batch, env.rank, env.world).size());
   ModelOptions mo;
   mo.chunk = 2048;
   mo.top_k = 3;
@@ -81,11 +93,16 @@ int main(int argc, char** argv) try {
     if (host.param(i).trainable) n_trainable += host.param(i).numel;
   }
   cudaDeviceProp prop{};
-  cudaGetDeviceProperties(&prop, 0);
-  std::printf("device %s | model %s: %.1fM parameters (%.1fM trainable), %s products, loss %s, batch %lld\n",
-              prop.name, model_path.empty() ? preset.c_str() : model_path.c_str(), n_params / 1e6,
-              n_trainable / 1e6, fp32 ? "fp32" : "bf16", loss.c_str(), static_cast<long long>(batch));
-  std::printf("%8s %10s %12s %12s %12s %10s\n", "context", "recompute", "step ms", "tokens/s", "peak GB", "loss");
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaGetDeviceProperties(&prop, dev);
+  if (lead) {
+    std::printf("device %s x %d | model %s: %.1fM parameters (%.1fM trainable), %s products, loss %s, batch %lld\n",
+                prop.name, env.world, model_path.empty() ? preset.c_str() : model_path.c_str(), n_params / 1e6,
+                n_trainable / 1e6, fp32 ? "fp32" : "bf16", loss.c_str(), static_cast<long long>(batch));
+    std::printf("%8s %10s %12s %12s %12s %12s %10s\n", "context", "recompute", "step ms", "tokens/s", "tok/s/GPU",
+                "peak GB", "loss");
+  }
   const int64_t V = host.config().n_vocab;
   for (int64_t T : contexts) {
     CudaTrainOptions o;
@@ -93,12 +110,15 @@ int main(int argc, char** argv) try {
     const bool rc = recompute == "on" || (recompute == "auto" && T > 8192);
     host.recompute = rc;
     CudaTrainModel gpu(host, o);
-    CudaAdamW opt(gpu, AdamWOptions{});
+    std::unique_ptr<CudaAdamW> opt;
+    std::unique_ptr<dist::DistAdamW> dopt;
+    if (comm) dopt = std::make_unique<dist::DistAdamW>(gpu, AdamWOptions{}, *comm);
+    else opt = std::make_unique<CudaAdamW>(gpu, AdamWOptions{});
     LossOptions lo;
     lo.kind = loss == "longce" ? LossKind::longce : LossKind::ce;
     lo.batch_size = batch;
     lo.pad_multiple = 16;
-    std::mt19937_64 rng{uint64_t(T)};
+    std::mt19937_64 rng{uint64_t(T) + 7919u * uint64_t(env.rank)};
     std::vector<int32_t> ids(size_t(T + 1));
     std::vector<double> times;
     double last_loss = 0;
@@ -107,22 +127,31 @@ int main(int argc, char** argv) try {
       const double t0 = now_s();
       gpu.zero_grad();
       last_loss = 0;
-      for (int64_t b = 0; b < batch; ++b) {
+      if (comm) comm->barrier();  // every rank starts the step together
+      for (int64_t b = 0; b < local_batch; ++b) {
         for (int32_t& x : ids) x = int32_t(rng() % uint64_t(V));
         last_loss += gpu.forward_backward(ids.data(), ids.data() + 1, T, lo).loss;
       }
-      opt.step(1e-5, 1e-3);
+      if (dopt) {
+        dopt->step(1e-5, 1e-3);
+        last_loss = comm->all_reduce_sum_host(last_loss);
+      } else {
+        opt->step(1e-5, 1e-3);
+      }
       if (s > 0) times.push_back(now_s() - t0);  // step 0 warms up (allocations, cuBLAS heuristics)
     }
     std::sort(times.begin(), times.end());
-    const double med = times[times.size() / 2];
+    double med = times[times.size() / 2];
     const double peak_gb = double(gpu.peak_device_bytes()) / 1e9;
-    std::printf("%8lld %10s %12.1f %12.0f %12.2f %10.4f\n", static_cast<long long>(T), rc ? "on" : "off", med * 1e3,
-                double(T * batch) / med, peak_gb, last_loss);
-    std::printf("JSON {\"bench\": \"cuda_train\", \"ctx\": %lld, \"batch\": %lld, \"recompute\": %s, \"precision\": \"%s\", "
-                "\"step_ms\": %.3f, \"tokens_per_s\": %.1f, \"peak_gb\": %.3f}\n",
-                static_cast<long long>(T), static_cast<long long>(batch), rc ? "true" : "false", fp32 ? "fp32" : "bf16",
-                med * 1e3, double(T * batch) / med, peak_gb);
+    if (comm) med = comm->all_reduce_sum_host(med) / env.world;  // (the ranks' medians agree closely)
+    if (!lead) continue;
+    std::printf("%8lld %10s %12.1f %12.0f %12.0f %12.2f %10.4f\n", static_cast<long long>(T), rc ? "on" : "off",
+                med * 1e3, double(T * batch) / med, double(T * batch) / med / env.world, peak_gb, last_loss);
+    std::printf("JSON {\"bench\": \"cuda_train\", \"ctx\": %lld, \"batch\": %lld, \"world\": %d, \"recompute\": %s, "
+                "\"precision\": \"%s\", \"step_ms\": %.3f, \"tokens_per_s\": %.1f, \"tokens_per_s_per_gpu\": %.1f, "
+                "\"peak_gb\": %.3f}\n",
+                static_cast<long long>(T), static_cast<long long>(batch), env.world, rc ? "true" : "false",
+                fp32 ? "fp32" : "bf16", med * 1e3, double(T * batch) / med, double(T * batch) / med / env.world, peak_gb);
     std::fflush(stdout);
   }
   return 0;
