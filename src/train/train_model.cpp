@@ -188,11 +188,8 @@ void TrainModelT<S>::block_backward(size_t b, BlockSaved& s, const std::vector<S
   s = BlockSaved{};
 }
 
-template <class S>
-void TrainModelT<S>::forward_pass(const int32_t* ids, const int32_t* targets, int64_t T, const LossOptions& opt,
-                                  bool keep, bool keep_logits, Pass& p) const {
-  RWKVX_ASSERT(T > 0 && opt.batch_size > 0, "train: empty sequence or batch");
-  const int64_t C = cfg_.n_embd, V = cfg_.n_vocab;
+int64_t pad_sequence(const int32_t* ids, const int32_t* targets, int64_t T, int64_t V, const LossOptions& opt,
+                     std::vector<int32_t>& ids_p, std::vector<int32_t>& targets_p) {
   for (int64_t t = 0; t < T; ++t) {
     if (ids[t] < 0 || ids[t] >= V)
       throw Error("train: token id " + std::to_string(ids[t]) + " at position " + std::to_string(t) +
@@ -205,14 +202,22 @@ void TrainModelT<S>::forward_pass(const int32_t* ids, const int32_t* targets, in
     throw Error("train: pad token " + std::to_string(opt.pad_id) + " is outside the vocabulary [0, " +
                 std::to_string(V) + ")");
   // Left padding (spec system.md §4.3): pad positions run through the model but are never scored.
-  p.P = opt.pad_multiple > 0 ? (opt.pad_multiple - T % opt.pad_multiple) % opt.pad_multiple : 0;
+  const int64_t P = opt.pad_multiple > 0 ? (opt.pad_multiple - T % opt.pad_multiple) % opt.pad_multiple : 0;
+  ids_p.assign(size_t(T + P), opt.pad_id);
+  targets_p.assign(size_t(T + P), -1);
+  std::copy(ids, ids + T, ids_p.begin() + P);
+  if (targets) std::copy(targets, targets + T, targets_p.begin() + P);
+  return P;
+}
+
+template <class S>
+void TrainModelT<S>::forward_pass(const int32_t* ids, const int32_t* targets, int64_t T, const LossOptions& opt,
+                                  bool keep, bool keep_logits, Pass& p) const {
+  RWKVX_ASSERT(T > 0 && opt.batch_size > 0, "train: empty sequence or batch");
+  const int64_t C = cfg_.n_embd, V = cfg_.n_vocab;
+  p.P = pad_sequence(ids, targets, T, V, opt, p.ids, p.targets);
   p.Tp = T + p.P;
   const int64_t Tp = p.Tp, TC = Tp * C;
-  p.ids.assign(size_t(Tp), opt.pad_id);
-  p.targets.assign(size_t(Tp), -1);
-  std::copy(ids, ids + T, p.ids.begin() + p.P);
-  if (targets) std::copy(targets, targets + T, p.targets.begin() + p.P);
-
   const size_t n_blocks = cfg_.exec_order.size();
   p.blocks.assign(n_blocks, BlockSaved{});
   p.e.assign(size_t(TC), S(0)), p.ln0_mean.assign(size_t(Tp), S(0)), p.ln0_rstd.assign(size_t(Tp), S(0));

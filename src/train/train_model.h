@@ -58,6 +58,13 @@ LossReport score_positions(const std::vector<int32_t>& targets, const std::vecto
                            const std::vector<double>& row_max, int64_t P, const double* wts, int64_t T,
                            const LossOptions& opt, std::vector<double>& coef, double* objective);
 
+// Checks a sequence against a vocabulary of V tokens (ids in range, targets < V, the pad token when padding)
+// and left-pads it (spec system.md §4.3): returns P, the pads in front; ids_p / targets_p get T + P entries
+// (pads: opt.pad_id and target -1; targets null: all -1). Errors name the position. Shared by the CPU and
+// CUDA models.
+int64_t pad_sequence(const int32_t* ids, const int32_t* targets, int64_t T, int64_t V, const LossOptions& opt,
+                     std::vector<int32_t>& ids_p, std::vector<int32_t>& targets_p);
+
 template <class S>
 class TrainModelT {
  public:

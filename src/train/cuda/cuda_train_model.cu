@@ -358,24 +358,9 @@ struct CudaTrainModelT<S>::Impl {
   void forward_pass(const int32_t* ids, const int32_t* targets, int64_t T, const LossOptions& o, bool keep, Pass& p) {
     RWKVX_ASSERT(T > 0 && o.batch_size > 0, "train: empty sequence or batch");
     const int64_t C = cfg.n_embd, V = cfg.n_vocab;
-    for (int64_t t = 0; t < T; ++t) {
-      if (ids[t] < 0 || ids[t] >= V)
-        throw Error("train: token id " + std::to_string(ids[t]) + " at position " + std::to_string(t) +
-                    " is outside the vocabulary [0, " + std::to_string(V) + ")");
-      if (targets && targets[t] >= V)
-        throw Error("train: target " + std::to_string(targets[t]) + " at position " + std::to_string(t) +
-                    " is outside the vocabulary [0, " + std::to_string(V) + ")");
-    }
-    if (o.pad_multiple > 0 && (o.pad_id < 0 || o.pad_id >= V))
-      throw Error("train: pad token " + std::to_string(o.pad_id) + " is outside the vocabulary [0, " +
-                  std::to_string(V) + ")");
-    p.P = o.pad_multiple > 0 ? (o.pad_multiple - T % o.pad_multiple) % o.pad_multiple : 0;
+    p.P = pad_sequence(ids, targets, T, V, o, p.ids, p.targets);
     p.Tp = T + p.P;
     const int64_t Tp = p.Tp, TC = Tp * C;
-    p.ids.assign(size_t(Tp), o.pad_id);
-    p.targets.assign(size_t(Tp), -1);
-    std::copy(ids, ids + T, p.ids.begin() + p.P);
-    if (targets) std::copy(targets, targets + T, p.targets.begin() + p.P);
     p.d_ids.upload(p.ids, st);
     p.d_targets.upload(p.targets, st);
 

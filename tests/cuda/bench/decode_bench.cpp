@@ -17,27 +17,16 @@
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
+#include "bench_args.h"
 #include "model/model.h"
 #include "model/state_copy.h"
 #include "runtime/benchmark.h"
 
 using namespace rwkvx;
+using rwkvx::bench::now_s;
+using rwkvx::bench::parse_list;
 
 namespace {
-
-std::vector<int64_t> parse_list(const std::string& s) {
-  std::vector<int64_t> v;
-  size_t i = 0;
-  while (i < s.size()) {
-    size_t j = s.find(',', i);
-    if (j == std::string::npos) j = s.size();
-    if (j > i) v.push_back(std::stoll(s.substr(i, j - i)));
-    i = j + 1;
-  }
-  return v;
-}
-
-double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.h"
 #include "core/error.h"
 #include "model/random_init.h"
 #include "train/cuda/cuda_train_model.h"
@@ -29,25 +30,10 @@
 #include "train/train_model.h"
 
 using namespace rwkvx;
+using rwkvx::bench::now_s;
+using rwkvx::bench::parse_list;
 using namespace rwkvx::train;
 
-namespace {
-
-std::vector<int64_t> parse_list(const std::string& s) {
-  std::vector<int64_t> v;
-  size_t i = 0;
-  while (i < s.size()) {
-    size_t j = s.find(',', i);
-    if (j == std::string::npos) j = s.size();
-    if (j > i) v.push_back(std::stoll(s.substr(i, j - i)));
-    i = j + 1;
-  }
-  return v;
-}
-
-double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-
-}  // namespace
 
 int main(int argc, char** argv) try {
   std::string preset = "rwkvx-0.2b", model_path, recompute = "on", loss = "ce";
