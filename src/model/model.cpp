@@ -184,28 +184,9 @@ Tensor Model::forward_rows(const int32_t* ids, const SeqBatch& batch, State& sta
   // x, xn, dx: whole outputs of embedding / layer_norm / each block's last linear.
   Tensor x = be.alloc_uninit(DType::f32, {T, C}), xn = be.alloc_uninit(DType::f32, {T, C});
   Tensor dx = be.alloc_uninit(DType::f32, {T, C});
-  be.embedding(w_.emb, ids, T, x);
-  be.layer_norm(x, w_.ln0.weight, w_.ln0.bias, 1e-5f, x);
+  embed_rows(ids, T, x);
   Tensor v_first = be.alloc(DType::f32, {T, C});
-
-  for (const BlockRef& b : c.exec_order) {
-    const bool rwkv = b.kind == BlockRef::Kind::rwkv;
-    const LayerNormWeights& ln1 = rwkv ? w_.rwkv[size_t(b.index)].ln1 : w_.sparse[size_t(b.index)].ln1;
-    const LayerNormWeights& ln2 = rwkv ? w_.rwkv[size_t(b.index)].ln2 : w_.sparse[size_t(b.index)].ln2;
-    be.layer_norm(x, ln1.weight, ln1.bias, 1e-5f, xn);
-    if (rwkv) {
-      rwkv7_time_mix(be, w_.rwkv[size_t(b.index)].att, c, xn, state.att_shift[size_t(b.index)],
-                     state.wkv[size_t(b.index)], batch, v_first, b.index == 0, dx);
-    } else {
-      sparse_attention_block(be, w_.sparse[size_t(b.index)], c, xn, state.kv[size_t(b.index)], batch, dx);
-    }
-    be.add_(x, dx);
-    be.layer_norm(x, ln2.weight, ln2.bias, 1e-5f, xn);
-    const size_t ffn_slot = rwkv ? size_t(b.index) : size_t(c.n_rwkv + b.index);
-    const ChannelMixWeights& ffn = rwkv ? w_.rwkv[size_t(b.index)].ffn : w_.sparse[size_t(b.index)].ffn;
-    rwkv7_channel_mix(be, ffn, xn, state.ffn_shift[ffn_slot], batch, dx);
-    be.add_(x, dx);
-  }
+  for (size_t i = 0; i < c.exec_order.size(); ++i) run_block(i, x, xn, dx, v_first, batch, state);
   for (int64_t s = 0; s < batch.n_seq(); ++s)
     state.pos[size_t(batch.slot[size_t(s)])] += batch.row_start[size_t(s) + 1] - batch.row_start[size_t(s)];
 
@@ -221,11 +202,43 @@ Tensor Model::forward_rows(const int32_t* ids, const SeqBatch& batch, State& sta
       const int64_t r1 = batch.row_start[size_t(s) + 1];
       if (r1 == batch.row_start[size_t(s)]) continue;
       Tensor xs = x.rows_view(r1 - 1, 1), ns = xn.rows_view(0, 1), ls = logits.rows_view(s, 1);
-      be.layer_norm(xs, w_.ln_out.weight, w_.ln_out.bias, 1e-5f, ns);
-      be.linear(ns, w_.head, ls);
+      head_row(xs, ns, ls);
     }
   }
   return logits;
+}
+
+void Model::embed_rows(const int32_t* ids, int64_t n, Tensor& x) const {
+  be_->embedding(w_.emb, ids, n, x);
+  be_->layer_norm(x, w_.ln0.weight, w_.ln0.bias, 1e-5f, x);
+}
+
+void Model::run_block(size_t i, Tensor& x, Tensor& xn, Tensor& dx, Tensor& v_first, const SeqBatch& batch,
+                      State& state) const {
+  const ModelConfig& c = cfg_;
+  Backend& be = *be_;
+  const BlockRef& b = c.exec_order[i];
+  const bool rwkv = b.kind == BlockRef::Kind::rwkv;
+  const LayerNormWeights& ln1 = rwkv ? w_.rwkv[size_t(b.index)].ln1 : w_.sparse[size_t(b.index)].ln1;
+  const LayerNormWeights& ln2 = rwkv ? w_.rwkv[size_t(b.index)].ln2 : w_.sparse[size_t(b.index)].ln2;
+  be.layer_norm(x, ln1.weight, ln1.bias, 1e-5f, xn);
+  if (rwkv) {
+    rwkv7_time_mix(be, w_.rwkv[size_t(b.index)].att, c, xn, state.att_shift[size_t(b.index)],
+                   state.wkv[size_t(b.index)], batch, v_first, b.index == 0, dx);
+  } else {
+    sparse_attention_block(be, w_.sparse[size_t(b.index)], c, xn, state.kv[size_t(b.index)], batch, dx);
+  }
+  be.add_(x, dx);
+  be.layer_norm(x, ln2.weight, ln2.bias, 1e-5f, xn);
+  const size_t ffn_slot = rwkv ? size_t(b.index) : size_t(c.n_rwkv + b.index);
+  const ChannelMixWeights& ffn = rwkv ? w_.rwkv[size_t(b.index)].ffn : w_.sparse[size_t(b.index)].ffn;
+  rwkv7_channel_mix(be, ffn, xn, state.ffn_shift[ffn_slot], batch, dx);
+  be.add_(x, dx);
+}
+
+void Model::head_row(const Tensor& x_row, Tensor& xn_row, Tensor& logits) const {
+  be_->layer_norm(x_row, w_.ln_out.weight, w_.ln_out.bias, 1e-5f, xn_row);
+  be_->linear(xn_row, w_.head, logits);
 }
 
 }  // namespace rwkvx

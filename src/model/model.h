@@ -40,6 +40,19 @@ class Model {
   void set_step_decoder(bool on) { use_step_decoder_ = on; }
   bool step_decoder_active() const;
 
+  // The layer schedule split open, for runners that go block by block over a whole segment instead of
+  // window by window through all blocks (context-parallel prefill, runtime/context_parallel.h).
+  // forward_rows is exactly embed_rows, run_block for each entry of config().exec_order, head_row.
+  // embed_rows: embedding + ln0 of `n` ids into x [n, C].
+  void embed_rows(const int32_t* ids, int64_t n, Tensor& x) const;
+  // Block exec_order[i] over the rows of x (in place: x += both residual updates), advancing that block's
+  // state (not State::pos). xn, dx: scratch [rows, C]; v_first [rows, C]: written by the first RWKV block,
+  // read by the later ones (so it must hold the same rows for every block of a window).
+  void run_block(size_t i, Tensor& x, Tensor& xn, Tensor& dx, Tensor& v_first, const SeqBatch& batch,
+                 State& state) const;
+  // ln_out + head of one row x_row [1, C] into logits [1, V]; xn_row: scratch [1, C].
+  void head_row(const Tensor& x_row, Tensor& xn_row, Tensor& logits) const;
+
  private:
   Model(ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(&be) {}
   // One backend pass over all rows of `batch` (already validated).

@@ -13,7 +13,7 @@
 
 namespace rwkvx {
 
-std::unique_ptr<Backend> make_backend(const std::string& device, bool int8) {
+std::unique_ptr<Backend> make_backend(const std::string& device, bool int8, int cuda_device) {
   if (int8 && device != "cpu") throw Error("--int8 is a fast CPU backend option (--device cpu), not " + device);
   if (device == "cpu") {
     CpuBackendOptions o;
@@ -26,6 +26,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device, bool int8) {
     std::string why;
     if (cuda_device_available(&why)) {
       CudaBackendOptions o;
+      o.device = cuda_device;
       const char* fast = std::getenv("RWKVX_CUDA_FAST_BF16");
       o.single_bf16_activations = fast && std::string(fast) == "1";
       const char* step = std::getenv("RWKVX_CUDA_STEP_DECODER");

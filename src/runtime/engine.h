@@ -13,7 +13,8 @@ namespace rwkvx {
 // "reference": the fp32 reference loops (the oracle; slow); "cuda": the CUDA backend when this build has it
 // and a GPU is present, else the CPU backend with a one-line notice on stderr. Anything else throws
 // rwkvx::Error. `int8` on a device without int8 weights is an error, not silently ignored.
-std::unique_ptr<Backend> make_backend(const std::string& device, bool int8 = false);
+// cuda_device: the GPU index for --device cuda (one process per GPU: LOCAL_RANK).
+std::unique_ptr<Backend> make_backend(const std::string& device, bool int8 = false, int cuda_device = 0);
 
 struct LoadedModel {
   std::unique_ptr<Model> model;

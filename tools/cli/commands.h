@@ -20,9 +20,10 @@ void register_generate_commands(CLI::App& app);
 void register_chat_commands(CLI::App& app);
 void register_serve_commands(CLI::App& app);
 
-// bench (cmd_bench.cpp), quality (cmd_quality.cpp).
+// bench (cmd_bench.cpp), quality (cmd_quality.cpp), prefill (cmd_prefill.cpp).
 void register_bench_commands(CLI::App& app);
 void register_quality_commands(CLI::App& app);
+void register_prefill_commands(CLI::App& app);
 
 // expand, data (cmd_train_data.cpp).
 void register_train_data_commands(CLI::App& app);

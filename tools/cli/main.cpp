@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   register_init_commands(app);
   register_bench_commands(app);
   register_quality_commands(app);
+  register_prefill_commands(app);
   register_generate_commands(app);
   register_chat_commands(app);
   register_serve_commands(app);

@@ -27,6 +27,8 @@ struct Nccl {
   ncclResult_t (*Reduce)(const void*, void*, size_t, ncclDataType_t, ncclRedOp_t, int, ncclComm_t, cudaStream_t) = nullptr;
   ncclResult_t (*Broadcast)(const void*, void*, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t) = nullptr;
   ncclResult_t (*AllGather)(const void*, void*, size_t, ncclDataType_t, ncclComm_t, cudaStream_t) = nullptr;
+  ncclResult_t (*Send)(const void*, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t) = nullptr;
+  ncclResult_t (*Recv)(void*, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t) = nullptr;
   ncclResult_t (*GroupStart)() = nullptr;
   ncclResult_t (*GroupEnd)() = nullptr;
   std::string version;
@@ -68,6 +70,8 @@ const Nccl& nccl() {
     sym(n.Reduce, "ncclReduce");
     sym(n.Broadcast, "ncclBroadcast");
     sym(n.AllGather, "ncclAllGather");
+    sym(n.Send, "ncclSend");
+    sym(n.Recv, "ncclRecv");
     sym(n.GroupStart, "ncclGroupStart");
     sym(n.GroupEnd, "ncclGroupEnd");
     int v = 0;
@@ -151,6 +155,14 @@ void Communicator::all_gather(const float* send, float* recv, int64_t n_per_rank
   if (n_per_rank > 0)
     check(nccl().AllGather(send, recv, size_t(n_per_rank), ncclFloat32, impl_->comm, static_cast<cudaStream_t>(stream)),
           "ncclAllGather");
+}
+void Communicator::send(const void* buf, size_t bytes, int peer, void* stream) {
+  if (bytes > 0)
+    check(nccl().Send(buf, bytes, ncclUint8, peer, impl_->comm, static_cast<cudaStream_t>(stream)), "ncclSend");
+}
+void Communicator::recv(void* buf, size_t bytes, int peer, void* stream) {
+  if (bytes > 0)
+    check(nccl().Recv(buf, bytes, ncclUint8, peer, impl_->comm, static_cast<cudaStream_t>(stream)), "ncclRecv");
 }
 void Communicator::group_start() { check(nccl().GroupStart(), "ncclGroupStart"); }
 void Communicator::group_end() { check(nccl().GroupEnd(), "ncclGroupEnd"); }

@@ -1,4 +1,4 @@
-// The NCCL communicator of data-parallel training (docs/training.md "Data-parallel training"). NCCL is
+// The NCCL communicator of data-parallel training (and of context-parallel prefill, runtime/cuda/cp_nccl.h) (docs/training.md "Data-parallel training"). NCCL is
 // loaded at run time (dlopen of $RWKVX_NCCL_LIBRARY, else libnccl.so.2 on the library path), so binaries
 // need it only when WORLD_SIZE > 1. NVLink SHARP / multicast stays off: NCCL_NVLS_ENABLE=0 is set before
 // the communicator is made (unless the environment sets it already) and nothing here creates multicast
@@ -30,6 +30,10 @@ class Communicator {
   void reduce_sum(float* buf, int64_t n, int root, void* stream);  // the sum lands in root's buf
   void broadcast(float* buf, int64_t n, int root, void* stream);
   void all_gather(const float* send, float* recv, int64_t n_per_rank, void* stream);
+  // Point to point (context-parallel prefill): `bytes` bytes to / from rank `peer`, enqueued on `stream`;
+  // every send needs the matching recv on the peer, in the same order.
+  void send(const void* buf, size_t bytes, int peer, void* stream);
+  void recv(void* buf, size_t bytes, int peer, void* stream);
   // Several collectives as one NCCL group (ncclGroupStart / ncclGroupEnd).
   void group_start();
   void group_end();
