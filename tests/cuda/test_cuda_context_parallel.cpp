@@ -62,7 +62,9 @@ TEST(CudaContextParallel, RanksInTurnEqualTheWholeForward) {
         Tensor l = context_parallel_prefill(*model, ids.data(), T, r, W, &link, st, nullptr, W == 3 ? 1.2 : 0.0);
         if (r == W - 1) {
           got = test::host(*be, l);
-          if (kv == DType::f32) EXPECT_EQ(test::state_diff(*be, st, whole), 0.0);  // to_host: fp32 only
+          if (kv == DType::f32) {
+            EXPECT_EQ(test::state_diff(*be, st, whole), 0.0);  // to_host: fp32 only
+          }
         }
       }
       ASSERT_EQ(got.size(), ref.size());

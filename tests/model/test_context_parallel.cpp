@@ -28,7 +28,9 @@ TEST(ContextParallelPlan, BoundariesAreAlignedAndCoverTheSequence) {
       for (int r = 0; r < W; ++r) {
         EXPECT_EQ(p[size_t(r)].begin % 1024, 0);
         EXPECT_GT(p[size_t(r)].size(), 0);
-        if (r > 0) EXPECT_EQ(p[size_t(r)].begin, p[size_t(r) - 1].end);
+        if (r > 0) {
+          EXPECT_EQ(p[size_t(r)].begin, p[size_t(r) - 1].end);
+        }
       }
     }
   }
@@ -49,7 +51,9 @@ TEST(ContextParallelPlan, CostSlopeGivesEarlierRanksMoreTokens) {
   for (int r = 1; r < 4; ++r) {
     EXPECT_LT(p[size_t(r)].begin, p[size_t(r)].end);
     EXPECT_EQ(p[size_t(r)].begin % 4096, 0);
-    if (r > 1) EXPECT_LT(p[size_t(r)].size(), p[size_t(r) - 1].size());
+    if (r > 1) {
+      EXPECT_LT(p[size_t(r)].size(), p[size_t(r) - 1].size());
+    }
   }
   p = plan_segments(3 * 16, 3, 16, 1000.0);  // extreme slopes still leave every rank a unit
   for (const CpSegment& s : p) EXPECT_EQ(s.size(), 16);
@@ -125,9 +129,10 @@ void expect_same_state(Backend& be, const State& a, const State& b) {
     ASSERT_EQ(x.n_chunks, y.n_chunks);
     EXPECT_TRUE(same_bits(host(be, x.k.rows_view(0, x.len)), host(be, y.k.rows_view(0, y.len)))) << "k " << m;
     EXPECT_TRUE(same_bits(host(be, x.v.rows_view(0, x.len)), host(be, y.v.rows_view(0, y.len)))) << "v " << m;
-    if (x.n_chunks)
+    if (x.n_chunks) {
       EXPECT_TRUE(same_bits(host(be, x.chunk_mean.rows_view(0, x.n_chunks)),
                             host(be, y.chunk_mean.rows_view(0, y.n_chunks)))) << "means " << m;
+    }
   }
   EXPECT_EQ(a.pos, b.pos);
 }
