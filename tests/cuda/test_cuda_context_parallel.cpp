@@ -5,37 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
-#include <deque>
-#include <map>
 
 #include "backend/cuda/cuda_backend.h"
 #include "runtime/context_parallel.h"
+#include "support/memory_link.h"
 #include "support/random_model.h"
 
 namespace rwkvx {
 namespace {
-
-class DeviceLink final : public CpLink {
- public:
-  DeviceLink(Backend& be, int rank, std::map<std::pair<int, int>, std::deque<Tensor>>& box)
-      : be_(be), rank_(rank), box_(box) {}
-  void send(const Tensor& t, int peer) override {
-    Tensor c = be_.alloc(t.dtype, {t.numel()});
-    be_.copy(t, c);
-    box_[{rank_, peer}].push_back(c);
-  }
-  void recv(Tensor& t, int peer) override {
-    auto& q = box_[{peer, rank_}];
-    ASSERT_FALSE(q.empty());
-    be_.copy(q.front(), t);
-    q.pop_front();
-  }
-
- private:
-  Backend& be_;
-  int rank_;
-  std::map<std::pair<int, int>, std::deque<Tensor>>& box_;
-};
 
 TEST(CudaContextParallel, RanksInTurnEqualTheWholeForward) {
   std::string why;
@@ -54,10 +31,10 @@ TEST(CudaContextParallel, RanksInTurnEqualTheWholeForward) {
         test::host(*be, model->forward(ids.data(), SeqBatch::single(T), whole, LogitsMode::last));
     for (int W = 1; W <= 4; ++W) {
       SCOPED_TRACE("world " + std::to_string(W) + (kv == DType::bf16 ? ", bf16 KV" : ""));
-      std::map<std::pair<int, int>, std::deque<Tensor>> box;
+      test::Mailbox box;
       std::vector<float> got;
       for (int r = 0; r < W; ++r) {
-        DeviceLink link(*be, r, box);
+        test::MemoryLink link(*be, r, box);
         State st = model->new_state(1);
         Tensor l = context_parallel_prefill(*model, ids.data(), T, r, W, &link, st, nullptr, W == 3 ? 1.2 : 0.0);
         if (r == W - 1) {

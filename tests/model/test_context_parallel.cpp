@@ -4,11 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
-#include <deque>
-#include <map>
 
 #include "backend/cpu/cpu_backend.h"
 #include "runtime/context_parallel.h"
+#include "support/memory_link.h"
 #include "support/random_model.h"
 
 namespace rwkvx {
@@ -88,30 +87,6 @@ TEST(ContextParallelPlan, AlignmentIsChunkAndWindow) {
   EXPECT_EQ(cp_alignment(c), 12);
 }
 
-// Sends are queued copies; ranks run in order 0, 1, ... so every recv finds its message.
-class MemoryLink final : public CpLink {
- public:
-  MemoryLink(Backend& be, int rank, std::map<std::pair<int, int>, std::deque<Tensor>>& box)
-      : be_(be), rank_(rank), box_(box) {}
-  void send(const Tensor& t, int peer) override {
-    Tensor c = be_.alloc(t.dtype, {t.numel()});
-    be_.copy(t, c);
-    box_[{rank_, peer}].push_back(c);
-  }
-  void recv(Tensor& t, int peer) override {
-    auto& q = box_[{peer, rank_}];
-    ASSERT_FALSE(q.empty());
-    ASSERT_EQ(q.front().numel(), t.numel());
-    be_.copy(q.front(), t);
-    q.pop_front();
-  }
-
- private:
-  Backend& be_;
-  int rank_;
-  std::map<std::pair<int, int>, std::deque<Tensor>>& box_;
-};
-
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
@@ -160,11 +135,11 @@ TEST_P(ContextParallelTest, RanksInSequenceEqualTheWholeForward) {
   const int64_t units = c.T / cp_alignment(model->config());
   for (int W = 1; W <= std::min<int64_t>(4, units); ++W) {
     SCOPED_TRACE("world " + std::to_string(W));
-    std::map<std::pair<int, int>, std::deque<Tensor>> box;
+    test::Mailbox box;
     std::vector<float> got;
     State last;
     for (int r = 0; r < W; ++r) {
-      MemoryLink link(*be, r, box);
+      test::MemoryLink link(*be, r, box);
       State st = model->new_state(1);
       Tensor l = context_parallel_prefill(*model, ids.data(), c.T, r, W, &link, st, nullptr, W == 3 ? 2.0 : 0.0);
       if (r == W - 1) got = host(*be, l), last = std::move(st);
