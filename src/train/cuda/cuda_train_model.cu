@@ -80,6 +80,10 @@ struct CudaTrainModelT<S>::Impl {
   std::unordered_map<std::string, size_t> by_name;
   bool recompute = false;
   int64_t save_every = 16;
+  // The gradient-ready hook and its groups (parameter indices): head, each block in exec order, last.
+  GradReadyHook hook;
+  std::vector<size_t> head_group, last_group;
+  std::vector<std::vector<size_t>> block_group;
 
   Impl(const TrainModelT<S>& host, const CudaTrainOptions& o) : cfg(host.config()), opt(o) {
     require_gpu();
@@ -102,7 +106,46 @@ struct CudaTrainModelT<S>::Impl {
     }
     recompute = host.recompute;
     save_every = host.wkv_save_every;
+    make_ready_groups();
     RWKVX_TRAIN_CUDA_CHECK(cudaStreamSynchronize(st));
+  }
+
+  // The tensors whose gradients the backward finishes at each point: the names each part's ops use.
+  void make_ready_groups() {
+    auto recorder = [this](std::vector<size_t>& out) {
+      return [this, &out](const std::string& n) -> const S* {
+        out.push_back(index(n));
+        return nullptr;
+      };
+    };
+    head_tensors(recorder(head_group), cfg.prefix);
+    block_group.resize(cfg.exec_order.size());
+    for (size_t b = 0; b < cfg.exec_order.size(); ++b) {
+      const BlockRef& br = cfg.exec_order[b];
+      const std::string name = block_prefix(cfg, br);
+      std::vector<size_t>& grp = block_group[b];
+      if (br.kind == BlockRef::Kind::rwkv) time_mix_tensors(recorder(grp), name, br.index == 0);
+      else sparse_attn_tensors(recorder(grp), name);
+      channel_mix_tensors(recorder(grp), name);
+      for (const char* n : {"ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"}) grp.push_back(index(name + n));
+    }
+    for (const char* n : {"blocks.0.ln0.weight", "blocks.0.ln0.bias", "emb.weight"})
+      last_group.push_back(index(cfg.prefix + n));
+    std::vector<int> seen(params.size(), 0);
+    for (const auto* grp : {&head_group, &last_group})
+      for (size_t i : *grp) ++seen[i];
+    for (const auto& grp : block_group)
+      for (size_t i : grp) ++seen[i];
+    for (size_t i = 0; i < params.size(); ++i)
+      RWKVX_ASSERT(seen[i] <= 1, "CUDA train model: tensor '" + params[i].name + "' in two gradient groups");
+  }
+  // Hands a group whose gradients are final to the hook (its trainable tensors).
+  void grads_ready(const std::vector<size_t>& grp) {
+    if (!hook) return;
+    std::vector<size_t> ready;
+    for (size_t i : grp)
+      if (params[i].trainable) ready.push_back(i);
+    if (!ready.empty()) hook(ready);
   }
   ~Impl() {
     gemm.reset();
@@ -425,9 +468,13 @@ struct CudaTrainModelT<S>::Impl {
                               p.out_rstd.data(), dx.data(), g(cfg.prefix + "ln_out.weight"),
                               g(cfg.prefix + "ln_out.bias"), Tp, C, C);
     }
+    grads_ready(head_group);
     p.xo = {}, p.x_final = {};
     DA<S> dv_first = zeros(TC);
-    for (size_t b = p.blocks.size(); b-- > 0;) block_backward(b, p.blocks[b], p.v_first, dx, dv_first, Tp);
+    for (size_t b = p.blocks.size(); b-- > 0;) {
+      block_backward(b, p.blocks[b], p.v_first, dx, dv_first, Tp);
+      grads_ready(block_group[b]);
+    }
     DA<S> de = zeros(TC);
     co::group_norm_backward(st, dx.data(), p.e.data(), w(cfg.prefix + "blocks.0.ln0.weight"), p.ln0_mean.data(),
                             p.ln0_rstd.data(), de.data(), g(cfg.prefix + "blocks.0.ln0.weight"),
@@ -440,6 +487,7 @@ struct CudaTrainModelT<S>::Impl {
                              C);
       RWKVX_TRAIN_CUDA_CHECK(cudaStreamSynchronize(st));  // the plan's host vectors die here
     }
+    grads_ready(last_group);
   }
 
   std::vector<double> position_losses(const int32_t* ids, const int32_t* targets, int64_t T, const LossOptions& o) {
@@ -543,6 +591,10 @@ std::vector<S> CudaTrainModelT<S>::logits(const int32_t* ids, int64_t T) {
   return out;
 }
 
+template <class S>
+void CudaTrainModelT<S>::set_grad_ready_hook(GradReadyHook hook) {
+  impl_->hook = std::move(hook);
+}
 template <class S>
 void CudaTrainModelT<S>::zero_grad() {
   for (auto& g : impl_->grad) g.zero();

@@ -7,6 +7,7 @@
 // Built only with -DRWKVX_CUDA=ON; constructing one without a usable GPU throws rwkvx::Error.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -43,6 +44,16 @@ class CudaTrainModelT {
                    const LossOptions& opt);
   std::vector<double> position_losses(const int32_t* ids, const int32_t* targets, int64_t T, const LossOptions& opt);
   std::vector<S> logits(const int32_t* ids, int64_t T);
+
+  // Gradient-ready hook (the data-parallel overlap, dist/cuda/dist_adamw.h). When set, the backward of
+  // forward_backward calls it each time the gradients of a group of parameters are final for that call,
+  // with their indices (trainable tensors only; never an empty list): the head and ln_out first, then each
+  // block's tensors as its backward ends (last block first), ln0 and the embedding last; every tensor once.
+  // The work that produces them is enqueued on stream() when it is called (not necessarily finished), and
+  // no later work of that call writes them. Called on the calling thread. Nothing else changes: with or
+  // without a hook the same work runs in the same order. An empty function removes it.
+  using GradReadyHook = std::function<void(const std::vector<size_t>&)>;
+  void set_grad_ready_hook(GradReadyHook hook);
 
   void zero_grad();
   void set_trainable(size_t i, bool trainable);
