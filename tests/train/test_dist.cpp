@@ -1,5 +1,5 @@
 // Data-parallel training without a GPU (train/dist/dist.h): the environment, the batch split, the ZeRO-1
-// owners and the file rendezvous.
+// owners, the overlap's options and buckets, and the file rendezvous.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -73,6 +73,56 @@ TEST(Dist, EnvErrorsNameTheVariable) {
   EXPECT_NE(error_of({{"WORLD_SIZE", "2"}, {"RANK", "0"}, {"RWKVX_DIST_INIT", "tcp://host:29500"}})
                 .find("only the file rendezvous"),
             std::string::npos);
+}
+
+TEST(Dist, EnvForceRunsOneRankDistributed) {
+  EXPECT_FALSE(env_of({{"WORLD_SIZE", "1"}, {"RWKVX_DIST_FORCE", "0"}}).distributed());
+  const DistEnv e = env_of({{"WORLD_SIZE", "1"}, {"RWKVX_DIST_FORCE", "1"}, {"RWKVX_DIST_INIT", "file:///tmp/r"}});
+  EXPECT_TRUE(e.distributed());
+  EXPECT_EQ(e.world, 1);
+  EXPECT_EQ(e.rank, 0);  // RANK defaults to 0
+  EXPECT_EQ(e.init, "/tmp/r");
+  EXPECT_NE(error_of({{"WORLD_SIZE", "1"}, {"RWKVX_DIST_FORCE", "1"}}).find("RWKVX_DIST_INIT is not set"),
+            std::string::npos);
+  EXPECT_NE(error_of({{"WORLD_SIZE", "1"}, {"RWKVX_DIST_FORCE", "yes"}}).find("RWKVX_DIST_FORCE='yes'"),
+            std::string::npos);
+  // WORLD_SIZE unset: one process, whatever RWKVX_DIST_FORCE says.
+  EXPECT_FALSE(env_of({{"RWKVX_DIST_FORCE", "1"}}).distributed());
+}
+
+TEST(Dist, OverlapOptionsFromTheEnvironment) {
+  auto opts = [](std::map<std::string, std::string> vars) {
+    return overlap_options_from([&](const char* n) -> const char* {
+      auto it = vars.find(n);
+      return it == vars.end() ? nullptr : it->second.c_str();
+    });
+  };
+  EXPECT_TRUE(opts({}).on);
+  EXPECT_EQ(opts({}).bucket_bytes, int64_t(25) << 20);
+  EXPECT_FALSE(opts({{"RWKVX_DIST_OVERLAP", "0"}}).on);
+  EXPECT_TRUE(opts({{"RWKVX_DIST_OVERLAP", "1"}}).on);
+  EXPECT_EQ(opts({{"RWKVX_DIST_BUCKET_MB", "4"}}).bucket_bytes, int64_t(4) << 20);
+  EXPECT_EQ(opts({{"RWKVX_DIST_BUCKET_MB", "0"}}).bucket_bytes, 0);
+  EXPECT_THROW(opts({{"RWKVX_DIST_OVERLAP", "on"}}), Error);
+  EXPECT_THROW(opts({{"RWKVX_DIST_BUCKET_MB", "-1"}}), Error);
+}
+
+TEST(Dist, BucketsCloseAtTheCapInHandOverOrder) {
+  Buckets b(100);
+  EXPECT_TRUE(b.empty());
+  EXPECT_FALSE(b.add(7, 40));
+  EXPECT_FALSE(b.add(3, 59));
+  EXPECT_TRUE(b.add(5, 1));  // 100 bytes: full
+  EXPECT_EQ(b.take(), (std::vector<size_t>{7, 3, 5}));
+  EXPECT_TRUE(b.empty());
+  EXPECT_TRUE(b.add(9, 500));  // larger than the cap: a bucket of its own
+  EXPECT_EQ(b.take(), (std::vector<size_t>{9}));
+  EXPECT_FALSE(b.add(1, 10));
+  EXPECT_EQ(b.take(), (std::vector<size_t>{1}));  // the open rest
+  EXPECT_TRUE(b.take().empty());
+  Buckets each(0);  // cap 0: every tensor its own bucket
+  EXPECT_TRUE(each.add(4, 8));
+  EXPECT_EQ(each.take(), (std::vector<size_t>{4}));
 }
 
 TEST(Dist, LocalSamplesCoverTheGlobalBatchOnce) {

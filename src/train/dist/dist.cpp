@@ -44,14 +44,21 @@ DistEnv dist_env_from(const std::function<const char*(const char*)>& get) {
   const char* ws = get("WORLD_SIZE");
   if (!ws || !*ws) return e;
   e.world = parse_int("WORLD_SIZE", ws, 1, 4096);
-  if (e.world == 1) return e;
+  if (e.world == 1) {
+    const char* f = get("RWKVX_DIST_FORCE");
+    if (!f || !*f || parse_int("RWKVX_DIST_FORCE", f, 0, 1) == 0) return e;
+    e.force = true;
+  }
   const char* r = get("RANK");
-  if (!r || !*r) throw Error("WORLD_SIZE=" + std::to_string(e.world) + " but RANK is not set: " + kHow);
-  e.rank = parse_int("RANK", r, 0, e.world - 1);
+  if ((!r || !*r) && !e.force)
+    throw Error("WORLD_SIZE=" + std::to_string(e.world) + " but RANK is not set: " + kHow);
+  e.rank = r && *r ? parse_int("RANK", r, 0, e.world - 1) : 0;
   const char* lr = get("LOCAL_RANK");
   e.local_rank = lr && *lr ? parse_int("LOCAL_RANK", lr, 0, 1023) : e.rank;
   const char* init = get("RWKVX_DIST_INIT");
-  if (!init || !*init) throw Error("WORLD_SIZE=" + std::to_string(e.world) + " but RWKVX_DIST_INIT is not set: " + kHow);
+  if (!init || !*init)
+    throw Error("WORLD_SIZE=" + std::to_string(e.world) + (e.force ? " with RWKVX_DIST_FORCE=1" : "") +
+                " but RWKVX_DIST_INIT is not set: " + kHow);
   const std::string s = init;
   if (!s.starts_with("file://") || s.size() <= 7)
     throw Error("RWKVX_DIST_INIT='" + s + "': only the file rendezvous is supported (file:///path/to/file)");
@@ -85,6 +92,31 @@ std::vector<int> assign_owners(const std::vector<int64_t>& sizes, int world) {
     load[size_t(r)] += sizes[i];
   }
   return owner;
+}
+
+OverlapOptions overlap_options_from(const std::function<const char*(const char*)>& get) {
+  OverlapOptions o;
+  if (const char* v = get("RWKVX_DIST_OVERLAP"); v && *v) o.on = parse_int("RWKVX_DIST_OVERLAP", v, 0, 1) == 1;
+  if (const char* v = get("RWKVX_DIST_BUCKET_MB"); v && *v)
+    o.bucket_bytes = int64_t(parse_int("RWKVX_DIST_BUCKET_MB", v, 0, 1 << 20)) << 20;
+  return o;
+}
+
+OverlapOptions overlap_options() {
+  return overlap_options_from([](const char* n) -> const char* { return std::getenv(n); });
+}
+
+bool Buckets::add(size_t i, int64_t bytes) {
+  open_.push_back(i);
+  bytes_ += bytes;
+  return bytes_ >= cap_;
+}
+
+std::vector<size_t> Buckets::take() {
+  std::vector<size_t> b = std::move(open_);
+  open_.clear();
+  bytes_ = 0;
+  return b;
 }
 
 void publish_rendezvous(const std::string& path, const void* data, size_t n) {
