@@ -316,8 +316,11 @@ void Run::load_model_and_state() {
         }
       info(std::string("device: cuda (") + (c_.bf16 ? "bf16" : "fp32") + " products, fp32 master weights)" +
            (comm_ ? ", data parallel over " + std::to_string(env_.world) +
-                        " GPUs (NCCL; gradients summed into ZeRO-1 owners; rank r trains samples b = r mod " +
-                        std::to_string(env_.world) + " of each step)"
+                        " GPUs (NCCL; gradients summed into ZeRO-1 owners" +
+                        (dist_opt_->overlap().on ? ", overlapped with the backward in buckets of " +
+                                                       std::to_string(dist_opt_->overlap().bucket_bytes >> 20) + " MiB"
+                                                 : std::string(" after the backward (RWKVX_DIST_OVERLAP=0)")) +
+                        "; rank r trains samples b = r mod " + std::to_string(env_.world) + " of each step)"
                   : std::string()));
       return;
     }
@@ -413,13 +416,16 @@ double Run::train_step(int64_t g, double& grad_norm) {
 #ifdef RWKVX_HAVE_CUDA
   if (gpu_) {
     // One sequence after another; each forward_backward adds its gradient (batch order, as on the CPU).
-    // Data parallel: this rank's samples b ≡ rank (mod world); DistAdamW sums the ranks' gradients.
+    // Data parallel: this rank's samples b ≡ rank (mod world); DistAdamW sums the ranks' gradients, the
+    // last sequence's backward handing them over block by block (the overlap) when every rank has one.
     const uint64_t first = uint64_t(g + c_.epoch_begin * c_.epoch_steps) * uint64_t(c_.micro_bsz);
     gpu_->zero_grad();
     double loss = 0;
     std::vector<int32_t> x, y;
-    for (int64_t b : dist::local_samples(c_.micro_bsz, env_.rank, env_.world)) {
-      data_->sample(first + uint64_t(b), x, y);
+    const std::vector<int64_t> mine = dist::local_samples(c_.micro_bsz, env_.rank, env_.world);
+    for (size_t k = 0; k < mine.size(); ++k) {
+      data_->sample(first + uint64_t(mine[k]), x, y);
+      if (dist_opt_ && k + 1 == mine.size() && c_.micro_bsz >= env_.world) dist_opt_->overlap_next_backward();
       loss += gpu_->forward_backward(x.data(), y.data(), int64_t(x.size()), loss_).loss;
     }
     const ScheduleValue sv = schedule(g);

@@ -8,8 +8,9 @@
 // default, as the official trainer runs (--grad_cp 1); "auto" keeps activations up to 8K tokens.
 // Data parallel (WORLD_SIZE > 1, started by scripts/launch_dp.sh N rwkvx_cuda_train_bench ...): --batch is
 // the global batch; rank r runs the sequences b ≡ r (mod world) of each step, the gradients are summed
-// into their ZeRO-1 owners and the step is DistAdamW's (as `rwkvx train`); rank 0 prints the tokens/s of
-// the whole job and per GPU.
+// into their ZeRO-1 owners and the step is DistAdamW's (as `rwkvx train`, the reduction overlapped with
+// the last sequence's backward unless RWKVX_DIST_OVERLAP=0); rank 0 prints the tokens/s of the whole job
+// and per GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -86,6 +87,13 @@ int main(int argc, char** argv) try {
     std::printf("device %s x %d | model %s: %.1fM parameters (%.1fM trainable), %s products, loss %s, batch %lld\n",
                 prop.name, env.world, model_path.empty() ? preset.c_str() : model_path.c_str(), n_params / 1e6,
                 n_trainable / 1e6, fp32 ? "fp32" : "bf16", loss.c_str(), static_cast<long long>(batch));
+    if (comm) {
+      const dist::OverlapOptions ov = dist::overlap_options();
+      const std::string how = ov.on ? "overlapped with the backward, buckets of " +
+                                          std::to_string(ov.bucket_bytes >> 20) + " MiB"
+                                    : std::string("after the backward (RWKVX_DIST_OVERLAP=0)");
+      std::printf("data parallel: gradient reduction %s\n", how.c_str());
+    }
     std::printf("%8s %10s %12s %12s %12s %12s %10s\n", "context", "recompute", "step ms", "tokens/s", "tok/s/GPU",
                 "peak GB", "loss");
   }
@@ -116,6 +124,7 @@ int main(int argc, char** argv) try {
       if (comm) comm->barrier();  // every rank starts the step together
       for (int64_t b = 0; b < local_batch; ++b) {
         for (int32_t& x : ids) x = int32_t(rng() % uint64_t(V));
+        if (dopt && b + 1 == local_batch && batch >= env.world) dopt->overlap_next_backward();
         last_loss += gpu.forward_backward(ids.data(), ids.data() + 1, T, lo).loss;
       }
       if (dopt) {

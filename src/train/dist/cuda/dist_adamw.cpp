@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -23,12 +24,39 @@ struct DistAdamW::Impl {
   std::vector<ParamGroup> group;
   std::vector<co::DeviceArray<float>> m, v;  // only the owned tensors'
   co::DeviceArray<double> sq;                 // one Σg² per tensor (owned ones; zero elsewhere)
+  // The overlap: the communication stream, the compute → comm event of the latest bucket and the comm →
+  // compute event of step(); the open bucket, the tensors handed over this step, and whether the model's
+  // hook is armed and a bucket was launched.
+  cudaStream_t cs = nullptr;
+  cudaEvent_t ready = nullptr, done = nullptr;
+  std::unique_ptr<Buckets> buckets;
+  std::vector<char> handed;
+  bool armed = false, launched = false;
 };
 
-DistAdamW::DistAdamW(CudaTrainModel& model, const AdamWOptions& options, Communicator& comm)
-    : model_(&model), options_(options), comm_(&comm), impl_(std::make_unique<Impl>()) {
+DistAdamW::DistAdamW(CudaTrainModel& model, const AdamWOptions& options, Communicator& comm,
+                     const OverlapOptions& overlap)
+    : model_(&model), options_(options), overlap_(overlap), comm_(&comm), impl_(std::make_unique<Impl>()) {
   const size_t n = model.n_params();
   auto st = static_cast<cudaStream_t>(model.stream());
+  // The ranks must launch the same collectives in the same order: the same overlap options everywhere.
+  // (Σx and Σx² over the ranks agree with world·x and world·x² on every rank only if all x are equal.)
+  const double on = overlap.on ? 1.0 : 0.0, kib = double(overlap.bucket_bytes >> 10), w = double(comm.world());
+  const double s_on = comm.all_reduce_sum_host(on), s_kib = comm.all_reduce_sum_host(kib),
+               s_kib2 = comm.all_reduce_sum_host(kib * kib);
+  if (s_on != w * on || s_kib != w * kib || s_kib2 != w * kib * kib)
+    throw Error("data parallel: RWKVX_DIST_OVERLAP / RWKVX_DIST_BUCKET_MB differ between the ranks (rank " +
+                std::to_string(comm.rank()) + " has " + std::to_string(int(on)) + " / " +
+                std::to_string(overlap.bucket_bytes >> 20) + " MiB); set them alike for every rank");
+  if (overlap.on) {
+    int least = 0, greatest = 0;
+    RWKVX_TRAIN_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    RWKVX_TRAIN_CUDA_CHECK(cudaStreamCreateWithPriority(&impl_->cs, cudaStreamNonBlocking, greatest));
+    RWKVX_TRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&impl_->ready, cudaEventDisableTiming));
+    RWKVX_TRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&impl_->done, cudaEventDisableTiming));
+    impl_->buckets = std::make_unique<Buckets>(overlap.bucket_bytes);
+  }
+  impl_->handed.assign(n, 0);
   std::vector<int64_t> sizes(n, 0);
   for (size_t i = 0; i < n; ++i)
     if (model.param(i).trainable) sizes[i] = model.param(i).numel;
@@ -43,7 +71,46 @@ DistAdamW::DistAdamW(CudaTrainModel& model, const AdamWOptions& options, Communi
   impl_->sq.zeros(int64_t(n), st);
   model.synchronize();
 }
-DistAdamW::~DistAdamW() = default;
+DistAdamW::~DistAdamW() {
+  if (impl_->armed) model_->set_grad_ready_hook(nullptr);
+  if (impl_->cs) cudaStreamSynchronize(impl_->cs);
+  if (impl_->ready) cudaEventDestroy(impl_->ready);
+  if (impl_->done) cudaEventDestroy(impl_->done);
+  if (impl_->cs) cudaStreamDestroy(impl_->cs);
+}
+
+void DistAdamW::overlap_next_backward() {
+  if (!overlap_.on) return;
+  impl_->armed = true;
+  model_->set_grad_ready_hook([this](const std::vector<size_t>& idx) { grads_ready(idx); });
+}
+
+void DistAdamW::grads_ready(const std::vector<size_t>& idx) {
+  for (size_t i : idx) {
+    if (!impl_->active[i]) continue;  // trainable only since this optimizer was made: not its tensor
+    if (impl_->handed[i])
+      throw Error("DistAdamW: the gradient of '" + model_->param(i).name +
+                  "' was handed over twice in one step (overlap_next_backward arms one backward)");
+    impl_->handed[i] = 1;
+    if (impl_->buckets->add(i, model_->param(i).numel * int64_t(sizeof(float)))) launch(impl_->buckets->take());
+  }
+}
+
+// One bucket's reductions on the communication stream, after the compute stream's work so far (which
+// wrote the bucket's gradients); in groups of kGroupOps as in step().
+void DistAdamW::launch(const std::vector<size_t>& bucket) {
+  if (bucket.empty()) return;
+  auto st = static_cast<cudaStream_t>(model_->stream());
+  RWKVX_TRAIN_CUDA_CHECK(cudaEventRecord(impl_->ready, st));
+  RWKVX_TRAIN_CUDA_CHECK(cudaStreamWaitEvent(impl_->cs, impl_->ready, 0));
+  for (size_t k = 0; k < bucket.size(); k += kGroupOps) {
+    comm_->group_start();
+    for (size_t j = k; j < std::min(bucket.size(), k + kGroupOps); ++j)
+      comm_->reduce_sum(model_->device_grad(bucket[j]), model_->param(bucket[j]).numel, owner_[bucket[j]], impl_->cs);
+    comm_->group_end();
+  }
+  impl_->launched = true;
+}
 
 int64_t DistAdamW::moment_bytes() const {
   int64_t b = 0;
@@ -58,18 +125,29 @@ double DistAdamW::step(double lr, double wd) {
   for (size_t i = 0; i < n; ++i)
     if (impl_->active[i] && !model_->param(i).trainable)
       throw Error("AdamW: tensor '" + model_->param(i).name + "' was frozen after the optimizer was made");
-  // 1. Each tensor's gradient, summed over the ranks, into its owner.
-  auto grouped = [&](auto&& op) {
+  // 1. Each tensor's gradient, summed over the ranks, into its owner. With the overlap the buckets handed
+  // over in the backward are under way on the communication stream: launch the open one, let the compute
+  // stream wait for all of them, then reduce the tensors not handed over.
+  if (impl_->armed) model_->set_grad_ready_hook(nullptr), impl_->armed = false;
+  if (impl_->buckets && !impl_->buckets->empty()) launch(impl_->buckets->take());
+  if (impl_->launched) {
+    RWKVX_TRAIN_CUDA_CHECK(cudaEventRecord(impl_->done, impl_->cs));
+    RWKVX_TRAIN_CUDA_CHECK(cudaStreamWaitEvent(st, impl_->done, 0));
+    impl_->launched = false;
+  }
+  const std::vector<char> handed = std::move(impl_->handed);
+  impl_->handed.assign(n, 0);
+  auto grouped = [&](auto&& op, bool skip_handed) {
     size_t in_group = 0;
     for (size_t i = 0; i < n; ++i) {
-      if (!impl_->active[i]) continue;
+      if (!impl_->active[i] || (skip_handed && handed[i])) continue;
       if (in_group == 0) comm_->group_start();
       op(i);
       if (++in_group == kGroupOps) comm_->group_end(), in_group = 0;
     }
     if (in_group) comm_->group_end();
   };
-  grouped([&](size_t i) { comm_->reduce_sum(model_->device_grad(i), model_->param(i).numel, owner_[i], st); });
+  grouped([&](size_t i) { comm_->reduce_sum(model_->device_grad(i), model_->param(i).numel, owner_[i], st); }, true);
   // 2. The global norm: the owners' per-tensor Σg², summed over ranks (one non-zero term each), added in
   // tensor order on the host as CudaAdamW does.
   impl_->sq.zero();
@@ -100,7 +178,7 @@ double DistAdamW::step(double lr, double wd) {
                      model_->param(i).numel, lr_i, wd_i, b1, b2, options_.eps, bc1, bc2_sqrt);
   }
   // 4. The new values from each owner to every rank.
-  grouped([&](size_t i) { comm_->broadcast(model_->device_value(i), model_->param(i).numel, owner_[i], st); });
+  grouped([&](size_t i) { comm_->broadcast(model_->device_value(i), model_->param(i).numel, owner_[i], st); }, false);
   model_->synchronize();
   return norm;
 }
