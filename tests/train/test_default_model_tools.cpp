@@ -234,6 +234,41 @@ TEST(PasskeyData, DeterministicDocumentsOfThreeKinds) {
   EXPECT_THROW(validate_passkey_data(o), Error);
 }
 
+TEST(PasskeyData, EdgeDepthsPutTheKeyAtAnEndOfTheFiller) {
+  PasskeyDataOptions o;
+  o.docs = 400;
+  o.seed = 3;
+  o.min_chars = 100, o.max_chars = 900;
+  o.haystack_fraction = 0;
+  int first = 0, last = 0, inside = 0;
+  o.edge_depth_fraction = 0.5;
+  validate_passkey_data(o);
+  for (uint64_t i = 0; i < o.docs; ++i) {
+    const PasskeyDocument d = passkey_document(o, i);
+    if (d.depth_chars == 0) ++first;
+    else if (d.depth_chars == d.filler_chars) ++last;
+    else ++inside;
+    if (d.kind == "official")
+      EXPECT_EQ(d.text, passkey_prompt(d.filler_chars, d.depth_chars, int(d.key)) + " " + std::to_string(d.key) + ".");
+  }
+  // About a quarter at each end (binomial, 400 draws: far inside these bounds), the rest inside.
+  EXPECT_GT(first, 60);
+  EXPECT_GT(last, 60);
+  EXPECT_GT(inside, 140);
+  // Off: hardly any document at an end (a uniform depth hits one with chance 2 / (filler + 1)).
+  o.edge_depth_fraction = 0;
+  int ends = 0;
+  for (uint64_t i = 0; i < o.docs; ++i) {
+    const PasskeyDocument d = passkey_document(o, i);
+    ends += d.depth_chars == 0 || d.depth_chars == d.filler_chars;
+  }
+  EXPECT_LT(ends, 8);
+  for (double bad : {-0.1, 1.5, std::nan("")}) {
+    o.edge_depth_fraction = bad;
+    EXPECT_THROW(validate_passkey_data(o), Error) << bad;
+  }
+}
+
 TEST(PasskeyData, CliWritesJsonlThatDataConverts) {
   test::TempDir dir;
   const std::string vocab = test::shared_dir() + "/data/rwkv_vocab_v20230424.txt";

@@ -220,6 +220,10 @@ void register_train_data_commands(CLI::App& app) {
       ->default_val(0.4);
   pk->add_option("--haystack-fraction", pa.opt.haystack_fraction, "share of documents with --haystack passages as filler")
       ->default_val(0.3);
+  pk->add_option("--edge-depth-fraction", pa.opt.edge_depth_fraction,
+                 "share of documents with the key exactly at the start or the end of the filler (the evaluation's "
+                 "depths 0 and 1)")
+      ->default_val(0.0);
   pk->add_option("--haystack", pa.haystack_files, "UTF-8 text file(s) to cut filler passages from; repeatable")
       ->check(CLI::ExistingFile);
   pk->callback([] { run_passkey_data(pa); });

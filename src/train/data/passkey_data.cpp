@@ -126,6 +126,8 @@ void validate_passkey_data(const PasskeyDataOptions& o) {
                 std::to_string(o.max_digits) + ")");
   if (!(o.official_fraction >= 0 && o.haystack_fraction >= 0 && o.official_fraction + o.haystack_fraction <= 1))
     throw Error("--official-fraction and --haystack-fraction must be >= 0 with a sum <= 1");
+  if (!(o.edge_depth_fraction >= 0 && o.edge_depth_fraction <= 1))
+    throw Error("--edge-depth-fraction must be in [0, 1] (got " + std::to_string(o.edge_depth_fraction) + ")");
   if (o.haystack_fraction > 0 && o.haystack.empty())
     throw Error("--haystack-fraction > 0 needs at least one --haystack text file");
   for (size_t i = 0; i < o.haystack.size(); ++i)
@@ -142,6 +144,8 @@ PasskeyDocument passkey_document(const PasskeyDataOptions& o, uint64_t index) {
   d.filler_chars = std::clamp<int64_t>(int64_t(std::exp(lo + (hi - lo) * uniform01(r))), o.min_chars, o.max_chars);
   d.depth_chars = int64_t(std::floor(uniform01(r) * double(d.filler_chars + 1)));
   d.depth_chars = std::min(d.depth_chars, d.filler_chars);
+  if (o.edge_depth_fraction > 0 && uniform01(r) < o.edge_depth_fraction)
+    d.depth_chars = r.below(2) == 0 ? 0 : d.filler_chars;
   const int digits = o.min_digits + int(r.below(uint64_t(o.max_digits - o.min_digits + 1)));
   const int64_t first = digits == 1 ? 0 : int64_t(std::pow(10.0, digits - 1)), last = int64_t(std::pow(10.0, digits));
   d.key = first + int64_t(r.below(uint64_t(last - first)));

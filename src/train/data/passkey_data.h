@@ -22,6 +22,10 @@ struct PasskeyDataOptions {
   // Shares of the three document kinds: the exact §5.1 form (official instruction, G filler, key sentence
   // and question), passages of `haystack` text as filler, and the rest: repeated sentences other than G.
   double official_fraction = 0.4, haystack_fraction = 0.3;
+  // Share of documents whose key sits exactly at an end of the filler (depth 0 or 1, half each), as the
+  // evaluation's first and last depths put it; a uniform depth almost never does. 0 draws no extra
+  // number, so the documents are those of earlier versions.
+  double edge_depth_fraction = 0;
   std::vector<std::string> haystack;  // texts (UTF-8) to cut filler passages from
 };
 
