@@ -25,6 +25,7 @@
 // with it enabled decode op by op.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <vector>
@@ -64,10 +65,11 @@ struct Tabs {
   void* const* kc;          // [n_sparse · B] → [cap, C] (f32 or bf16)
   void* const* vc;          // [n_sparse · B]
   float* const* mean;       // [n_sparse · B] → [cap / chunk, C]
+  float* const* logits;     // [1] → [B, vocab]: this step's output tensor (written in place, no copy after it)
   int B;
 };
 
-enum Epi : int { kStore = 0, kTanh, kSigmoid, kRelu2, kAdd, kKvK, kKvV };
+enum Epi : int { kStore = 0, kTanh, kSigmoid, kRelu2, kAdd, kKvK, kKvV, kLogits };
 
 struct GemvJob {
   const void* W;  // [N, K] row-major (torch Linear layout)
@@ -138,6 +140,7 @@ __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb,
       break;
     }
     case kAdd: jb.out[int64_t(r) * jb.ldo + o] += v; break;
+    case kLogits: tb.logits[0][int64_t(r) * jb.ldo + o] = v; break;
     default: {
       void* base = (jb.epi == kKvK ? tb.kc : tb.vc)[jb.layer * tb.B + r];
       const int64_t idx = tb.pos[r] * a.C + o;
@@ -498,6 +501,107 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
   }
 }
 
+// Sums over the warp of kR per-lane partials (kR a power of two ≤ 32) in kR − 1 + 5 − log2 kR shuffles instead of
+// 5·kR: at each of the first log2 kR levels a lane keeps half of its rows and adds its partner's half of them.
+// Lane l ends with the total of row l / (32 / kR).
+template <int kR>
+__device__ __forceinline__ float warp_sum_rows(const float (&in)[kR], int lane) {
+  float v[kR];
+#pragma unroll
+  for (int i = 0; i < kR; ++i) v[i] = in[i];
+#pragma unroll
+  for (int lvl = 0; (1 << lvl) < kR; ++lvl) {
+    const int half = kR >> (lvl + 1), off = 16 >> lvl;
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float keep = upper ? v[i + half] : v[i], send = upper ? v[i] : v[i + half];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+  }
+#pragma unroll
+  for (int off = 32 / kR / 2; off > 0; off >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+  return v[0];
+}
+
+// The output head for one stream (B = 1, K ≤ 768, bf16 weights): logits = W · LayerNorm(x), written into the
+// step's logits tensor. A task is kRW consecutive rows of W (kRW · 2 K bytes); a persistent grid of resident
+// blocks, each warp walking its tasks with the next task's weights requested before the current task's math
+// and reduction, so two tasks' loads are in flight per warp most of the time (the head is ≈ 30% of the bytes
+// a step reads and must stream at close to the DRAM bandwidth). LayerNorm by shuffles in every warp.
+template <int kRW>
+__global__ void __launch_bounds__(kGemvWarps * 32) head_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
+  const GemvJob& jb = a.job[0];
+  const int K = a.K, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int stride = gridDim.x * kGemvWarps;
+  int task = blockIdx.x * kGemvWarps + warp;
+  uint4 w[kRW][3];
+  load_rows<3, kRW>(jb, task * kRW, K, 0, lane, w);  // zeros past the last row
+  float xv[3][8], lw[3][8], lb[3][8];
+#pragma unroll
+  for (int u = 0; u < 3; ++u) {
+    const int i = u * 256 + lane * 8;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) xv[u][e] = lw[u][e] = lb[u][e] = 0.f;
+    if (i < K) ldg8(a.ln_w + i, lw[u]), ldg8(a.ln_b + i, lb[u]);
+  }
+  float* out = tb.logits[0];
+  await_previous_kernel();
+#pragma unroll
+  for (int u = 0; u < 3; ++u) {
+    const int i = u * 256 + lane * 8;
+    if (i < K) load8(a.x + i, xv[u]);
+  }
+  {
+    float sum = 0.f;
+#pragma unroll
+    for (int u = 0; u < 3; ++u)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += xv[u][e];
+    const float mean = warp_sum(sum) / float(K);
+    float var = 0.f;
+#pragma unroll
+    for (int u = 0; u < 3; ++u)
+      if (u * 256 + lane * 8 < K)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) var += (xv[u][e] - mean) * (xv[u][e] - mean);
+    const float inv = rsqrtf(warp_sum(var) / float(K) + 1e-5f);
+#pragma unroll
+    for (int u = 0; u < 3; ++u)
+      if (u * 256 + lane * 8 < K)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xv[u][e] = (xv[u][e] - mean) * inv * lw[u][e] + lb[u][e];
+  }
+  for (; task < a.n_tasks; task += stride) {
+    uint4 wn[kRW][3];
+    load_rows<3, kRW>(jb, (task + stride) * kRW, K, 0, lane, wn);  // the next task's rows (zeros past the end)
+    float acc[kRW];
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr) acc[rr] = 0.f;
+#pragma unroll
+    for (int u = 0; u < 3; ++u) {
+#pragma unroll
+      for (int rr = 0; rr < kRW; ++rr) {
+        float wf[8];
+        bf16x8(w[rr][u], wf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[rr] += wf[e] * xv[u][e];
+      }
+    }
+    const float v = warp_sum_rows<kRW>(acc, lane);
+    const int o = task * kRW + lane / (32 / kRW);
+    if (lane % (32 / kRW) == 0 && o < jb.N) out[o] = v;
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr)
+#pragma unroll
+      for (int u = 0; u < 3; ++u) w[rr][u] = wn[rr][u];
+  }
+}
+
+// Measurement only (RWKVX_DECODE_PROBE=1): stands in for every kernel of a step, same grid and block, no work,
+// so a step's time is the chain's fixed cost alone. The logits are not computed.
+__global__ void probe_kernel() { await_previous_kernel(); }
+
 // x[b] = LayerNorm0(emb[ids[b]]): block per row.
 __global__ void embed_kernel(const void* E, int bf16, int C, const float* w, const float* bias, const Tabs tb, float* x) {
   await_previous_kernel();
@@ -569,14 +673,9 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     const int c0 = h * kHN + lane, c1 = c0 + 32;
     rk0 = a.r_k[c0], rk1 = a.r_k[c1], lw0 = a.ln_w[c0], lw1 = a.ln_w[c1], lb0 = a.ln_b[c0], lb1 = a.ln_b[c1];
   }
-  await_previous_kernel();
-  // This channel's r, k, v (and the first block's v) in the same round trip as the state and the LoRA inputs.
-  float rc = 0.f, kc = 0.f, vc = 0.f, vfc = 0.f;
-  if (tid < kHN) {
-    const int64_t o = int64_t(b) * a.C + c;
-    rc = a.r[o], kc = a.k[o], vc = a.v[o];
-    if (!a.first) vfc = a.vfirst[o];
-  }
+  // The WKV state of this layer was last written by the previous step (every kernel of which completed before
+  // this step's first kernel started), so it is read before the wait too: its DRAM round trip overlaps the
+  // previous kernel instead of following it.
   const int i_row = tid >> 2, g_col = tid & 3;  // WKV step: thread (i, g) owns state row i, columns g·16 … g·16 + 15
   float* S = tb.wkv[a.layer] + ((int64_t(tb.slot[b]) * H + h) * kHN + i_row) * kHN + g_col * 16;
   float st[16];
@@ -584,6 +683,14 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   for (int e = 0; e < 4; ++e) {
     const float4 f = reinterpret_cast<const float4*>(S)[e];
     st[4 * e] = f.x, st[4 * e + 1] = f.y, st[4 * e + 2] = f.z, st[4 * e + 3] = f.w;
+  }
+  await_previous_kernel();
+  // This channel's r, k, v (and the first block's v) in the same round trip as the LoRA inputs.
+  float rc = 0.f, kc = 0.f, vc = 0.f, vfc = 0.f;
+  if (tid < kHN) {
+    const int64_t o = int64_t(b) * a.C + c;
+    rc = a.r[o], kc = a.k[o], vc = a.v[o];
+    if (!a.first) vfc = a.vfirst[o];
   }
   float *lw = lora, *la = lw + a.dw, *lg = la + a.da, *lv = lg + a.dg;
   for (int x = tid; x < a.dw; x += 256) lw[x] = a.hw[int64_t(b) * a.dw + x];
@@ -681,6 +788,109 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   }
 }
 
+// Four floats of shared memory, read afresh at each use (volatile: not hoisted out of loops into registers).
+__device__ __forceinline__ float4 lds_f4(const float* p) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(unsigned(__cvta_generic_to_shared(p))));
+  return v;
+}
+
+// Warp-level top-(k−1) chunk gate of one (row, head): q·mean_n in fp64 over the complete past chunks n < j, the
+// top n_sel = min(Kp, j) (ties: lower n), in ascending chunk order in res[0 … n_sel) of every lane, −1 after.
+// qv: the head's 64 query values in shared memory. kPer chunks of a lane per memory round trip (the insertion
+// order, hence the choice, is the same for any kPer: a lane's chunks lane, lane + 32, … in turn); the attention
+// kernel uses 1 to keep its register count down.
+template <int kPer>
+__device__ __forceinline__ int gate_select(const float* qv, const float* mean, int64_t j, int Kp, int C, int h, int lane,
+                                           int32_t (&res)[kMaxSel]) {
+  const int n_sel = int(min_i64(Kp, j));
+  double bs[kMaxSel];
+  int64_t bn[kMaxSel];
+#pragma unroll
+  for (int u = 0; u < kMaxSel; ++u) bs[u] = 0, bn[u] = -1;
+  for (int64_t n0 = lane; n0 < j; n0 += 32 * kPer) {
+    double s2[kPer];
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) s2[q] = 0;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      if (n0 + 32 * q >= j) break;
+      const float* m = mean + (n0 + 32 * q) * C + int64_t(h) * kHN;
+#pragma unroll
+      for (int d = 0; d < kHN; d += 4) {
+        const float4 m4 = *reinterpret_cast<const float4*>(m + d);
+        const float4 q4 = lds_f4(qv + d);
+        s2[q] += double(q4.x) * double(m4.x);
+        s2[q] += double(q4.y) * double(m4.y);
+        s2[q] += double(q4.z) * double(m4.z);
+        s2[q] += double(q4.w) * double(m4.w);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int64_t n = n0 + 32 * q;
+      if (n >= j) break;
+      const double s = s2[q];
+      int p = n_sel;
+#pragma unroll
+      for (int u = kMaxSel - 1; u >= 0; --u)
+        if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
+#pragma unroll
+      for (int u = kMaxSel - 1; u > 0; --u)
+        if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
+#pragma unroll
+      for (int u = 0; u < kMaxSel; ++u)
+        if (u == p) bs[u] = s, bn[u] = n;
+    }
+  }
+  int hd = 0;
+#pragma unroll
+  for (int r = 0; r < kMaxSel; ++r) res[r] = -1;
+  for (int r = 0; r < n_sel; ++r) {
+    double cs = 0;
+    int64_t cn = -1;
+#pragma unroll
+    for (int u = 0; u < kMaxSel; ++u)
+      if (u == hd) cs = bs[u], cn = bn[u];
+    for (int o = 16; o > 0; o >>= 1) {
+      const double os = __shfl_xor_sync(0xffffffffu, cs, o);
+      const int64_t on = __shfl_xor_sync(0xffffffffu, cn, o);
+      if (on >= 0 && (cn < 0 || os > cs || (os == cs && on < cn))) cs = os, cn = on;
+    }
+    int64_t mine = -1;
+#pragma unroll
+    for (int u = 0; u < kMaxSel; ++u)
+      if (u == hd) mine = bn[u];
+    if (mine == cn && hd < n_sel) ++hd;
+#pragma unroll
+    for (int u = 0; u < kMaxSel; ++u)
+      if (u == r) res[u] = int32_t(cn);
+  }
+  for (int x = 1; x < n_sel; ++x)  // ascending chunk order
+    for (int y = x; y > 0 && res[y - 1] > res[y]; --y) {
+      const int32_t tmp = res[y];
+      res[y] = res[y - 1], res[y - 1] = tmp;
+    }
+  return n_sel;
+}
+
+// Column `col` of the mean of the chunk that row b's new key (cache slot pos[b]) completed, if it completed one
+// (fp64 sum in row order, as the op path's chunk_mean_kernel). Only read from the next step on.
+__device__ __forceinline__ void chunk_mean_update(const Tabs& tb, int layer, int C, int64_t chunk, int kv_bf16, int b, int col) {
+  if (b >= tb.B || col >= C) return;
+  const int64_t t = tb.pos[b];
+  if ((t + 1) % chunk != 0) return;
+  const int64_t n = t / chunk;
+  const void* K = tb.kc[layer * tb.B + b];
+  double s = 0;
+  for (int64_t r = n * chunk; r < (n + 1) * chunk; ++r)
+    s += kv_bf16 ? double(__bfloat162float(static_cast<const __nv_bfloat16*>(K)[r * C + col]))
+                 : double(static_cast<const float*>(K)[r * C + col]);
+  tb.mean[layer * tb.B + b][n * C + col] = float(s / double(chunk));
+}
+
 struct GateArgs {
   const float* q;  // [B, C]
   int layer, C, H, Kp, gate_blocks, mean_blocks_per_row;
@@ -689,9 +899,7 @@ struct GateArgs {
   int kv_bf16;
 };
 
-// Blocks [0, gate_blocks): warp per (row, head): q·mean_n in fp64 over the complete past chunks n < j, the top
-// min(k−1, j) (ties: lower n), written in ascending chunk order, −1 after. Later blocks: the mean of the chunk
-// the new key completed, if it completed one (fp64 sum in row order, as the op path's chunk_mean_kernel).
+// Blocks [0, gate_blocks): warp per (row, head), gate_select into sel. Later blocks: chunk_mean_update.
 __global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const Tabs tb) {
   await_previous_kernel();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -699,99 +907,20 @@ __global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const 
     const int wid = blockIdx.x * 8 + warp;
     if (wid >= tb.B * a.H) return;
     const int b = wid / a.H, h = wid % a.H;
-    const int64_t t = tb.pos[b], j = t / a.chunk;
-    const int n_sel = int(min_i64(a.Kp, j));
-    const float* qh = a.q + int64_t(b) * a.C + int64_t(h) * kHN;
-    const float* mean = tb.mean[a.layer * tb.B + b];
-    double bs[kMaxSel];
-    int64_t bn[kMaxSel];
-#pragma unroll
-    for (int u = 0; u < kMaxSel; ++u) bs[u] = 0, bn[u] = -1;
-    float qv[kHN];
-#pragma unroll
-    for (int d = 0; d < kHN; d += 4) {
-      const float4 q4 = *reinterpret_cast<const float4*>(qh + d);
-      qv[d] = q4.x, qv[d + 1] = q4.y, qv[d + 2] = q4.z, qv[d + 3] = q4.w;
-    }
-    for (int64_t n0 = lane; n0 < j; n0 += 64) {  // two of a lane's chunks per round trip, inserted in order
-      double s2[2] = {0, 0};
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        if (n0 + 32 * q >= j) break;
-        const float* m = mean + (n0 + 32 * q) * a.C + int64_t(h) * kHN;
-#pragma unroll
-        for (int d = 0; d < kHN; d += 4) {
-          const float4 m4 = *reinterpret_cast<const float4*>(m + d);
-          s2[q] += double(qv[d]) * double(m4.x);
-          s2[q] += double(qv[d + 1]) * double(m4.y);
-          s2[q] += double(qv[d + 2]) * double(m4.z);
-          s2[q] += double(qv[d + 3]) * double(m4.w);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int64_t n = n0 + 32 * q;
-        if (n >= j) break;
-        const double s = s2[q];
-        int p = n_sel;
-#pragma unroll
-        for (int u = kMaxSel - 1; u >= 0; --u)
-          if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
-#pragma unroll
-        for (int u = kMaxSel - 1; u > 0; --u)
-          if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
-#pragma unroll
-        for (int u = 0; u < kMaxSel; ++u)
-          if (u == p) bs[u] = s, bn[u] = n;
-      }
-    }
-    int hd = 0;
+    __shared__ float qw[8][kHN];
+    qw[warp][lane] = a.q[int64_t(b) * a.C + int64_t(h) * kHN + lane];
+    qw[warp][lane + 32] = a.q[int64_t(b) * a.C + int64_t(h) * kHN + lane + 32];
+    __syncwarp();
     int32_t res[kMaxSel];
-#pragma unroll
-    for (int r = 0; r < kMaxSel; ++r) res[r] = -1;
-    for (int r = 0; r < n_sel; ++r) {
-      double cs = 0;
-      int64_t cn = -1;
-#pragma unroll
-      for (int u = 0; u < kMaxSel; ++u)
-        if (u == hd) cs = bs[u], cn = bn[u];
-      for (int o = 16; o > 0; o >>= 1) {
-        const double os = __shfl_xor_sync(0xffffffffu, cs, o);
-        const int64_t on = __shfl_xor_sync(0xffffffffu, cn, o);
-        if (on >= 0 && (cn < 0 || os > cs || (os == cs && on < cn))) cs = os, cn = on;
-      }
-      int64_t mine = -1;
-#pragma unroll
-      for (int u = 0; u < kMaxSel; ++u)
-        if (u == hd) mine = bn[u];
-      if (mine == cn && hd < n_sel) ++hd;
-#pragma unroll
-      for (int u = 0; u < kMaxSel; ++u)
-        if (u == r) res[u] = int32_t(cn);
-    }
+    const int n_sel = gate_select<2>(qw[warp], tb.mean[a.layer * tb.B + b], tb.pos[b] / a.chunk, a.Kp, a.C, h, lane, res);
     if (lane == 0) {
-      for (int x = 1; x < n_sel; ++x)  // ascending chunk order
-        for (int y = x; y > 0 && res[y - 1] > res[y]; --y) {
-          const int32_t tmp = res[y];
-          res[y] = res[y - 1], res[y - 1] = tmp;
-        }
       int32_t* out = a.sel + int64_t(wid) * kMaxSel;
       for (int r = 0; r < kMaxSel; ++r) out[r] = r < n_sel ? res[r] : -1;
     }
     return;
   }
   const int idx = blockIdx.x - a.gate_blocks, b = idx / a.mean_blocks_per_row;
-  const int col = (idx % a.mean_blocks_per_row) * 256 + threadIdx.x;
-  if (b >= tb.B || col >= a.C) return;
-  const int64_t t = tb.pos[b];
-  if ((t + 1) % a.chunk != 0) return;
-  const int64_t n = t / a.chunk;
-  const void* K = tb.kc[a.layer * tb.B + b];
-  double s = 0;
-  for (int64_t r = n * a.chunk; r < (n + 1) * a.chunk; ++r)
-    s += a.kv_bf16 ? double(__bfloat162float(static_cast<const __nv_bfloat16*>(K)[r * a.C + col]))
-                   : double(static_cast<const float*>(K)[r * a.C + col]);
-  tb.mean[a.layer * tb.B + b][n * a.C + col] = float(s / double(a.chunk));
+  chunk_mean_update(tb, a.layer, a.C, a.chunk, a.kv_bf16, b, (idx % a.mean_blocks_per_row) * 256 + threadIdx.x);
 }
 
 template <typename KT>
@@ -834,6 +963,8 @@ struct AttendArgs {
   float *pm, *pl, *pacc;  // [B·H·S], [B·H·S], [B·H·S, 64]
   unsigned* done;         // [B·H] splits finished; zero between steps (the merging block resets it)
   float* out;             // [B, C]
+  int fold_gate;          // 1: every block runs the gate itself (no gate_mean_kernel), blocks past B·H update means
+  int Kp, mean_blocks_per_row, kv_bf16;
 };
 
 // Grid (B·H, S), 128 threads: split `split` of the query's keys (chosen chunks in order, then the own chunk up
@@ -841,27 +972,62 @@ struct AttendArgs {
 // lanes then accumulate V over dims (dims 2·lane, 2·lane + 1). The V rows of a batch's keys are requested
 // together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split; the
 // last split of a (row, head) to finish merges the S partials in split order (no separate kernel).
+//
+// fold_gate: the gate runs in warp 0 of every block of the (row, head) (the same gate_select: the same choices),
+// into shared memory, and blocks x ≥ B·H (split 0) do the chunk-mean updates; the chunk means the gate reads (of
+// chunks completed in earlier steps) are prefetched into L2 before the wait.
 template <typename KT>
 __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const Tabs tb) {
   __shared__ __align__(16) float qs[kHN];
   __shared__ float acc_s[4][kHN], ms[4], ls[4];
-  await_previous_kernel();
+  __shared__ int32_t s_sel[kMaxSel];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = gridDim.y, split = blockIdx.y;
-  const int bt = blockIdx.x, b = bt / a.H, h = bt % a.H;
+  const int bt = blockIdx.x;
+  if (a.fold_gate && bt >= tb.B * a.H) {
+    if (split != 0) return;
+    await_previous_kernel();
+    const int idx = bt - tb.B * a.H;
+    for (int c = threadIdx.x; c < 256; c += blockDim.x)
+      chunk_mean_update(tb, a.layer, a.C, a.chunk, a.kv_bf16, idx / a.mean_blocks_per_row,
+                        (idx % a.mean_blocks_per_row) * 256 + c);
+    return;
+  }
+  const int b = bt / a.H, h = bt % a.H;
   const int64_t t = tb.pos[b], j = t / a.chunk, off = int64_t(h) * kHN;
+  const float* mean = tb.mean[a.layer * tb.B + b];
+  if (a.fold_gate && split == 0)
+    for (int64_t e = threadIdx.x; e < 2 * j; e += blockDim.x)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(mean + (e >> 1) * a.C + off + (e & 1) * 32));
+  await_previous_kernel();
   const KT* K = static_cast<const KT*>(tb.kc[a.layer * tb.B + b]);
   const KT* V = static_cast<const KT*>(tb.vc[a.layer * tb.B + b]);
   if (threadIdx.x < kHN) qs[threadIdx.x] = a.q[int64_t(b) * a.C + off + threadIdx.x];
   const int32_t* my = a.sel + int64_t(bt) * kMaxSel;
   int n_sel = 0;  // the choices end at the first −1 (independent loads, one round trip with q)
-  bool ended = false;
+  auto count_sel = [&]() {
+    bool ended = false;
 #pragma unroll
-  for (int u = 0; u < kMaxSel; ++u) {
-    const int32_t c = my[u];
-    ended = ended || c < 0;
-    n_sel += ended ? 0 : 1;
+    for (int u = 0; u < kMaxSel; ++u) {
+      const int32_t c = my[u];
+      ended = ended || c < 0;
+      n_sel += ended ? 0 : 1;
+    }
+  };
+  if (a.fold_gate) {
+    __syncthreads();  // qs
+    if (warp == 0) {
+      int32_t res[kMaxSel];
+      const int n = gate_select<1>(qs, mean, j, a.Kp, a.C, h, lane, res);
+      if (lane == 0)
+        for (int r = 0; r < kMaxSel; ++r) s_sel[r] = r < n ? res[r] : -1;
+    }
+    my = s_sel;
+    __syncthreads();
+    count_sel();
+  } else {
+    count_sel();
+    __syncthreads();
   }
-  __syncthreads();
   const int64_t n_keys = int64_t(n_sel) * a.chunk + (t - j * a.chunk + 1);
   const int64_t per = (n_keys + S - 1) / S, k0 = split * per, k1 = min_i64(n_keys, k0 + per);
   float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
@@ -971,10 +1137,14 @@ class CudaStepDecoder final : public StepDecoder {
       lora_.push_back(std::move(l));
     }
     const int64_t C = c_.n_embd, F = c_.n_ffn;
+    if (const char* e = std::getenv("RWKVX_DECODE_HEAD"); e && *e) head_rw_ = std::atoi(e);
+    if (const char* e = std::getenv("RWKVX_DECODE_GATE_FOLD"); e && *e) fold_gate_ = std::atoi(e) != 0;
+    if (const char* e = std::getenv("RWKVX_DECODE_PROBE"); e && *e) probe_ = std::atoi(e) != 0;
     gemv_smem_ = gemv_smem_bytes(C, F);
     for (const GemvVariant& v : kGemvVariants)
       if (v.rows > 0)
         RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
+    if (probe_) RWKVX_CUDA_CHECK(cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
     be_.synchronize();
   }
   ~CudaStepDecoder() override {
@@ -1034,6 +1204,8 @@ class CudaStepDecoder final : public StepDecoder {
       for (int s = 0; s < B; ++s) grow(state.kv[size_t(m)][size_t(batch.slot[size_t(s)])]);
 
     Bufs& bb = bufs_for(B);
+    // The step writes its logits straight into the tensor it returns (its address is in the tables).
+    logits = be_.alloc_uninit(DType::f32, {B, c_.n_vocab});  // NaN-poisoned when the backend is asked to
     // Parameter blob (layout as in Bufs::tabs), written into pinned host memory (a cheaper upload than from
     // pageable memory); two buffers in turn, each reused once its previous upload has been done.
     HostBlob& h = host_blob_[blob_turn_];
@@ -1067,6 +1239,7 @@ class CudaStepDecoder final : public StepDecoder {
       put(bb.off_wkv + 8 * size_t(i), &state.wkv[size_t(i)].data, 8);
     }
     for (int64_t i = 0; i < c_.n_rwkv + c_.n_sparse; ++i) put(bb.off_ffn + 8 * size_t(i), &state.ffn_shift[size_t(i)].data, 8);
+    put(bb.off_logits, &logits.data, 8);
     RWKVX_CUDA_CHECK(cudaMemcpyAsync(bb.blob.data, h.p, bb.blob_bytes, cudaMemcpyHostToDevice, be_.stream()));
     RWKVX_CUDA_CHECK(cudaEventRecord(h.uploaded, be_.stream()));
 
@@ -1096,10 +1269,6 @@ class CudaStepDecoder final : public StepDecoder {
         kc.len += 1;
         kc.n_chunks = kc.len / kc.chunk;
       }
-    logits = be_.scratch(size_t(B) * size_t(c_.n_vocab) * 4);
-    logits.ndim = 2;
-    logits.shape = {B, c_.n_vocab, 0, 0};
-    RWKVX_CUDA_CHECK(cudaMemcpyAsync(logits.data, bb.logits.data, logits.nbytes(), cudaMemcpyDeviceToDevice, be_.stream()));
     return true;
   }
 
@@ -1109,9 +1278,9 @@ class CudaStepDecoder final : public StepDecoder {
   };
   struct Bufs {
     int B = 0, S = 1;
-    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, done, logits, blob;
+    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, done, blob;
     size_t blob_bytes = 0, off_ids = 0, off_slot = 0, off_pos = 0, off_att = 0, off_wkv = 0, off_ffn = 0, off_kc = 0,
-           off_vc = 0, off_mean = 0;
+           off_vc = 0, off_mean = 0, off_logits = 0;
     cudaGraphExec_t exec = nullptr;
     Tabs tabs{};
   };
@@ -1167,7 +1336,6 @@ class CudaStepDecoder final : public StepDecoder {
     b.hw = buf(Bz * size_t(c_.dim_w)), b.ha = buf(Bz * size_t(c_.dim_a)), b.hg = buf(Bz * size_t(c_.dim_g));
     b.hv = buf(Bz * size_t(std::max<int64_t>(c_.dim_v, 1)));
     b.hbuf = buf(Bz * F);
-    b.logits = buf(Bz * size_t(c_.n_vocab));
     if (c_.n_sparse > 0) {
       const int64_t max_keys = int64_t(c_.sparse.top_k) * c_.sparse.chunk;
       int64_t S = std::clamp<int64_t>((max_keys + 127) / 128, 1, 64);  // a split's keys: one batch per warp
@@ -1189,6 +1357,7 @@ class CudaStepDecoder final : public StepDecoder {
     b.off_att = take(8 * std::max<size_t>(L, 1)), b.off_wkv = take(8 * std::max<size_t>(L, 1));
     b.off_ffn = take(8 * (L + M)), b.off_kc = take(8 * std::max<size_t>(M * Bz, 1));
     b.off_vc = take(8 * std::max<size_t>(M * Bz, 1)), b.off_mean = take(8 * std::max<size_t>(M * Bz, 1));
+    b.off_logits = take(8);
     b.blob_bytes = off;
     b.blob = be_.scratch(off);
     auto* base = static_cast<uint8_t*>(b.blob.data);
@@ -1201,6 +1370,7 @@ class CudaStepDecoder final : public StepDecoder {
     b.tabs.kc = reinterpret_cast<void* const*>(base + b.off_kc);
     b.tabs.vc = reinterpret_cast<void* const*>(base + b.off_vc);
     b.tabs.mean = reinterpret_cast<float* const*>(base + b.off_mean);
+    b.tabs.logits = reinterpret_cast<float* const*>(base + b.off_logits);
     b.tabs.B = B;
     return b;
   }
@@ -1292,7 +1462,8 @@ class CudaStepDecoder final : public StepDecoder {
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = &attr, cfg.numAttrs = overlap_previous ? 1 : 0;
-    RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+    if (probe_) RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, probe_kernel));
+    else RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
   }
 
   void ffn(const Bufs& b, const ChannelMixWeights& w, const LayerNormWeights& ln2, int idx) {
@@ -1356,15 +1527,18 @@ class CudaStepDecoder final : public StepDecoder {
         g.q = fp(b.q), g.layer = m, g.C = C, g.H = H, g.Kp = std::max(0, c_.sparse.top_k - 1);
         g.chunk = c_.sparse.chunk, g.sel = static_cast<int32_t*>(b.sel.data), g.kv_bf16 = c_.kv_dtype == DType::bf16;
         g.gate_blocks = (B * H + 7) / 8, g.mean_blocks_per_row = (C + 255) / 256;
-        launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
+        if (!fold_gate_)
+          launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
         AttendArgs at{};
+        at.fold_gate = fold_gate_, at.Kp = g.Kp, at.mean_blocks_per_row = g.mean_blocks_per_row, at.kv_bf16 = g.kv_bf16;
         float* pm = mp(b.part);
         const size_t n = size_t(B) * size_t(H) * size_t(b.S);
         at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
         at.chunk = c_.sparse.chunk, at.scale = 1.0f / std::sqrt(float(kHN)), at.pm = pm, at.pl = pm + n, at.pacc = pm + 2 * n;
         at.done = static_cast<unsigned*>(b.done.data), at.out = mp(b.o);
+        const unsigned mean_blocks = fold_gate_ ? unsigned(B * g.mean_blocks_per_row) : 0u;
         launch(c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>,
-               dim3(unsigned(B * H), unsigned(b.S)), dim3(128), 0, at, b.tabs);
+               dim3(unsigned(B * H) + mean_blocks, unsigned(b.S)), dim3(128), 0, at, b.tabs);
         Gemv o = buf_gemv(b.o, C);
         job(o, sw.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -1372,14 +1546,29 @@ class CudaStepDecoder final : public StepDecoder {
       }
     }
     Gemv hd = ln_gemv(b.x, w_.ln_out, C);
-    job(hd, w_.head, nullptr, mp(b.logits), int(c_.n_vocab), kStore);
-    run(hd, b);
+    job(hd, w_.head, nullptr, nullptr, int(c_.n_vocab), kLogits);
+    if (B == 1 && head_rw_ > 0 && is_bf16(w_.head) && C <= 768) run_head(hd, b);
+    else run(hd, b);
+  }
+  // The single-stream head: head_kernel<head_rw_> over every resident block.
+  void run_head(Gemv& g, const Bufs& b) {
+    GemvFn fn = head_rw_ == 1 ? head_kernel<1> : head_rw_ == 2 ? head_kernel<2> : head_kernel<4>;
+    const int rw = head_rw_ == 1 ? 1 : head_rw_ == 2 ? 2 : 4;
+    g.a.C = int(c_.n_embd);
+    g.a.job[0].task0 = 0;
+    g.a.n_tasks = (g.a.job[0].N + rw - 1) / rw;
+    const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(fn, 0);
+    const int64_t want = (g.a.n_tasks + kGemvWarps - 1) / kGemvWarps;
+    launch(fn, dim3(unsigned(std::max<int64_t>(1, std::min(want, resident)))), dim3(kGemvWarps * 32), 0, g.a, b.tabs);
   }
 
   CudaBackend& be_;
   const ModelConfig& c_;
   const ModelWeights& w_;
   bool graph_;
+  int head_rw_ = 4;         // rows per warp task of head_kernel (0: the generic GEMV); RWKVX_DECODE_HEAD
+  bool fold_gate_ = true;   // gate in the attention kernel; RWKVX_DECODE_GATE_FOLD
+  bool probe_ = false;      // RWKVX_DECODE_PROBE=1: probe_kernel for every kernel (timing of the chain alone)
   size_t gemv_smem_ = 0;
   std::map<std::pair<GemvFn, size_t>, int> occupancy_;
   std::vector<Lora> lora_;
