@@ -648,9 +648,9 @@ constexpr int kLoraPieces = 16;  // 16-byte pieces of a second-stage LoRA row a 
 // the WKV state rows are requested first so that their latency overlaps the LoRA dots.
 __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb) {
   extern __shared__ float lora[];
-  __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_al[kHN], s_be[kHN], s_y[kHN];
+  __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_y[kHN];
   __shared__ float s_dot[4][kHN];
-  __shared__ float s_norm;
+  __shared__ float s_n2[2];
   const int H = a.C / kHN, b = blockIdx.x / H, h = blockIdx.x % H, tid = threadIdx.x, lane = tid & 31;
   const int m = tid / kHN, j = tid % kHN, c = h * kHN + j;
   const void* M = m == 0 ? a.w2t : m == 1 ? a.a2t : m == 2 ? a.g2t : a.v2t;
@@ -701,10 +701,11 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   __syncthreads();
   {  // second LoRA stages: thread (m, j) dots its row with the first stage's output
     const float* lin = m == 0 ? lw : m == 1 ? la : m == 2 ? lg : lv;
-    float dot = 0.f;
+    float dp[2] = {0.f, 0.f};  // even and odd pieces: two dependency chains of half the length
 #pragma unroll
     for (int u = 0; u < kLoraPieces; ++u) {
       if (u >= pieces) break;
+      float& dot = dp[u & 1];
       if (a.bf16) {
         float f[8];
         bf16x8(wp[u], f);
@@ -715,6 +716,7 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
                __uint_as_float(wp[u].z) * lin[u * 4 + 2] + __uint_as_float(wp[u].w) * lin[u * 4 + 3];
       }
     }
+    float dot = dp[0] + dp[1];
     for (int x = pieces * (16 / es); x < d; ++x) dot += lin[x] * wat(M, a.bf16, int64_t(c) * d + x);  // rows too long or unaligned
     s_dot[m][j] = dot;
   }
@@ -724,7 +726,8 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     s_w[j] = expf(-0.60653065971263342f / (1.0f + expf(-(w0c + dec))));
     const float av = 1.0f / (1.0f + expf(-(a0c + lr)));
     s_a[j] = av;
-    s_kk[j] = kc * kkc;
+    const float kk = kc * kkc;
+    s_kk[j] = kk;
     s_k[j] = kc * (1.0f + (av - 1.0f) * kac);
     float vv = vc;
     if (a.first) {
@@ -736,24 +739,19 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     s_v[j] = vv;
     s_r[j] = rc;
     s_g[j] = gt;
+    const float kk2 = warp_sum(kk * kk);  // |kk|² of this warp's 32 channels (warps 0 and 1)
+    if (lane == 0) s_n2[tid >> 5] = kk2;
   }
   __syncthreads();
-  if (tid < 32) {
-    const float n2 = warp_sum(s_kk[lane] * s_kk[lane] + s_kk[lane + 32] * s_kk[lane + 32]);
-    if (lane == 0) s_norm = fmaxf(sqrtf(n2), 1e-12f);
-  }
-  __syncthreads();
-  if (tid < kHN) {
-    const float kn = s_kk[tid] / s_norm;
-    s_al[tid] = -kn;
-    s_be[tid] = kn * s_a[tid];
-  }
-  __syncthreads();
-  {
+  {  // WKV step; α = −kk/|kk|, β = kk/|kk| ⊙ a formed here from kk, a and the two halves of |kk|²
     const int i = i_row, g = g_col;
+    const float norm = fmaxf(sqrtf(s_n2[0] + s_n2[1]), 1e-12f);
+    float kn[16];
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) kn[jj] = s_kk[g * 16 + jj] / norm;
     float sa = 0.f;
 #pragma unroll
-    for (int jj = 0; jj < 16; ++jj) sa += st[jj] * s_al[g * 16 + jj];
+    for (int jj = 0; jj < 16; ++jj) sa += st[jj] * -kn[jj];
     sa += __shfl_xor_sync(0xffffffffu, sa, 1);
     sa += __shfl_xor_sync(0xffffffffu, sa, 2);
     const float vi = s_v[i];
@@ -761,7 +759,7 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) {
       const int jc = g * 16 + jj;
-      st[jj] = st[jj] * s_w[jc] + sa * s_be[jc] + vi * s_k[jc];
+      st[jj] = st[jj] * s_w[jc] + sa * (kn[jj] * s_a[jc]) + vi * s_k[jc];
       yv += st[jj] * s_r[jc];
     }
     yv += __shfl_xor_sync(0xffffffffu, yv, 1);
@@ -948,6 +946,14 @@ __device__ __forceinline__ float dot64<__nv_bfloat16>(const float* qs, const __n
   return s;
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+// The 64 K and 64 V values of a key (one head) into L2: 128-byte lines at 0 and 128 B (f32: 256 B a row).
+template <typename KT>
+__device__ __forceinline__ void prefetch_kv_row(const KT* k, const KT* v) {
+  prefetch_l2(k), prefetch_l2(v);
+  if (sizeof(KT) == 4) prefetch_l2(k + 32), prefetch_l2(v + 32);
+}
+
 // Two adjacent V dims of one key: the pair a lane accumulates.
 __device__ __forceinline__ float2 load_pair(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
 __device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
@@ -971,7 +977,10 @@ struct AttendArgs {
 // to the query) under an online softmax; 4 warps score 32 keys at a time (a key per lane, 16-byte loads),
 // lanes then accumulate V over dims (dims 2·lane, 2·lane + 1). The V rows of a batch's keys are requested
 // together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split; the
-// last split of a (row, head) to finish merges the S partials in split order (no separate kernel).
+// last split of a (row, head) to finish merges the S partials (no separate kernel). The splits are as many as
+// fit on the GPU at once. A warp with a further batch requests that batch's K and V rows into L2 while it
+// works on the current one; keys of the own chunk written in earlier steps (slots < t: their position in the
+// split order needs only the number of choices, min(k − 1, j)) are requested into L2 before the wait.
 //
 // fold_gate: the gate runs in warp 0 of every block of the (row, head) (the same gate_select: the same choices),
 // into shared memory, and blocks x ≥ B·H (split 0) do the chunk-mean updates; the chunk means the gate reads (of
@@ -997,10 +1006,18 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
   const float* mean = tb.mean[a.layer * tb.B + b];
   if (a.fold_gate && split == 0)
     for (int64_t e = threadIdx.x; e < 2 * j; e += blockDim.x)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(mean + (e >> 1) * a.C + off + (e & 1) * 32));
-  await_previous_kernel();
+      prefetch_l2(mean + (e >> 1) * a.C + off + (e & 1) * 32);
   const KT* K = static_cast<const KT*>(tb.kc[a.layer * tb.B + b]);
   const KT* V = static_cast<const KT*>(tb.vc[a.layer * tb.B + b]);
+  {  // this thread's first key, if it is an own-chunk key of an earlier step
+    const int64_t own0 = min_i64(a.Kp, j) * a.chunk, n_keys = own0 + (t - j * a.chunk + 1);
+    const int64_t per = (n_keys + S - 1) / S, idx = split * per + threadIdx.x;
+    if (idx >= own0 && idx < min_i64(n_keys, split * per + per)) {
+      const int64_t slot = j * a.chunk + (idx - own0);
+      if (slot < t) prefetch_kv_row(K + slot * a.C + off, V + slot * a.C + off);
+    }
+  }
+  await_previous_kernel();
   if (threadIdx.x < kHN) qs[threadIdx.x] = a.q[int64_t(b) * a.C + off + threadIdx.x];
   const int32_t* my = a.sel + int64_t(bt) * kMaxSel;
   int n_sel = 0;  // the choices end at the first −1 (independent loads, one round trip with q)
@@ -1045,6 +1062,14 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
       const int64_t si = __shfl_sync(0xffffffffu, slot, i);
       vp[i] = i < n_valid ? load_pair(V + si * a.C + off + 2 * lane) : make_float2(0.f, 0.f);
     }
+    if (base + 4 * 32 < k1) {  // the next batch of this warp: its rows into L2 now
+      const int64_t nidx = idx + 4 * 32;
+      if (nidx < k1) {
+        const int64_t ns = nidx < int64_t(n_sel) * a.chunk ? int64_t(my[nidx / a.chunk]) * a.chunk + nidx % a.chunk
+                                                           : j * a.chunk + (nidx - int64_t(n_sel) * a.chunk);
+        prefetch_kv_row(K + ns * a.C + off, V + ns * a.C + off);
+      }
+    }
     const float sc = valid ? dot64<KT>(qs, K + slot * a.C + off) * a.scale : -INFINITY;
     const float m_new = fmaxf(m, warp_max(sc));  // finite: lane 0 of every batch is valid
     const float corr = expf(m - m_new);
@@ -1082,21 +1107,29 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  if (threadIdx.x < kHN) {
-    const int d = threadIdx.x;
-    const int64_t p0 = int64_t(bt) * S;
-    float Mx = -INFINITY;
-    for (int s = 0; s < S; ++s) Mx = fmaxf(Mx, __ldcg(a.pm + p0 + s));
-    float Lx = 0.f, acc = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float mv = __ldcg(a.pm + p0 + s);
-      if (mv == -INFINITY) continue;
-      const float w = expf(mv - Mx);
-      Lx += __ldcg(a.pl + p0 + s) * w;
-      acc += __ldcg(a.pacc + (p0 + s) * kHN + d) * w;
-    }
-    a.out[int64_t(b) * a.C + off + d] = acc / Lx;
-  }
+  // Merge of the S ≤ 64 partials, every load of a kind at once (a few L2 round trips, not S): thread s reads
+  // split s's maximum and sum; thread (d, half) sums dim d of the accumulators of every other split.
+  __shared__ float s_wt[64], s_mx[4], s_l[4], s_acc[kHN];
+  const int64_t p0 = int64_t(bt) * S;
+  float mv = -INFINITY, lv = 0.f;
+  if (int(threadIdx.x) < S) mv = __ldcg(a.pm + p0 + threadIdx.x), lv = __ldcg(a.pl + p0 + threadIdx.x);
+  const float wmax = warp_max(mv);
+  if (lane == 0) s_mx[warp] = wmax;
+  __syncthreads();
+  const float Mx = fmaxf(fmaxf(s_mx[0], s_mx[1]), fmaxf(s_mx[2], s_mx[3]));  // finite: split 0 has keys
+  const float wt_s = mv == -INFINITY ? 0.f : expf(mv - Mx);
+  if (threadIdx.x < 64) s_wt[threadIdx.x] = wt_s;
+  const float lsum = warp_sum(lv * wt_s);
+  if (lane == 0) s_l[warp] = lsum;
+  __syncthreads();
+  const float Lx = (s_l[0] + s_l[1]) + (s_l[2] + s_l[3]);
+  const int d = threadIdx.x & (kHN - 1), half = threadIdx.x >> 6;
+  float acc = 0.f;
+#pragma unroll 16
+  for (int s = half; s < S; s += 2) acc += __ldcg(a.pacc + (p0 + s) * kHN + d) * s_wt[s];
+  if (half == 1) s_acc[d] = acc;
+  __syncthreads();
+  if (half == 0) a.out[int64_t(b) * a.C + off + d] = (acc + s_acc[d]) / Lx;
   if (threadIdx.x == 0) a.done[bt] = 0;
 }
 
@@ -1139,7 +1172,9 @@ class CudaStepDecoder final : public StepDecoder {
     const int64_t C = c_.n_embd, F = c_.n_ffn;
     if (const char* e = std::getenv("RWKVX_DECODE_HEAD"); e && *e) head_rw_ = std::atoi(e);
     if (const char* e = std::getenv("RWKVX_DECODE_GATE_FOLD"); e && *e) fold_gate_ = std::atoi(e) != 0;
-    if (const char* e = std::getenv("RWKVX_DECODE_PROBE"); e && *e) probe_ = std::atoi(e) != 0;
+    if (const char* e = std::getenv("RWKVX_DECODE_PROBE"); e && *e) probe_ = std::atoi(e);
+    if (const char* e = std::getenv("RWKVX_DECODE_MIN_RW"); e && *e) min_rw_ = std::atoi(e);
+    if (const char* e = std::getenv("RWKVX_DECODE_ATT_FILL"); e && *e) att_fill_ = std::atoi(e);
     gemv_smem_ = gemv_smem_bytes(C, F);
     for (const GemvVariant& v : kGemvVariants)
       if (v.rows > 0)
@@ -1339,7 +1374,12 @@ class CudaStepDecoder final : public StepDecoder {
     if (c_.n_sparse > 0) {
       const int64_t max_keys = int64_t(c_.sparse.top_k) * c_.sparse.chunk;
       int64_t S = std::clamp<int64_t>((max_keys + 127) / 128, 1, 64);  // a split's keys: one batch per warp
-      const int64_t fill = (5 * int64_t(be_.sm_count()) + int64_t(Bz * H) - 1) / int64_t(Bz * H);
+      // No more splits than fit on the GPU at once: one wave of blocks, no tail wave.
+      int occ = 0;
+      RWKVX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &occ, c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>, 128, 0));
+      const int64_t fill = att_fill_ > 0 ? (int64_t(att_fill_) * be_.sm_count() + int64_t(Bz * H) - 1) / int64_t(Bz * H)
+                                         : int64_t(be_.sm_count()) * std::max(occ, 1) / int64_t(Bz * H);
       b.S = int(std::max<int64_t>(1, std::min(S, fill)));
       b.sel = buf(Bz * H * kMaxSel);
       b.part = buf(Bz * H * size_t(b.S) * (kHN + 2));
@@ -1421,6 +1461,7 @@ class CudaStepDecoder final : public StepDecoder {
       for (const GemvVariant& c : kGemvVariants) {
         if (c.rows != (ln ? 0 : -1) || c.loads != loads) continue;
         v = &c;  // listed by increasing rows per warp
+        if (c.rw < min_rw_) continue;
         if (count_tasks(c.rw) <= int64_t(be_.sm_count()) * blocks_per_sm(c.fn, 0) * kGemvWarps) break;
       }
     } else {
@@ -1462,8 +1503,21 @@ class CudaStepDecoder final : public StepDecoder {
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = &attr, cfg.numAttrs = overlap_previous ? 1 : 0;
-    if (probe_) RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, probe_kernel));
+    if (probe_ && (probe_ & probe_kind(reinterpret_cast<const void*>(kernel)))) RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, probe_kernel));
     else RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+  }
+  static int probe_kind(const void* fn) {
+    for (const GemvVariant& v : kGemvVariants)
+      if (fn == reinterpret_cast<const void*>(v.fn)) return 1 | 2;
+    if (fn == reinterpret_cast<const void*>(rwkv_head_kernel)) return 1 | 4;
+    if (fn == reinterpret_cast<const void*>(attend_kernel<float>) || fn == reinterpret_cast<const void*>(attend_kernel<__nv_bfloat16>) ||
+        fn == reinterpret_cast<const void*>(gate_mean_kernel))
+      return 1 | 8;
+    if (fn == reinterpret_cast<const void*>(head_kernel<1>) || fn == reinterpret_cast<const void*>(head_kernel<2>) ||
+        fn == reinterpret_cast<const void*>(head_kernel<4>))
+      return 1 | 16;
+    if (fn == reinterpret_cast<const void*>(embed_kernel)) return 1 | 32;
+    return 1;
   }
 
   void ffn(const Bufs& b, const ChannelMixWeights& w, const LayerNormWeights& ln2, int idx) {
@@ -1568,7 +1622,11 @@ class CudaStepDecoder final : public StepDecoder {
   bool graph_;
   int head_rw_ = 4;         // rows per warp task of head_kernel (0: the generic GEMV); RWKVX_DECODE_HEAD
   bool fold_gate_ = true;   // gate in the attention kernel; RWKVX_DECODE_GATE_FOLD
-  bool probe_ = false;      // RWKVX_DECODE_PROBE=1: probe_kernel for every kernel (timing of the chain alone)
+  // Measurement only. RWKVX_DECODE_PROBE: probe_kernel instead of the kernels of a kind (bits: 1 all, 2 the
+  // GEMVs, 4 rwkv_head_kernel, 8 attention and gate, 16 head_kernel, 32 embed_kernel): the step's time without
+  // their work. RWKVX_DECODE_MIN_RW: fewest rows per warp of the single-stream GEMVs. RWKVX_DECODE_ATT_FILL > 0:
+  // attention splits for that many blocks per SM (the earlier rule, 5) instead of the blocks that fit.
+  int probe_ = 0, min_rw_ = 1, att_fill_ = 0;
   size_t gemv_smem_ = 0;
   std::map<std::pair<GemvFn, size_t>, int> occupancy_;
   std::vector<Lora> lora_;
