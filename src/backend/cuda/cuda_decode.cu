@@ -97,6 +97,12 @@ struct GemvArgs {
   int copy_layer;
   int kv_bf16;
   int C;
+  // gemv_row_kernel<…, kEmbed>: x = LayerNorm0(emb[ids[0]]) is formed in the prologue (and stored into x_out by
+  // one warp) instead of read from x: the step's first kernel, in place of embed_kernel.
+  const void* emb;
+  int emb_bf16;
+  const float *ln0_w, *ln0_b;
+  float* x_out;
 };
 
 __device__ __forceinline__ void bf16x8(const uint4 u, float* f) {
@@ -129,7 +135,9 @@ __device__ __forceinline__ void load_rows(const GemvJob& jb, int o0, int K, int 
     }
 }
 
-__device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb, const GemvJob& jb, int r, int o, float v) {
+// logits: the step's logits tensor (tb.logits[0], read once per kernel before its wait).
+__device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb, const GemvJob& jb, int r, int o, float v,
+                                              float* logits) {
   switch (jb.epi) {
     case kStore: jb.out[int64_t(r) * jb.ldo + o] = v; break;
     case kTanh: jb.out[int64_t(r) * jb.ldo + o] = tanhf(v); break;
@@ -140,7 +148,7 @@ __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb,
       break;
     }
     case kAdd: jb.out[int64_t(r) * jb.ldo + o] += v; break;
-    case kLogits: tb.logits[0][int64_t(r) * jb.ldo + o] = v; break;
+    case kLogits: logits[int64_t(r) * jb.ldo + o] = v; break;
     default: {
       void* base = (jb.epi == kKvK ? tb.kc : tb.vc)[jb.layer * tb.B + r];
       const int64_t idx = tb.pos[r] * a.C + o;
@@ -176,6 +184,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
   if (shift && int(threadIdx.x) < nr)
     s_shift_row[threadIdx.x] =
         (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[r0 + threadIdx.x]) * K;
+  float* const logits = tb.logits[0];
   await_previous_kernel();
   const int K4 = K / 4;
   float4* xs4 = reinterpret_cast<float4*>(xs);
@@ -338,7 +347,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
         const float s = warp_sum(acc[rr][t]);
         if (lane == t) v = s;
       }
-      if (lane < nr) gemv_epilogue(a, tb, jb, r0 + lane, o, v);
+      if (lane < nr) gemv_epilogue(a, tb, jb, r0 + lane, o, v, logits);
     }
   }
 }
@@ -358,8 +367,9 @@ __device__ __forceinline__ void ldg8(const float* p, float* f) {
 // weight pieces), does the prologue LayerNorm with shuffles (each warp redundantly: 24 values a lane), then
 // dots its tasks' rows. Grid (≤ resident blocks), kGemvWarps warps per block, tasks of kRW rows as above.
 // kLn: the input is LayerNorm(x) with optional shift mixes (a.in == nullptr), else the rows a.in.
-template <int kLoads, int kRW, bool kLn>
+template <int kLoads, int kRW, bool kLn, bool kEmbed = false>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
+  static_assert(kLn || !kEmbed, "the embedding prologue feeds the LayerNorm prologue");
   constexpr int kMixLoads = kLn ? kLoads : 1;  // register arrays only the LayerNorm prologue uses
   const int K = a.K;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -383,6 +393,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
   // The shift row's address comes from the step's tables, constant while the step runs.
   const float* shift_row =
       shift ? (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[0]) * K : nullptr;
+  float* const logits = tb.logits[0];
   await_previous_kernel();
   // Residual adds: lane rr reads output o0 + rr of its task before the math (with the input row for the
   // first task), so the epilogue is a plain store.
@@ -411,9 +422,49 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
 #pragma unroll
       for (int e = 0; e < 8; ++e) xv[u][e] = dv[u][e] = lw[u][e] = lb[u][e] = 0.f;
       if (i < K) {
-        load8(a.x + i, xv[u]);
+        if constexpr (!kEmbed) load8(a.x + i, xv[u]);
         if (shift) load8(shift_row + i, dv[u]);
         ldg8(a.ln_w + i, lw[u]), ldg8(a.ln_b + i, lb[u]);
+      }
+    }
+    if constexpr (kEmbed) {  // x = LayerNorm0(emb[ids[0]]), every warp; warp 0 of block 0 stores it
+      const int64_t row = int64_t(tb.ids[0]) * K;
+      float l0w[kLoads][8], l0b[kLoads][8];
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int i = u * 256 + lane * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) l0w[u][e] = l0b[u][e] = 0.f;
+        if (i < K) {
+          if (a.emb_bf16) bf16x8(__ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.emb) + row + i)), xv[u]);
+          else ldg8(static_cast<const float*>(a.emb) + row + i, xv[u]);
+          ldg8(a.ln0_w + i, l0w[u]), ldg8(a.ln0_b + i, l0b[u]);
+        }
+      }
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += xv[u][e];
+      const float mean = warp_sum(sum) / float(K);
+      float var = 0.f;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u)
+        if (u * 256 + lane * 8 < K)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) var += (xv[u][e] - mean) * (xv[u][e] - mean);
+      const float inv = rsqrtf(warp_sum(var) / float(K) + 1e-5f);
+      const bool store = blockIdx.x == 0 && warp == 0;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int i = u * 256 + lane * 8;
+        if (i >= K) continue;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xv[u][e] = (xv[u][e] - mean) * inv * l0w[u][e] + l0b[u][e];
+        if (store) {
+          reinterpret_cast<float4*>(a.x_out + i)[0] = make_float4(xv[u][0], xv[u][1], xv[u][2], xv[u][3]);
+          reinterpret_cast<float4*>(a.x_out + i)[1] = make_float4(xv[u][4], xv[u][5], xv[u][6], xv[u][7]);
+        }
       }
     }
     {
@@ -495,7 +546,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
       const float v = warp_sum(acc[rr]);
       if (lane == rr) {
         if (jb.epi == kAdd) jb.out[o] = prior + v;  // = out += v
-        else gemv_epilogue(a, tb, jb, 0, o, v);
+        else gemv_epilogue(a, tb, jb, 0, o, v, logits);
       }
     }
   }
@@ -634,6 +685,7 @@ struct HeadArgs {
   int layer;
   float* y;  // [B, C]
   int C;
+  int wstage_off;  // rwkv_head_kernel<true>: byte offset of the staged LoRA rows in dynamic shared memory
 };
 
 __device__ __forceinline__ float wat(const void* W, int bf16, int64_t i) {
@@ -642,12 +694,20 @@ __device__ __forceinline__ float wat(const void* W, int bf16, int64_t i) {
 
 constexpr int kLoraPieces = 16;  // 16-byte pieces of a second-stage LoRA row a thread holds (128 bf16, 64 f32)
 
-// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows. Before waiting on the
-// previous kernel, thread (m, j) = (tid / 64, tid % 64) loads row h·64 + j of second-stage LoRA matrix m (decay,
-// learning rate, gate, value residual) into registers, and threads < 64 their channel's constants; after it,
-// the WKV state rows are requested first so that their latency overlaps the LoRA dots.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(unsigned(__cvta_generic_to_shared(smem))), "l"(gmem)
+               : "memory");
+}
+
+// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows (then, kSmem, the staged LoRA
+// rows). Before waiting on the previous kernel, thread (m, j) = (tid / 64, tid % 64) needs row h·64 + j of
+// second-stage LoRA matrix m (decay, learning rate, gate, value residual): kSmem: the block copies the 64 rows
+// of each matrix into shared memory (cp.async; no registers held, so the block fits beside a running GEMV and
+// starts its copies early), else the thread loads its row into registers. Threads < 64 load their channel's
+// constants, and every thread its WKV state piece.
+template <bool kSmem>
 __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb) {
-  extern __shared__ float lora[];
+  extern __shared__ __align__(16) float lora[];
   __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_y[kHN];
   __shared__ float s_dot[4][kHN];
   __shared__ float s_n2[2];
@@ -656,9 +716,24 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   const void* M = m == 0 ? a.w2t : m == 1 ? a.a2t : m == 2 ? a.g2t : a.v2t;
   const int d = m == 0 ? a.dw : m == 1 ? a.da : m == 2 ? a.dg : a.dv;  // dv = 0 in the first block
   const int es = a.bf16 ? 2 : 4;
-  const int pieces = d > 0 && (d * es) % 16 == 0 ? min(d * es / 16, kLoraPieces) : 0;
-  uint4 wp[kLoraPieces];
-  {
+  const int pieces = d > 0 && (d * es) % 16 == 0 ? (kSmem ? d * es / 16 : min(d * es / 16, kLoraPieces)) : 0;
+  uint4 wp[kSmem ? 1 : kLoraPieces];
+  const uint4* srow = nullptr;  // kSmem: this thread's row in shared memory
+  if constexpr (kSmem) {  // every row length a multiple of 16 bytes (the host checks)
+    char* base = reinterpret_cast<char*>(lora) + a.wstage_off;
+    int off = 0;
+#pragma unroll
+    for (int mm = 0; mm < 4; ++mm) {
+      const void* Mm = mm == 0 ? a.w2t : mm == 1 ? a.a2t : mm == 2 ? a.g2t : a.v2t;
+      const int dm = mm == 0 ? a.dw : mm == 1 ? a.da : mm == 2 ? a.dg : a.dv;
+      const int bytes = kHN * dm * es;
+      const char* src = static_cast<const char*>(Mm) + int64_t(h) * bytes;
+      for (int i = tid * 16; i < bytes; i += 256 * 16) cp_async16(base + off + i, src + i);
+      if (mm == m) srow = reinterpret_cast<const uint4*>(base + off + j * dm * es);
+      off += bytes;
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  } else {
     const uint4* row = reinterpret_cast<const uint4*>(static_cast<const char*>(M) + int64_t(c) * d * es);
 #pragma unroll
     for (int u = 0; u < kLoraPieces; ++u) wp[u] = u < pieces ? __ldg(row + u) : make_uint4(0, 0, 0, 0);
@@ -698,22 +773,31 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   for (int x = tid; x < a.dg; x += 256) lg[x] = a.hg[int64_t(b) * a.dg + x];
   if (!a.first)
     for (int x = tid; x < a.dv; x += 256) lv[x] = a.hv[int64_t(b) * a.dv + x];
+  if constexpr (kSmem) asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
   {  // second LoRA stages: thread (m, j) dots its row with the first stage's output
     const float* lin = m == 0 ? lw : m == 1 ? la : m == 2 ? lg : lv;
     float dp[2] = {0.f, 0.f};  // even and odd pieces: two dependency chains of half the length
-#pragma unroll
-    for (int u = 0; u < kLoraPieces; ++u) {
-      if (u >= pieces) break;
+    auto piece = [&](int u, const uint4 w4) {
       float& dot = dp[u & 1];
       if (a.bf16) {
         float f[8];
-        bf16x8(wp[u], f);
+        bf16x8(w4, f);
 #pragma unroll
         for (int e = 0; e < 8; ++e) dot += f[e] * lin[u * 8 + e];
       } else {
-        dot += __uint_as_float(wp[u].x) * lin[u * 4] + __uint_as_float(wp[u].y) * lin[u * 4 + 1] +
-               __uint_as_float(wp[u].z) * lin[u * 4 + 2] + __uint_as_float(wp[u].w) * lin[u * 4 + 3];
+        dot += __uint_as_float(w4.x) * lin[u * 4] + __uint_as_float(w4.y) * lin[u * 4 + 1] +
+               __uint_as_float(w4.z) * lin[u * 4 + 2] + __uint_as_float(w4.w) * lin[u * 4 + 3];
+      }
+    };
+    if constexpr (kSmem) {
+#pragma unroll 4
+      for (int u = 0; u < pieces; ++u) piece(u, srow[u]);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kLoraPieces; ++u) {
+        if (u >= pieces) break;
+        piece(u, wp[u]);
       }
     }
     float dot = dp[0] + dp[1];
@@ -971,6 +1055,7 @@ struct AttendArgs {
   float* out;             // [B, C]
   int fold_gate;          // 1: every block runs the gate itself (no gate_mean_kernel), blocks past B·H update means
   int Kp, mean_blocks_per_row, kv_bf16;
+  int prefetch;  // bits: 1 own-chunk rows before the wait, 2 the next batch's rows
 };
 
 // Grid (B·H, S), 128 threads: split `split` of the query's keys (chosen chunks in order, then the own chunk up
@@ -1009,7 +1094,7 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
       prefetch_l2(mean + (e >> 1) * a.C + off + (e & 1) * 32);
   const KT* K = static_cast<const KT*>(tb.kc[a.layer * tb.B + b]);
   const KT* V = static_cast<const KT*>(tb.vc[a.layer * tb.B + b]);
-  {  // this thread's first key, if it is an own-chunk key of an earlier step
+  if (a.prefetch & 1) {  // this thread's first key, if it is an own-chunk key of an earlier step
     const int64_t own0 = min_i64(a.Kp, j) * a.chunk, n_keys = own0 + (t - j * a.chunk + 1);
     const int64_t per = (n_keys + S - 1) / S, idx = split * per + threadIdx.x;
     if (idx >= own0 && idx < min_i64(n_keys, split * per + per)) {
@@ -1062,7 +1147,7 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
       const int64_t si = __shfl_sync(0xffffffffu, slot, i);
       vp[i] = i < n_valid ? load_pair(V + si * a.C + off + 2 * lane) : make_float2(0.f, 0.f);
     }
-    if (base + 4 * 32 < k1) {  // the next batch of this warp: its rows into L2 now
+    if ((a.prefetch & 2) && base + 4 * 32 < k1) {  // the next batch of this warp: its rows into L2 now
       const int64_t nidx = idx + 4 * 32;
       if (nidx < k1) {
         const int64_t ns = nidx < int64_t(n_sel) * a.chunk ? int64_t(my[nidx / a.chunk]) * a.chunk + nidx % a.chunk
@@ -1144,10 +1229,12 @@ __global__ void transpose_kernel(const T* src, int64_t rows, int64_t cols, T* ds
 using GemvFn = void (*)(GemvArgs, Tabs);
 struct GemvVariant {
   GemvFn fn;
-  int loads, rw, rows;  // rows ≤ 0: gemv_row_kernel (B = 1, K ≤ loads·256), 0 with kLn, −1 without
+  int loads, rw, rows;  // rows ≤ 0: gemv_row_kernel (B = 1, K ≤ loads·256), 0 with kLn, −1 without, −2 kLn + kEmbed
 };
 const GemvVariant kGemvVariants[] = {
     {gemv_row_kernel<3, 1, true>, 3, 1, 0},   {gemv_row_kernel<3, 2, true>, 3, 2, 0},   {gemv_row_kernel<3, 4, true>, 3, 4, 0},
+    {gemv_row_kernel<3, 1, true, true>, 3, 1, -2}, {gemv_row_kernel<3, 2, true, true>, 3, 2, -2},
+    {gemv_row_kernel<3, 4, true, true>, 3, 4, -2},
     {gemv_row_kernel<3, 1, false>, 3, 1, -1}, {gemv_row_kernel<3, 2, false>, 3, 2, -1}, {gemv_row_kernel<3, 4, false>, 3, 4, -1},
     {gemv_row_kernel<12, 1, false>, 12, 1, -1}, {gemv_row_kernel<12, 2, false>, 12, 2, -1},
     {gemv_kernel<3, 1, 1>, 3, 1, 1},       {gemv_kernel<3, 4, 1>, 3, 4, 1},       {gemv_kernel<12, 1, 1>, 12, 1, 1},
@@ -1175,11 +1262,33 @@ class CudaStepDecoder final : public StepDecoder {
     if (const char* e = std::getenv("RWKVX_DECODE_PROBE"); e && *e) probe_ = std::atoi(e);
     if (const char* e = std::getenv("RWKVX_DECODE_MIN_RW"); e && *e) min_rw_ = std::atoi(e);
     if (const char* e = std::getenv("RWKVX_DECODE_ATT_FILL"); e && *e) att_fill_ = std::atoi(e);
+    if (const char* e = std::getenv("RWKVX_DECODE_ATT_PREFETCH"); e && *e) att_prefetch_ = std::atoi(e);
+    if (const char* e = std::getenv("RWKVX_DECODE_EMBED_FOLD"); e && *e) fold_embed_ = std::atoi(e) != 0;
     gemv_smem_ = gemv_smem_bytes(C, F);
     for (const GemvVariant& v : kGemvVariants)
       if (v.rows > 0)
         RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
     if (probe_) RWKVX_CUDA_CHECK(cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
+    // rwkv_head_kernel<true> stages the LoRA rows in shared memory when every row is a whole number of 16-byte
+    // pieces and they fit (RWKVX_DECODE_LORA_SMEM=0: the register variant).
+    if (const char* e = std::getenv("RWKVX_DECODE_LORA_SMEM"); e && *e) lora_smem_ = std::atoi(e) != 0;
+    if (!lora_.empty() && lora_smem_) {
+      size_t most = 0;
+      for (const Lora& l : lora_) {
+        const int bf = is_bf16(l.w2t), es = bf ? 2 : 4;
+        for (int64_t d : {c_.dim_w, c_.dim_a, c_.dim_g, c_.dim_v})
+          if ((d * es) % 16 != 0) lora_smem_ = false;
+        const size_t in_bytes = size_t(c_.dim_w + c_.dim_a + c_.dim_g + c_.dim_v) * 4;
+        most = std::max(most, head_smem(int((in_bytes + 15) / 16 * 16), int(c_.dim_v), bf));
+      }
+      cudaDeviceProp prop{};
+      int dev = 0;
+      RWKVX_CUDA_CHECK(cudaGetDevice(&dev));
+      RWKVX_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+      if (most > size_t(prop.sharedMemPerBlockOptin)) lora_smem_ = false;
+      if (lora_smem_)
+        RWKVX_CUDA_CHECK(cudaFuncSetAttribute(rwkv_head_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
+    }
     be_.synchronize();
   }
   ~CudaStepDecoder() override {
@@ -1456,10 +1565,11 @@ class CudaStepDecoder final : public StepDecoder {
     const GemvVariant* v = nullptr;
     size_t smem = 0;
     int tile = 1;
-    const bool ln = g.a.in == nullptr;
+    const bool ln = g.a.in == nullptr, emb = g.a.emb != nullptr;
+    RWKVX_ASSERT(!emb || (b.B == 1 && ln && g.a.K <= 768), "gemv: the embedding prologue is for one stream, K <= 768");
     if (b.B == 1 && g.a.K <= (ln ? 3 : 12) * 256) {
       for (const GemvVariant& c : kGemvVariants) {
-        if (c.rows != (ln ? 0 : -1) || c.loads != loads) continue;
+        if (c.rows != (ln ? (emb ? -2 : 0) : -1) || c.loads != loads) continue;
         v = &c;  // listed by increasing rows per warp
         if (c.rw < min_rw_) continue;
         if (count_tasks(c.rw) <= int64_t(be_.sm_count()) * blocks_per_sm(c.fn, 0) * kGemvWarps) break;
@@ -1482,7 +1592,7 @@ class CudaStepDecoder final : public StepDecoder {
     const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(v->fn, smem) / int64_t(tiles);
     const int64_t want = (g.a.n_tasks + kGemvWarps - 1) / kGemvWarps;
     const unsigned blocks = unsigned(std::max<int64_t>(1, std::min(want, resident)));
-    launch(v->fn, dim3(blocks, tiles), dim3(kGemvWarps * 32), smem, g.a, b.tabs);
+    launch_with(!emb, v->fn, dim3(blocks, tiles), dim3(kGemvWarps * 32), smem, g.a, b.tabs);  // emb: the step's first
   }
   int blocks_per_sm(GemvFn fn, size_t smem) {
     auto [it, fresh] = occupancy_.try_emplace({fn, smem}, 0);
@@ -1509,7 +1619,8 @@ class CudaStepDecoder final : public StepDecoder {
   static int probe_kind(const void* fn) {
     for (const GemvVariant& v : kGemvVariants)
       if (fn == reinterpret_cast<const void*>(v.fn)) return 1 | 2;
-    if (fn == reinterpret_cast<const void*>(rwkv_head_kernel)) return 1 | 4;
+    if (fn == reinterpret_cast<const void*>(rwkv_head_kernel<true>) || fn == reinterpret_cast<const void*>(rwkv_head_kernel<false>))
+      return 1 | 4;
     if (fn == reinterpret_cast<const void*>(attend_kernel<float>) || fn == reinterpret_cast<const void*>(attend_kernel<__nv_bfloat16>) ||
         fn == reinterpret_cast<const void*>(gate_mean_kernel))
       return 1 | 8;
@@ -1535,8 +1646,17 @@ class CudaStepDecoder final : public StepDecoder {
   void enqueue(const Bufs& b) {
     const int C = int(c_.n_embd), H = C / kHN, B = b.B;
     auto mp = [](const Tensor& t) { return const_cast<float*>(fp(t)); };
-    launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight),
-                fp(w_.ln0.bias), b.tabs, mp(b.x));
+    // One stream: the first block's first GEMV forms x = LayerNorm0(emb[id]) itself (no embed_kernel).
+    bool pending_embed = fold_embed_ && B == 1 && C <= 768;
+    if (!pending_embed)
+      launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C,
+                  fp(w_.ln0.weight), fp(w_.ln0.bias), b.tabs, mp(b.x));
+    auto take_embed = [&](Gemv& g) {
+      if (!pending_embed) return;
+      g.a.emb = w_.emb.data, g.a.emb_bf16 = is_bf16(w_.emb), g.a.ln0_w = fp(w_.ln0.weight), g.a.ln0_b = fp(w_.ln0.bias);
+      g.a.x_out = mp(b.x);
+      pending_embed = false;
+    };
     for (const BlockRef& ref : c_.exec_order) {
       if (ref.kind == BlockRef::Kind::rwkv) {
         const int i = ref.index;
@@ -1546,6 +1666,7 @@ class CudaStepDecoder final : public StepDecoder {
         const bool first = i == 0;
         Gemv p = ln_gemv(b.x, bw.ln1, C);
         p.a.shift_kind = 1, p.a.shift_layer = i, p.a.save_xn = mp(b.xsave);
+        take_embed(p);
         job(p, a.receptance, &a.x_r, mp(b.r), C, kStore);
         job(p, a.key, &a.x_k, mp(b.k), C, kStore);
         job(p, a.value, &a.x_v, mp(b.v), C, kStore);
@@ -1563,8 +1684,13 @@ class CudaStepDecoder final : public StepDecoder {
         h.w0 = fp(a.w0), h.a0 = fp(a.a0), h.v0 = first ? nullptr : fp(a.v0), h.k_k = fp(a.k_k), h.k_a = fp(a.k_a);
         h.r_k = fp(a.r_k), h.ln_w = fp(a.ln_x.weight), h.ln_b = fp(a.ln_x.bias);
         h.xsave = fp(b.xsave), h.layer = i, h.y = mp(b.y), h.C = C;
-        const size_t smem = size_t(h.dw + h.da + h.dg + std::max(h.dv, 0)) * 4;
-        launch(rwkv_head_kernel, dim3(unsigned(B * H)), dim3(256), smem, h, b.tabs);
+        const size_t in_bytes = size_t(h.dw + h.da + h.dg + std::max(h.dv, 0)) * 4;
+        if (lora_smem_) {
+          h.wstage_off = int((in_bytes + 15) / 16 * 16);
+          launch(rwkv_head_kernel<true>, dim3(unsigned(B * H)), dim3(256), head_smem(h.wstage_off, h.dv, h.bf16), h, b.tabs);
+        } else {
+          launch(rwkv_head_kernel<false>, dim3(unsigned(B * H)), dim3(256), in_bytes, h, b.tabs);
+        }
         Gemv o = buf_gemv(b.y, C);
         job(o, a.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -1573,6 +1699,7 @@ class CudaStepDecoder final : public StepDecoder {
         const int m = ref.index;
         const SparseBlockWeights& sw = w_.sparse[size_t(m)];
         Gemv p = ln_gemv(b.x, sw.ln1, C);
+        take_embed(p);
         job(p, sw.query, nullptr, mp(b.q), C, kStore);
         job(p, sw.key, nullptr, nullptr, C, kKvK, m);
         job(p, sw.value, nullptr, nullptr, C, kKvV, m);
@@ -1585,6 +1712,7 @@ class CudaStepDecoder final : public StepDecoder {
           launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
         AttendArgs at{};
         at.fold_gate = fold_gate_, at.Kp = g.Kp, at.mean_blocks_per_row = g.mean_blocks_per_row, at.kv_bf16 = g.kv_bf16;
+        at.prefetch = att_prefetch_;
         float* pm = mp(b.part);
         const size_t n = size_t(B) * size_t(H) * size_t(b.S);
         at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
@@ -1603,6 +1731,10 @@ class CudaStepDecoder final : public StepDecoder {
     job(hd, w_.head, nullptr, nullptr, int(c_.n_vocab), kLogits);
     if (B == 1 && head_rw_ > 0 && is_bf16(w_.head) && C <= 768) run_head(hd, b);
     else run(hd, b);
+  }
+  // rwkv_head_kernel<true>'s shared memory: the LoRA inputs (wstage_off bytes) and 64 rows of each matrix.
+  size_t head_smem(int wstage_off, int dv, int bf16) const {
+    return size_t(wstage_off) + size_t(kHN) * size_t(c_.dim_w + c_.dim_a + c_.dim_g + std::max(dv, 0)) * (bf16 ? 2 : 4);
   }
   // The single-stream head: head_kernel<head_rw_> over every resident block.
   void run_head(Gemv& g, const Bufs& b) {
@@ -1627,6 +1759,9 @@ class CudaStepDecoder final : public StepDecoder {
   // their work. RWKVX_DECODE_MIN_RW: fewest rows per warp of the single-stream GEMVs. RWKVX_DECODE_ATT_FILL > 0:
   // attention splits for that many blocks per SM (the earlier rule, 5) instead of the blocks that fit.
   int probe_ = 0, min_rw_ = 1, att_fill_ = 0;
+  int att_prefetch_ = 3;  // AttendArgs::prefetch; RWKVX_DECODE_ATT_PREFETCH
+  bool lora_smem_ = true;  // rwkv_head_kernel<true>
+  bool fold_embed_ = true;  // one stream: the embedding in the first GEMV's prologue; RWKVX_DECODE_EMBED_FOLD
   size_t gemv_smem_ = 0;
   std::map<std::pair<GemvFn, size_t>, int> occupancy_;
   std::vector<Lora> lora_;
