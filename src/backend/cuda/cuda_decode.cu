@@ -1,28 +1,27 @@
 // The whole-step decoder of the CUDA backend: one token for each of B streams through the whole model in
-// about 85 kernels (the same count for any B), captured once per batch size as a CUDA graph and replayed.
-// It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations (no bf16
-// rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its logits equal
+// about 85 kernels (82 for RWKV-X 0.2B and one stream), captured once per batch size as a CUDA graph and
+// replayed. It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations (no
+// bf16 rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its logits equal
 // the op path's to fp32 rounding and its chunk choices are the op path's.
 //
-// Kernels of one step (per RWKV block: 5, per sparse block: 6):
+// Kernels of one step (per RWKV block: 5, per sparse block: 5 for one stream, 6 for B > 1):
 //   gemv_row_kernel   (B = 1) multi-matrix GEMV with the input row in every warp's registers: optional
 //                     prologue LayerNorm(x) with token-shift mixes computed on the fly (xn + (shift − xn) ⊙ μ
 //                     per matrix), epilogues store / tanh / σ / relu² / residual add / KV-cache store.
 //   gemv_kernel       the same for B > 1 (8 rows per tile, grid.y = row tiles; rows staged in shared memory).
+//   head_kernel       (B = 1, bf16) the output head, streaming its weights (the next task's rows requested
+//                     before the current task's math), written straight into the step's logits tensor.
 //   rwkv_head_kernel  per (stream, head): LoRA second stages (decay, learning rate, gate, value residual),
 //                     the WKV-7 input prep, one WKV-7 state step, GroupNorm + bonus + gate, token-shift store.
-//   gate_mean_kernel  per (stream, head) warp: fp64 top-(k−1) chunk gate; extra blocks store the mean of a
-//                     chunk the new key completed.
-//   attend_kernel     split-key decode attention over the chosen chunks + the own chunk; the last split of
-//                     a (stream, head) merges the partials.
-// Single-stream decode is a chain of small latency-bound kernels, so the time goes to the gaps between
-// them, not to bytes: every kernel after the first is a programmatic dependent launch that requests its
-// weights (never written) before waiting for its predecessor. (Pulling the weights of later kernels into L2
-// with bulk prefetches was measured slower.)
-// Everything that changes between steps (token ids, state slots, positions, state and KV-cache pointers)
-// is a table in device memory uploaded before each replay, so one graph serves every step of a batch size;
-// KV caches grow (capacity doubling) on the host between steps. Eviction (§7.4) is not done here: models
-// with it enabled decode op by op.
+//   gate_mean_kernel  (B > 1) per (stream, head) warp: fp64 top-(k−1) chunk gate; extra blocks store the mean
+//                     of a chunk the new key completed. For one stream the attention kernel does both.
+//   attend_kernel     split-key decode attention over the chosen chunks + the own chunk (one wave of blocks);
+//                     the last split of a (stream, head) merges the partials.
+// Single-stream decode is a chain of small latency-bound kernels: every kernel after the first is a
+// programmatic dependent launch that requests its weights (never written) and whatever the previous step
+// left (WKV state, chunk means) before waiting for its predecessor. (Pulling the weights of later kernels into
+// L2 with bulk prefetches was measured slower.) RWKVX_DECODE_PROBE (measurement only) replaces kernels of a
+// kind by empty ones, to see what each kind costs inside the chain.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -65,11 +64,11 @@ struct Tabs {
   void* const* kc;          // [n_sparse · B] → [cap, C] (f32 or bf16)
   void* const* vc;          // [n_sparse · B]
   float* const* mean;       // [n_sparse · B] → [cap / chunk, C]
-  float* const* logits;     // [1] → [B, vocab]: this step's output tensor (written in place, no copy after it)
+  float* const* logits;     // [1] → [1, vocab]: this step's output tensor (head_kernel writes it in place)
   int B;
 };
 
-enum Epi : int { kStore = 0, kTanh, kSigmoid, kRelu2, kAdd, kKvK, kKvV, kLogits };
+enum Epi : int { kStore = 0, kTanh, kSigmoid, kRelu2, kAdd, kKvK, kKvV };
 
 struct GemvJob {
   const void* W;  // [N, K] row-major (torch Linear layout)
@@ -97,12 +96,6 @@ struct GemvArgs {
   int copy_layer;
   int kv_bf16;
   int C;
-  // gemv_row_kernel<…, kEmbed>: x = LayerNorm0(emb[ids[0]]) is formed in the prologue (and stored into x_out by
-  // one warp) instead of read from x: the step's first kernel, in place of embed_kernel.
-  const void* emb;
-  int emb_bf16;
-  const float *ln0_w, *ln0_b;
-  float* x_out;
 };
 
 __device__ __forceinline__ void bf16x8(const uint4 u, float* f) {
@@ -135,9 +128,7 @@ __device__ __forceinline__ void load_rows(const GemvJob& jb, int o0, int K, int 
     }
 }
 
-// logits: the step's logits tensor (tb.logits[0], read once per kernel before its wait).
-__device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb, const GemvJob& jb, int r, int o, float v,
-                                              float* logits) {
+__device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb, const GemvJob& jb, int r, int o, float v) {
   switch (jb.epi) {
     case kStore: jb.out[int64_t(r) * jb.ldo + o] = v; break;
     case kTanh: jb.out[int64_t(r) * jb.ldo + o] = tanhf(v); break;
@@ -148,7 +139,6 @@ __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, const Tabs& tb,
       break;
     }
     case kAdd: jb.out[int64_t(r) * jb.ldo + o] += v; break;
-    case kLogits: logits[int64_t(r) * jb.ldo + o] = v; break;
     default: {
       void* base = (jb.epi == kKvK ? tb.kc : tb.vc)[jb.layer * tb.B + r];
       const int64_t idx = tb.pos[r] * a.C + o;
@@ -184,7 +174,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
   if (shift && int(threadIdx.x) < nr)
     s_shift_row[threadIdx.x] =
         (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[r0 + threadIdx.x]) * K;
-  float* const logits = tb.logits[0];
   await_previous_kernel();
   const int K4 = K / 4;
   float4* xs4 = reinterpret_cast<float4*>(xs);
@@ -347,7 +336,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
         const float s = warp_sum(acc[rr][t]);
         if (lane == t) v = s;
       }
-      if (lane < nr) gemv_epilogue(a, tb, jb, r0 + lane, o, v, logits);
+      if (lane < nr) gemv_epilogue(a, tb, jb, r0 + lane, o, v);
     }
   }
 }
@@ -367,9 +356,8 @@ __device__ __forceinline__ void ldg8(const float* p, float* f) {
 // weight pieces), does the prologue LayerNorm with shuffles (each warp redundantly: 24 values a lane), then
 // dots its tasks' rows. Grid (≤ resident blocks), kGemvWarps warps per block, tasks of kRW rows as above.
 // kLn: the input is LayerNorm(x) with optional shift mixes (a.in == nullptr), else the rows a.in.
-template <int kLoads, int kRW, bool kLn, bool kEmbed = false>
+template <int kLoads, int kRW, bool kLn>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
-  static_assert(kLn || !kEmbed, "the embedding prologue feeds the LayerNorm prologue");
   constexpr int kMixLoads = kLn ? kLoads : 1;  // register arrays only the LayerNorm prologue uses
   const int K = a.K;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -393,7 +381,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
   // The shift row's address comes from the step's tables, constant while the step runs.
   const float* shift_row =
       shift ? (a.shift_kind == 1 ? tb.att_shift : tb.ffn_shift)[a.shift_layer] + int64_t(tb.slot[0]) * K : nullptr;
-  float* const logits = tb.logits[0];
   await_previous_kernel();
   // Residual adds: lane rr reads output o0 + rr of its task before the math (with the input row for the
   // first task), so the epilogue is a plain store.
@@ -422,49 +409,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
 #pragma unroll
       for (int e = 0; e < 8; ++e) xv[u][e] = dv[u][e] = lw[u][e] = lb[u][e] = 0.f;
       if (i < K) {
-        if constexpr (!kEmbed) load8(a.x + i, xv[u]);
+        load8(a.x + i, xv[u]);
         if (shift) load8(shift_row + i, dv[u]);
         ldg8(a.ln_w + i, lw[u]), ldg8(a.ln_b + i, lb[u]);
-      }
-    }
-    if constexpr (kEmbed) {  // x = LayerNorm0(emb[ids[0]]), every warp; warp 0 of block 0 stores it
-      const int64_t row = int64_t(tb.ids[0]) * K;
-      float l0w[kLoads][8], l0b[kLoads][8];
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        const int i = u * 256 + lane * 8;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) l0w[u][e] = l0b[u][e] = 0.f;
-        if (i < K) {
-          if (a.emb_bf16) bf16x8(__ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.emb) + row + i)), xv[u]);
-          else ldg8(static_cast<const float*>(a.emb) + row + i, xv[u]);
-          ldg8(a.ln0_w + i, l0w[u]), ldg8(a.ln0_b + i, l0b[u]);
-        }
-      }
-      float sum = 0.f;
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) sum += xv[u][e];
-      const float mean = warp_sum(sum) / float(K);
-      float var = 0.f;
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u)
-        if (u * 256 + lane * 8 < K)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) var += (xv[u][e] - mean) * (xv[u][e] - mean);
-      const float inv = rsqrtf(warp_sum(var) / float(K) + 1e-5f);
-      const bool store = blockIdx.x == 0 && warp == 0;
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        const int i = u * 256 + lane * 8;
-        if (i >= K) continue;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) xv[u][e] = (xv[u][e] - mean) * inv * l0w[u][e] + l0b[u][e];
-        if (store) {
-          reinterpret_cast<float4*>(a.x_out + i)[0] = make_float4(xv[u][0], xv[u][1], xv[u][2], xv[u][3]);
-          reinterpret_cast<float4*>(a.x_out + i)[1] = make_float4(xv[u][4], xv[u][5], xv[u][6], xv[u][7]);
-        }
       }
     }
     {
@@ -546,7 +493,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
       const float v = warp_sum(acc[rr]);
       if (lane == rr) {
         if (jb.epi == kAdd) jb.out[o] = prior + v;  // = out += v
-        else gemv_epilogue(a, tb, jb, 0, o, v, logits);
+        else gemv_epilogue(a, tb, jb, 0, o, v);
       }
     }
   }
@@ -685,7 +632,6 @@ struct HeadArgs {
   int layer;
   float* y;  // [B, C]
   int C;
-  int wstage_off;  // rwkv_head_kernel<true>: byte offset of the staged LoRA rows in dynamic shared memory
 };
 
 __device__ __forceinline__ float wat(const void* W, int bf16, int64_t i) {
@@ -694,20 +640,13 @@ __device__ __forceinline__ float wat(const void* W, int bf16, int64_t i) {
 
 constexpr int kLoraPieces = 16;  // 16-byte pieces of a second-stage LoRA row a thread holds (128 bf16, 64 f32)
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(unsigned(__cvta_generic_to_shared(smem))), "l"(gmem)
-               : "memory");
-}
-
-// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows (then, kSmem, the staged LoRA
-// rows). Before waiting on the previous kernel, thread (m, j) = (tid / 64, tid % 64) needs row h·64 + j of
-// second-stage LoRA matrix m (decay, learning rate, gate, value residual): kSmem: the block copies the 64 rows
-// of each matrix into shared memory (cp.async; no registers held, so the block fits beside a running GEMV and
-// starts its copies early), else the thread loads its row into registers. Threads < 64 load their channel's
-// constants, and every thread its WKV state piece.
-template <bool kSmem>
+// Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows. Before waiting on the
+// previous kernel, thread (m, j) = (tid / 64, tid % 64) loads row h·64 + j of second-stage LoRA matrix m (decay,
+// learning rate, gate, value residual) into registers, threads < 64 their channel's constants, and every
+// thread its piece of the WKV state. (Staging the LoRA rows in shared memory with cp.async instead, to hold
+// fewer registers, was measured slower.)
 __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb) {
-  extern __shared__ __align__(16) float lora[];
+  extern __shared__ float lora[];
   __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_y[kHN];
   __shared__ float s_dot[4][kHN];
   __shared__ float s_n2[2];
@@ -716,24 +655,9 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   const void* M = m == 0 ? a.w2t : m == 1 ? a.a2t : m == 2 ? a.g2t : a.v2t;
   const int d = m == 0 ? a.dw : m == 1 ? a.da : m == 2 ? a.dg : a.dv;  // dv = 0 in the first block
   const int es = a.bf16 ? 2 : 4;
-  const int pieces = d > 0 && (d * es) % 16 == 0 ? (kSmem ? d * es / 16 : min(d * es / 16, kLoraPieces)) : 0;
-  uint4 wp[kSmem ? 1 : kLoraPieces];
-  const uint4* srow = nullptr;  // kSmem: this thread's row in shared memory
-  if constexpr (kSmem) {  // every row length a multiple of 16 bytes (the host checks)
-    char* base = reinterpret_cast<char*>(lora) + a.wstage_off;
-    int off = 0;
-#pragma unroll
-    for (int mm = 0; mm < 4; ++mm) {
-      const void* Mm = mm == 0 ? a.w2t : mm == 1 ? a.a2t : mm == 2 ? a.g2t : a.v2t;
-      const int dm = mm == 0 ? a.dw : mm == 1 ? a.da : mm == 2 ? a.dg : a.dv;
-      const int bytes = kHN * dm * es;
-      const char* src = static_cast<const char*>(Mm) + int64_t(h) * bytes;
-      for (int i = tid * 16; i < bytes; i += 256 * 16) cp_async16(base + off + i, src + i);
-      if (mm == m) srow = reinterpret_cast<const uint4*>(base + off + j * dm * es);
-      off += bytes;
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  } else {
+  const int pieces = d > 0 && (d * es) % 16 == 0 ? min(d * es / 16, kLoraPieces) : 0;
+  uint4 wp[kLoraPieces];
+  {
     const uint4* row = reinterpret_cast<const uint4*>(static_cast<const char*>(M) + int64_t(c) * d * es);
 #pragma unroll
     for (int u = 0; u < kLoraPieces; ++u) wp[u] = u < pieces ? __ldg(row + u) : make_uint4(0, 0, 0, 0);
@@ -773,7 +697,6 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   for (int x = tid; x < a.dg; x += 256) lg[x] = a.hg[int64_t(b) * a.dg + x];
   if (!a.first)
     for (int x = tid; x < a.dv; x += 256) lv[x] = a.hv[int64_t(b) * a.dv + x];
-  if constexpr (kSmem) asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
   {  // second LoRA stages: thread (m, j) dots its row with the first stage's output
     const float* lin = m == 0 ? lw : m == 1 ? la : m == 2 ? lg : lv;
@@ -790,15 +713,10 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
                __uint_as_float(w4.z) * lin[u * 4 + 2] + __uint_as_float(w4.w) * lin[u * 4 + 3];
       }
     };
-    if constexpr (kSmem) {
-#pragma unroll 4
-      for (int u = 0; u < pieces; ++u) piece(u, srow[u]);
-    } else {
 #pragma unroll
-      for (int u = 0; u < kLoraPieces; ++u) {
-        if (u >= pieces) break;
-        piece(u, wp[u]);
-      }
+    for (int u = 0; u < kLoraPieces; ++u) {
+      if (u >= pieces) break;
+      piece(u, wp[u]);
     }
     float dot = dp[0] + dp[1];
     for (int x = pieces * (16 / es); x < d; ++x) dot += lin[x] * wat(M, a.bf16, int64_t(c) * d + x);  // rows too long or unaligned
@@ -829,10 +747,10 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   __syncthreads();
   {  // WKV step; α = −kk/|kk|, β = kk/|kk| ⊙ a formed here from kk, a and the two halves of |kk|²
     const int i = i_row, g = g_col;
-    const float norm = fmaxf(sqrtf(s_n2[0] + s_n2[1]), 1e-12f);
+    const float inv_norm = 1.0f / fmaxf(sqrtf(s_n2[0] + s_n2[1]), 1e-12f);  // one division, not 16
     float kn[16];
 #pragma unroll
-    for (int jj = 0; jj < 16; ++jj) kn[jj] = s_kk[g * 16 + jj] / norm;
+    for (int jj = 0; jj < 16; ++jj) kn[jj] = s_kk[g * 16 + jj] * inv_norm;
     float sa = 0.f;
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) sa += st[jj] * -kn[jj];
@@ -1031,12 +949,6 @@ __device__ __forceinline__ float dot64<__nv_bfloat16>(const float* qs, const __n
 }
 
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-// The 64 K and 64 V values of a key (one head) into L2: 128-byte lines at 0 and 128 B (f32: 256 B a row).
-template <typename KT>
-__device__ __forceinline__ void prefetch_kv_row(const KT* k, const KT* v) {
-  prefetch_l2(k), prefetch_l2(v);
-  if (sizeof(KT) == 4) prefetch_l2(k + 32), prefetch_l2(v + 32);
-}
 
 // Two adjacent V dims of one key: the pair a lane accumulates.
 __device__ __forceinline__ float2 load_pair(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
@@ -1055,7 +967,6 @@ struct AttendArgs {
   float* out;             // [B, C]
   int fold_gate;          // 1: every block runs the gate itself (no gate_mean_kernel), blocks past B·H update means
   int Kp, mean_blocks_per_row, kv_bf16;
-  int prefetch;  // bits: 1 own-chunk rows before the wait, 2 the next batch's rows
 };
 
 // Grid (B·H, S), 128 threads: split `split` of the query's keys (chosen chunks in order, then the own chunk up
@@ -1063,9 +974,8 @@ struct AttendArgs {
 // lanes then accumulate V over dims (dims 2·lane, 2·lane + 1). The V rows of a batch's keys are requested
 // together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split; the
 // last split of a (row, head) to finish merges the S partials (no separate kernel). The splits are as many as
-// fit on the GPU at once. A warp with a further batch requests that batch's K and V rows into L2 while it
-// works on the current one; keys of the own chunk written in earlier steps (slots < t: their position in the
-// split order needs only the number of choices, min(k − 1, j)) are requested into L2 before the wait.
+// fit on the GPU at once (one wave of blocks). (Requesting the own chunk's older rows and each warp's next
+// batch into L2 ahead of use was measured: no gain for one stream, slower for batches.)
 //
 // fold_gate: the gate runs in warp 0 of every block of the (row, head) (the same gate_select: the same choices),
 // into shared memory, and blocks x ≥ B·H (split 0) do the chunk-mean updates; the chunk means the gate reads (of
@@ -1094,14 +1004,6 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
       prefetch_l2(mean + (e >> 1) * a.C + off + (e & 1) * 32);
   const KT* K = static_cast<const KT*>(tb.kc[a.layer * tb.B + b]);
   const KT* V = static_cast<const KT*>(tb.vc[a.layer * tb.B + b]);
-  if (a.prefetch & 1) {  // this thread's first key, if it is an own-chunk key of an earlier step
-    const int64_t own0 = min_i64(a.Kp, j) * a.chunk, n_keys = own0 + (t - j * a.chunk + 1);
-    const int64_t per = (n_keys + S - 1) / S, idx = split * per + threadIdx.x;
-    if (idx >= own0 && idx < min_i64(n_keys, split * per + per)) {
-      const int64_t slot = j * a.chunk + (idx - own0);
-      if (slot < t) prefetch_kv_row(K + slot * a.C + off, V + slot * a.C + off);
-    }
-  }
   await_previous_kernel();
   if (threadIdx.x < kHN) qs[threadIdx.x] = a.q[int64_t(b) * a.C + off + threadIdx.x];
   const int32_t* my = a.sel + int64_t(bt) * kMaxSel;
@@ -1146,14 +1048,6 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
     for (int i = 0; i < 32; ++i) {
       const int64_t si = __shfl_sync(0xffffffffu, slot, i);
       vp[i] = i < n_valid ? load_pair(V + si * a.C + off + 2 * lane) : make_float2(0.f, 0.f);
-    }
-    if ((a.prefetch & 2) && base + 4 * 32 < k1) {  // the next batch of this warp: its rows into L2 now
-      const int64_t nidx = idx + 4 * 32;
-      if (nidx < k1) {
-        const int64_t ns = nidx < int64_t(n_sel) * a.chunk ? int64_t(my[nidx / a.chunk]) * a.chunk + nidx % a.chunk
-                                                           : j * a.chunk + (nidx - int64_t(n_sel) * a.chunk);
-        prefetch_kv_row(K + ns * a.C + off, V + ns * a.C + off);
-      }
     }
     const float sc = valid ? dot64<KT>(qs, K + slot * a.C + off) * a.scale : -INFINITY;
     const float m_new = fmaxf(m, warp_max(sc));  // finite: lane 0 of every batch is valid
@@ -1229,12 +1123,10 @@ __global__ void transpose_kernel(const T* src, int64_t rows, int64_t cols, T* ds
 using GemvFn = void (*)(GemvArgs, Tabs);
 struct GemvVariant {
   GemvFn fn;
-  int loads, rw, rows;  // rows ≤ 0: gemv_row_kernel (B = 1, K ≤ loads·256), 0 with kLn, −1 without, −2 kLn + kEmbed
+  int loads, rw, rows;  // rows ≤ 0: gemv_row_kernel (B = 1, K ≤ loads·256), 0 with kLn, −1 without
 };
 const GemvVariant kGemvVariants[] = {
     {gemv_row_kernel<3, 1, true>, 3, 1, 0},   {gemv_row_kernel<3, 2, true>, 3, 2, 0},   {gemv_row_kernel<3, 4, true>, 3, 4, 0},
-    {gemv_row_kernel<3, 1, true, true>, 3, 1, -2}, {gemv_row_kernel<3, 2, true, true>, 3, 2, -2},
-    {gemv_row_kernel<3, 4, true, true>, 3, 4, -2},
     {gemv_row_kernel<3, 1, false>, 3, 1, -1}, {gemv_row_kernel<3, 2, false>, 3, 2, -1}, {gemv_row_kernel<3, 4, false>, 3, 4, -1},
     {gemv_row_kernel<12, 1, false>, 12, 1, -1}, {gemv_row_kernel<12, 2, false>, 12, 2, -1},
     {gemv_kernel<3, 1, 1>, 3, 1, 1},       {gemv_kernel<3, 4, 1>, 3, 4, 1},       {gemv_kernel<12, 1, 1>, 12, 1, 1},
@@ -1257,38 +1149,13 @@ class CudaStepDecoder final : public StepDecoder {
       lora_.push_back(std::move(l));
     }
     const int64_t C = c_.n_embd, F = c_.n_ffn;
-    if (const char* e = std::getenv("RWKVX_DECODE_HEAD"); e && *e) head_rw_ = std::atoi(e);
     if (const char* e = std::getenv("RWKVX_DECODE_GATE_FOLD"); e && *e) fold_gate_ = std::atoi(e) != 0;
     if (const char* e = std::getenv("RWKVX_DECODE_PROBE"); e && *e) probe_ = std::atoi(e);
-    if (const char* e = std::getenv("RWKVX_DECODE_MIN_RW"); e && *e) min_rw_ = std::atoi(e);
-    if (const char* e = std::getenv("RWKVX_DECODE_ATT_FILL"); e && *e) att_fill_ = std::atoi(e);
-    if (const char* e = std::getenv("RWKVX_DECODE_ATT_PREFETCH"); e && *e) att_prefetch_ = std::atoi(e);
-    if (const char* e = std::getenv("RWKVX_DECODE_EMBED_FOLD"); e && *e) fold_embed_ = std::atoi(e) != 0;
     gemv_smem_ = gemv_smem_bytes(C, F);
     for (const GemvVariant& v : kGemvVariants)
       if (v.rows > 0)
         RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
     if (probe_) RWKVX_CUDA_CHECK(cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
-    // rwkv_head_kernel<true> stages the LoRA rows in shared memory when every row is a whole number of 16-byte
-    // pieces and they fit (RWKVX_DECODE_LORA_SMEM=0: the register variant).
-    if (const char* e = std::getenv("RWKVX_DECODE_LORA_SMEM"); e && *e) lora_smem_ = std::atoi(e) != 0;
-    if (!lora_.empty() && lora_smem_) {
-      size_t most = 0;
-      for (const Lora& l : lora_) {
-        const int bf = is_bf16(l.w2t), es = bf ? 2 : 4;
-        for (int64_t d : {c_.dim_w, c_.dim_a, c_.dim_g, c_.dim_v})
-          if ((d * es) % 16 != 0) lora_smem_ = false;
-        const size_t in_bytes = size_t(c_.dim_w + c_.dim_a + c_.dim_g + c_.dim_v) * 4;
-        most = std::max(most, head_smem(int((in_bytes + 15) / 16 * 16), int(c_.dim_v), bf));
-      }
-      cudaDeviceProp prop{};
-      int dev = 0;
-      RWKVX_CUDA_CHECK(cudaGetDevice(&dev));
-      RWKVX_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-      if (most > size_t(prop.sharedMemPerBlockOptin)) lora_smem_ = false;
-      if (lora_smem_)
-        RWKVX_CUDA_CHECK(cudaFuncSetAttribute(rwkv_head_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
-    }
     be_.synchronize();
   }
   ~CudaStepDecoder() override {
@@ -1348,7 +1215,8 @@ class CudaStepDecoder final : public StepDecoder {
       for (int s = 0; s < B; ++s) grow(state.kv[size_t(m)][size_t(batch.slot[size_t(s)])]);
 
     Bufs& bb = bufs_for(B);
-    // The step writes its logits straight into the tensor it returns (its address is in the tables).
+    // One stream: the head kernel writes the logits straight into the tensor the step returns (its address is in
+    // the tables); otherwise they are copied there from the decoder's buffer after the step.
     logits = be_.alloc_uninit(DType::f32, {B, c_.n_vocab});  // NaN-poisoned when the backend is asked to
     // Parameter blob (layout as in Bufs::tabs), written into pinned host memory (a cheaper upload than from
     // pageable memory); two buffers in turn, each reused once its previous upload has been done.
@@ -1413,6 +1281,8 @@ class CudaStepDecoder final : public StepDecoder {
         kc.len += 1;
         kc.n_chunks = kc.len / kc.chunk;
       }
+    if (!head_in_place(B))
+      RWKVX_CUDA_CHECK(cudaMemcpyAsync(logits.data, bb.logits.data, logits.nbytes(), cudaMemcpyDeviceToDevice, be_.stream()));
     return true;
   }
 
@@ -1422,7 +1292,7 @@ class CudaStepDecoder final : public StepDecoder {
   };
   struct Bufs {
     int B = 0, S = 1;
-    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, done, blob;
+    Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, done, logits, blob;
     size_t blob_bytes = 0, off_ids = 0, off_slot = 0, off_pos = 0, off_att = 0, off_wkv = 0, off_ffn = 0, off_kc = 0,
            off_vc = 0, off_mean = 0, off_logits = 0;
     cudaGraphExec_t exec = nullptr;
@@ -1480,6 +1350,7 @@ class CudaStepDecoder final : public StepDecoder {
     b.hw = buf(Bz * size_t(c_.dim_w)), b.ha = buf(Bz * size_t(c_.dim_a)), b.hg = buf(Bz * size_t(c_.dim_g));
     b.hv = buf(Bz * size_t(std::max<int64_t>(c_.dim_v, 1)));
     b.hbuf = buf(Bz * F);
+    if (!head_in_place(B)) b.logits = buf(Bz * size_t(c_.n_vocab));  // copied into each step's tensor
     if (c_.n_sparse > 0) {
       const int64_t max_keys = int64_t(c_.sparse.top_k) * c_.sparse.chunk;
       int64_t S = std::clamp<int64_t>((max_keys + 127) / 128, 1, 64);  // a split's keys: one batch per warp
@@ -1487,8 +1358,7 @@ class CudaStepDecoder final : public StepDecoder {
       int occ = 0;
       RWKVX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
           &occ, c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>, 128, 0));
-      const int64_t fill = att_fill_ > 0 ? (int64_t(att_fill_) * be_.sm_count() + int64_t(Bz * H) - 1) / int64_t(Bz * H)
-                                         : int64_t(be_.sm_count()) * std::max(occ, 1) / int64_t(Bz * H);
+      const int64_t fill = int64_t(be_.sm_count()) * std::max(occ, 1) / int64_t(Bz * H);
       b.S = int(std::max<int64_t>(1, std::min(S, fill)));
       b.sel = buf(Bz * H * kMaxSel);
       b.part = buf(Bz * H * size_t(b.S) * (kHN + 2));
@@ -1565,13 +1435,11 @@ class CudaStepDecoder final : public StepDecoder {
     const GemvVariant* v = nullptr;
     size_t smem = 0;
     int tile = 1;
-    const bool ln = g.a.in == nullptr, emb = g.a.emb != nullptr;
-    RWKVX_ASSERT(!emb || (b.B == 1 && ln && g.a.K <= 768), "gemv: the embedding prologue is for one stream, K <= 768");
+    const bool ln = g.a.in == nullptr;
     if (b.B == 1 && g.a.K <= (ln ? 3 : 12) * 256) {
       for (const GemvVariant& c : kGemvVariants) {
-        if (c.rows != (ln ? (emb ? -2 : 0) : -1) || c.loads != loads) continue;
+        if (c.rows != (ln ? 0 : -1) || c.loads != loads) continue;
         v = &c;  // listed by increasing rows per warp
-        if (c.rw < min_rw_) continue;
         if (count_tasks(c.rw) <= int64_t(be_.sm_count()) * blocks_per_sm(c.fn, 0) * kGemvWarps) break;
       }
     } else {
@@ -1592,7 +1460,7 @@ class CudaStepDecoder final : public StepDecoder {
     const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(v->fn, smem) / int64_t(tiles);
     const int64_t want = (g.a.n_tasks + kGemvWarps - 1) / kGemvWarps;
     const unsigned blocks = unsigned(std::max<int64_t>(1, std::min(want, resident)));
-    launch_with(!emb, v->fn, dim3(blocks, tiles), dim3(kGemvWarps * 32), smem, g.a, b.tabs);  // emb: the step's first
+    launch(v->fn, dim3(blocks, tiles), dim3(kGemvWarps * 32), smem, g.a, b.tabs);
   }
   int blocks_per_sm(GemvFn fn, size_t smem) {
     auto [it, fresh] = occupancy_.try_emplace({fn, smem}, 0);
@@ -1619,14 +1487,11 @@ class CudaStepDecoder final : public StepDecoder {
   static int probe_kind(const void* fn) {
     for (const GemvVariant& v : kGemvVariants)
       if (fn == reinterpret_cast<const void*>(v.fn)) return 1 | 2;
-    if (fn == reinterpret_cast<const void*>(rwkv_head_kernel<true>) || fn == reinterpret_cast<const void*>(rwkv_head_kernel<false>))
-      return 1 | 4;
+    if (fn == reinterpret_cast<const void*>(rwkv_head_kernel)) return 1 | 4;
     if (fn == reinterpret_cast<const void*>(attend_kernel<float>) || fn == reinterpret_cast<const void*>(attend_kernel<__nv_bfloat16>) ||
         fn == reinterpret_cast<const void*>(gate_mean_kernel))
       return 1 | 8;
-    if (fn == reinterpret_cast<const void*>(head_kernel<1>) || fn == reinterpret_cast<const void*>(head_kernel<2>) ||
-        fn == reinterpret_cast<const void*>(head_kernel<4>))
-      return 1 | 16;
+    if (fn == reinterpret_cast<const void*>(head_kernel<4>)) return 1 | 16;
     if (fn == reinterpret_cast<const void*>(embed_kernel)) return 1 | 32;
     return 1;
   }
@@ -1646,17 +1511,8 @@ class CudaStepDecoder final : public StepDecoder {
   void enqueue(const Bufs& b) {
     const int C = int(c_.n_embd), H = C / kHN, B = b.B;
     auto mp = [](const Tensor& t) { return const_cast<float*>(fp(t)); };
-    // One stream: the first block's first GEMV forms x = LayerNorm0(emb[id]) itself (no embed_kernel).
-    bool pending_embed = fold_embed_ && B == 1 && C <= 768;
-    if (!pending_embed)
-      launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C,
-                  fp(w_.ln0.weight), fp(w_.ln0.bias), b.tabs, mp(b.x));
-    auto take_embed = [&](Gemv& g) {
-      if (!pending_embed) return;
-      g.a.emb = w_.emb.data, g.a.emb_bf16 = is_bf16(w_.emb), g.a.ln0_w = fp(w_.ln0.weight), g.a.ln0_b = fp(w_.ln0.bias);
-      g.a.x_out = mp(b.x);
-      pending_embed = false;
-    };
+    launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C,
+                fp(w_.ln0.weight), fp(w_.ln0.bias), b.tabs, mp(b.x));
     for (const BlockRef& ref : c_.exec_order) {
       if (ref.kind == BlockRef::Kind::rwkv) {
         const int i = ref.index;
@@ -1666,7 +1522,6 @@ class CudaStepDecoder final : public StepDecoder {
         const bool first = i == 0;
         Gemv p = ln_gemv(b.x, bw.ln1, C);
         p.a.shift_kind = 1, p.a.shift_layer = i, p.a.save_xn = mp(b.xsave);
-        take_embed(p);
         job(p, a.receptance, &a.x_r, mp(b.r), C, kStore);
         job(p, a.key, &a.x_k, mp(b.k), C, kStore);
         job(p, a.value, &a.x_v, mp(b.v), C, kStore);
@@ -1684,13 +1539,8 @@ class CudaStepDecoder final : public StepDecoder {
         h.w0 = fp(a.w0), h.a0 = fp(a.a0), h.v0 = first ? nullptr : fp(a.v0), h.k_k = fp(a.k_k), h.k_a = fp(a.k_a);
         h.r_k = fp(a.r_k), h.ln_w = fp(a.ln_x.weight), h.ln_b = fp(a.ln_x.bias);
         h.xsave = fp(b.xsave), h.layer = i, h.y = mp(b.y), h.C = C;
-        const size_t in_bytes = size_t(h.dw + h.da + h.dg + std::max(h.dv, 0)) * 4;
-        if (lora_smem_) {
-          h.wstage_off = int((in_bytes + 15) / 16 * 16);
-          launch(rwkv_head_kernel<true>, dim3(unsigned(B * H)), dim3(256), head_smem(h.wstage_off, h.dv, h.bf16), h, b.tabs);
-        } else {
-          launch(rwkv_head_kernel<false>, dim3(unsigned(B * H)), dim3(256), in_bytes, h, b.tabs);
-        }
+        const size_t smem = size_t(h.dw + h.da + h.dg + std::max(h.dv, 0)) * 4;
+        launch(rwkv_head_kernel, dim3(unsigned(B * H)), dim3(256), smem, h, b.tabs);
         Gemv o = buf_gemv(b.y, C);
         job(o, a.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -1699,7 +1549,6 @@ class CudaStepDecoder final : public StepDecoder {
         const int m = ref.index;
         const SparseBlockWeights& sw = w_.sparse[size_t(m)];
         Gemv p = ln_gemv(b.x, sw.ln1, C);
-        take_embed(p);
         job(p, sw.query, nullptr, mp(b.q), C, kStore);
         job(p, sw.key, nullptr, nullptr, C, kKvK, m);
         job(p, sw.value, nullptr, nullptr, C, kKvV, m);
@@ -1708,17 +1557,17 @@ class CudaStepDecoder final : public StepDecoder {
         g.q = fp(b.q), g.layer = m, g.C = C, g.H = H, g.Kp = std::max(0, c_.sparse.top_k - 1);
         g.chunk = c_.sparse.chunk, g.sel = static_cast<int32_t*>(b.sel.data), g.kv_bf16 = c_.kv_dtype == DType::bf16;
         g.gate_blocks = (B * H + 7) / 8, g.mean_blocks_per_row = (C + 255) / 256;
-        if (!fold_gate_)
+        const bool fold = fold_gate_ && B == 1;
+        if (!fold)
           launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
         AttendArgs at{};
-        at.fold_gate = fold_gate_, at.Kp = g.Kp, at.mean_blocks_per_row = g.mean_blocks_per_row, at.kv_bf16 = g.kv_bf16;
-        at.prefetch = att_prefetch_;
+        at.fold_gate = fold, at.Kp = g.Kp, at.mean_blocks_per_row = g.mean_blocks_per_row, at.kv_bf16 = g.kv_bf16;
         float* pm = mp(b.part);
         const size_t n = size_t(B) * size_t(H) * size_t(b.S);
         at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
         at.chunk = c_.sparse.chunk, at.scale = 1.0f / std::sqrt(float(kHN)), at.pm = pm, at.pl = pm + n, at.pacc = pm + 2 * n;
         at.done = static_cast<unsigned*>(b.done.data), at.out = mp(b.o);
-        const unsigned mean_blocks = fold_gate_ ? unsigned(B * g.mean_blocks_per_row) : 0u;
+        const unsigned mean_blocks = fold ? unsigned(B * g.mean_blocks_per_row) : 0u;
         launch(c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>,
                dim3(unsigned(B * H) + mean_blocks, unsigned(b.S)), dim3(128), 0, at, b.tabs);
         Gemv o = buf_gemv(b.o, C);
@@ -1728,18 +1577,15 @@ class CudaStepDecoder final : public StepDecoder {
       }
     }
     Gemv hd = ln_gemv(b.x, w_.ln_out, C);
-    job(hd, w_.head, nullptr, nullptr, int(c_.n_vocab), kLogits);
-    if (B == 1 && head_rw_ > 0 && is_bf16(w_.head) && C <= 768) run_head(hd, b);
+    job(hd, w_.head, nullptr, mp(b.logits), int(c_.n_vocab), kStore);  // head_kernel: into the tensor in the tables
+    if (head_in_place(B)) run_head(hd, b);
     else run(hd, b);
   }
-  // rwkv_head_kernel<true>'s shared memory: the LoRA inputs (wstage_off bytes) and 64 rows of each matrix.
-  size_t head_smem(int wstage_off, int dv, int bf16) const {
-    return size_t(wstage_off) + size_t(kHN) * size_t(c_.dim_w + c_.dim_a + c_.dim_g + std::max(dv, 0)) * (bf16 ? 2 : 4);
-  }
-  // The single-stream head: head_kernel<head_rw_> over every resident block.
+  // The single-stream head: head_kernel over every resident block, writing the step's logits tensor in place.
+  bool head_in_place(int B) const { return B == 1 && is_bf16(w_.head) && c_.n_embd <= 768; }
   void run_head(Gemv& g, const Bufs& b) {
-    GemvFn fn = head_rw_ == 1 ? head_kernel<1> : head_rw_ == 2 ? head_kernel<2> : head_kernel<4>;
-    const int rw = head_rw_ == 1 ? 1 : head_rw_ == 2 ? 2 : 4;
+    constexpr int rw = 4;
+    GemvFn fn = head_kernel<rw>;
     g.a.C = int(c_.n_embd);
     g.a.job[0].task0 = 0;
     g.a.n_tasks = (g.a.job[0].N + rw - 1) / rw;
@@ -1752,16 +1598,11 @@ class CudaStepDecoder final : public StepDecoder {
   const ModelConfig& c_;
   const ModelWeights& w_;
   bool graph_;
-  int head_rw_ = 4;         // rows per warp task of head_kernel (0: the generic GEMV); RWKVX_DECODE_HEAD
-  bool fold_gate_ = true;   // gate in the attention kernel; RWKVX_DECODE_GATE_FOLD
+  bool fold_gate_ = true;   // one stream: the gate in the attention kernel; RWKVX_DECODE_GATE_FOLD=0: its own kernel
   // Measurement only. RWKVX_DECODE_PROBE: probe_kernel instead of the kernels of a kind (bits: 1 all, 2 the
   // GEMVs, 4 rwkv_head_kernel, 8 attention and gate, 16 head_kernel, 32 embed_kernel): the step's time without
-  // their work. RWKVX_DECODE_MIN_RW: fewest rows per warp of the single-stream GEMVs. RWKVX_DECODE_ATT_FILL > 0:
-  // attention splits for that many blocks per SM (the earlier rule, 5) instead of the blocks that fit.
-  int probe_ = 0, min_rw_ = 1, att_fill_ = 0;
-  int att_prefetch_ = 3;  // AttendArgs::prefetch; RWKVX_DECODE_ATT_PREFETCH
-  bool lora_smem_ = true;  // rwkv_head_kernel<true>
-  bool fold_embed_ = true;  // one stream: the embedding in the first GEMV's prologue; RWKVX_DECODE_EMBED_FOLD
+  // their work (the logits are then wrong).
+  int probe_ = 0;
   size_t gemv_smem_ = 0;
   std::map<std::pair<GemvFn, size_t>, int> occupancy_;
   std::vector<Lora> lora_;
