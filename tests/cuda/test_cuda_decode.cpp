@@ -18,6 +18,7 @@ std::unique_ptr<Backend> gpu(bool step_decoder, bool graph) {
   CudaBackendOptions o;
   o.step_decoder = step_decoder;
   o.decode_graph = graph;
+  o.poison_uninit = true;  // op outputs and the decoder's logits start NaN: a value never written shows
   return make_cuda_backend(o);
 }
 

@@ -146,6 +146,7 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
       throw Error(std::string("RWKVX_CUDA_WKV_SEGMENT='") + seg + "': expected a row count (0 = sequential WKV-7)");
     opt_.wkv_segment_rows = int(rows);
   }
+  if (const char* pin = std::getenv("RWKVX_CUDA_PINNED_COPY"); pin && std::string(pin) == "0") pinned_to_host_ = false;
   workspace_ = scratch(size_t(32) << 20);
 }
 
@@ -184,6 +185,9 @@ CudaBackend::~CudaBackend() {
   plans_.clear();
   workspace_ = Tensor{};
   batch_dev_ = Tensor{};
+  for (cudaEvent_t& e : stage_ev_)
+    if (e) cudaEventDestroy(e);
+  if (stage_) cudaFreeHost(stage_);
   if (lt_) cublasLtDestroy(lt_);
   cudaStreamDestroy(stream_);
 }
@@ -249,10 +253,43 @@ Tensor CudaBackend::upload_weight(const StoredTensor& src, std::initializer_list
   return t;
 }
 
+// A copy to pageable memory is staged by the driver and waits for the stream first; this one goes through a
+// pinned buffer in up to kStagePieces pieces queued at once, the host copying each piece on as soon as its
+// event has fired while the next pieces are still in flight (a decode step's 65 536 logits: 4 × 64 KB).
+// RWKVX_CUDA_PINNED_COPY=0: the plain pageable copy.
 void CudaBackend::to_host(const Tensor& src, float* dst) {
   RWKVX_ASSERT(src.dtype == DType::f32 && src.device == Device::cuda, "to_host: needs an fp32 CUDA tensor");
-  RWKVX_CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
-  synchronize();
+  const size_t n = src.nbytes();
+  if (!pinned_to_host_ || n > kStageMax || n == 0) {
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(dst, src.data, n, cudaMemcpyDeviceToHost, stream_));
+    synchronize();
+    return;
+  }
+  if (stage_cap_ < n) {
+    if (stage_) RWKVX_CUDA_CHECK(cudaFreeHost(stage_));
+    stage_ = nullptr, stage_cap_ = 0;
+    const size_t cap = std::max<size_t>(n, size_t(1) << 20);
+    RWKVX_CUDA_CHECK(cudaMallocHost(&stage_, cap));
+    stage_cap_ = cap;
+  }
+  for (cudaEvent_t& e : stage_ev_)
+    if (!e) RWKVX_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  // Pieces of at least 64 KB (small copies in one piece), 16-byte aligned.
+  const size_t piece = std::max<size_t>((n + kStagePieces - 1) / kStagePieces + 15, size_t(64) << 10) / 16 * 16;
+  const auto* s = static_cast<const uint8_t*>(src.data);
+  auto* st = static_cast<uint8_t*>(stage_);
+  int pieces = 0;
+  for (size_t off = 0; off < n; off += piece, ++pieces) {
+    const size_t len = std::min(piece, n - off);
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(st + off, s + off, len, cudaMemcpyDeviceToHost, stream_));
+    RWKVX_CUDA_CHECK(cudaEventRecord(stage_ev_[pieces], stream_));
+  }
+  auto* d = reinterpret_cast<uint8_t*>(dst);
+  for (int p = 0; p < pieces; ++p) {
+    const size_t off = size_t(p) * piece, len = std::min(piece, n - off);
+    RWKVX_CUDA_CHECK(cudaEventSynchronize(stage_ev_[p]));
+    std::memcpy(d + off, st + off, len);
+  }
 }
 
 void CudaBackend::from_host(const float* src, Tensor& dst) {

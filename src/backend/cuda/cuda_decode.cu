@@ -1,30 +1,30 @@
 // The whole-step decoder of the CUDA backend: one token for each of B streams through the whole model in
-// about 85 kernels (the same count for any B), captured once per batch size as a CUDA graph and replayed.
-// It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations (no bf16
-// rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its logits equal
+// about 85 kernels (82 for RWKV-X 0.2B and one stream), captured once per batch size as a CUDA graph and
+// replayed. It computes what the op path computes (spec model.md §2–§5), with the same fp32 activations (no
+// bf16 rounding of activations: weights are read as stored) and the same fp64 top-k gate, so its logits equal
 // the op path's to fp32 rounding and its chunk choices are the op path's.
 //
-// Kernels of one step (per RWKV block: 5, per sparse block: 6):
+// Kernels of one step (per RWKV block: 5, per sparse block: 5 for one stream, 6 for B > 1):
 //   gemv_row_kernel   (B = 1) multi-matrix GEMV with the input row in every warp's registers: optional
 //                     prologue LayerNorm(x) with token-shift mixes computed on the fly (xn + (shift − xn) ⊙ μ
 //                     per matrix), epilogues store / tanh / σ / relu² / residual add / KV-cache store.
 //   gemv_kernel       the same for B > 1 (8 rows per tile, grid.y = row tiles; rows staged in shared memory).
+//   head_kernel       (B = 1, bf16) the output head, streaming its weights (the next task's rows requested
+//                     before the current task's math), written straight into the step's logits tensor.
 //   rwkv_head_kernel  per (stream, head): LoRA second stages (decay, learning rate, gate, value residual),
 //                     the WKV-7 input prep, one WKV-7 state step, GroupNorm + bonus + gate, token-shift store.
-//   gate_mean_kernel  per (stream, head) warp: fp64 top-(k−1) chunk gate; extra blocks store the mean of a
-//                     chunk the new key completed.
-//   attend_kernel     split-key decode attention over the chosen chunks + the own chunk; the last split of
-//                     a (stream, head) merges the partials.
-// Single-stream decode is a chain of small latency-bound kernels, so the time goes to the gaps between
-// them, not to bytes: every kernel after the first is a programmatic dependent launch that requests its
-// weights (never written) before waiting for its predecessor. (Pulling the weights of later kernels into L2
-// with bulk prefetches was measured slower.)
-// Everything that changes between steps (token ids, state slots, positions, state and KV-cache pointers)
-// is a table in device memory uploaded before each replay, so one graph serves every step of a batch size;
-// KV caches grow (capacity doubling) on the host between steps. Eviction (§7.4) is not done here: models
-// with it enabled decode op by op.
+//   gate_mean_kernel  (B > 1) per (stream, head) warp: fp64 top-(k−1) chunk gate; extra blocks store the mean
+//                     of a chunk the new key completed. For one stream the attention kernel does both.
+//   attend_kernel     split-key decode attention over the chosen chunks + the own chunk (one wave of blocks);
+//                     the last split of a (stream, head) merges the partials.
+// Single-stream decode is a chain of small latency-bound kernels: every kernel after the first is a
+// programmatic dependent launch that requests its weights (never written) and whatever the previous step
+// left (WKV state, chunk means) before waiting for its predecessor. (Pulling the weights of later kernels into
+// L2 with bulk prefetches was measured slower.) RWKVX_DECODE_PROBE (measurement only) replaces kernels of a
+// kind by empty ones, to see what each kind costs inside the chain.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <vector>
@@ -64,6 +64,7 @@ struct Tabs {
   void* const* kc;          // [n_sparse · B] → [cap, C] (f32 or bf16)
   void* const* vc;          // [n_sparse · B]
   float* const* mean;       // [n_sparse · B] → [cap / chunk, C]
+  float* const* logits;     // [1] → [1, vocab]: this step's output tensor (head_kernel writes it in place)
   int B;
 };
 
@@ -498,6 +499,107 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_row_kernel(const __grid_
   }
 }
 
+// Sums over the warp of kR per-lane partials (kR a power of two ≤ 32) in kR − 1 + 5 − log2 kR shuffles instead of
+// 5·kR: at each of the first log2 kR levels a lane keeps half of its rows and adds its partner's half of them.
+// Lane l ends with the total of row l / (32 / kR).
+template <int kR>
+__device__ __forceinline__ float warp_sum_rows(const float (&in)[kR], int lane) {
+  float v[kR];
+#pragma unroll
+  for (int i = 0; i < kR; ++i) v[i] = in[i];
+#pragma unroll
+  for (int lvl = 0; (1 << lvl) < kR; ++lvl) {
+    const int half = kR >> (lvl + 1), off = 16 >> lvl;
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float keep = upper ? v[i + half] : v[i], send = upper ? v[i] : v[i + half];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+  }
+#pragma unroll
+  for (int off = 32 / kR / 2; off > 0; off >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+  return v[0];
+}
+
+// The output head for one stream (B = 1, K ≤ 768, bf16 weights): logits = W · LayerNorm(x), written into the
+// step's logits tensor. A task is kRW consecutive rows of W (kRW · 2 K bytes); a persistent grid of resident
+// blocks, each warp walking its tasks with the next task's weights requested before the current task's math
+// and reduction, so two tasks' loads are in flight per warp most of the time (the head is ≈ 30% of the bytes
+// a step reads and must stream at close to the DRAM bandwidth). LayerNorm by shuffles in every warp.
+template <int kRW>
+__global__ void __launch_bounds__(kGemvWarps * 32) head_kernel(const __grid_constant__ GemvArgs a, const Tabs tb) {
+  const GemvJob& jb = a.job[0];
+  const int K = a.K, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int stride = gridDim.x * kGemvWarps;
+  int task = blockIdx.x * kGemvWarps + warp;
+  uint4 w[kRW][3];
+  load_rows<3, kRW>(jb, task * kRW, K, 0, lane, w);  // zeros past the last row
+  float xv[3][8], lw[3][8], lb[3][8];
+#pragma unroll
+  for (int u = 0; u < 3; ++u) {
+    const int i = u * 256 + lane * 8;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) xv[u][e] = lw[u][e] = lb[u][e] = 0.f;
+    if (i < K) ldg8(a.ln_w + i, lw[u]), ldg8(a.ln_b + i, lb[u]);
+  }
+  float* out = tb.logits[0];
+  await_previous_kernel();
+#pragma unroll
+  for (int u = 0; u < 3; ++u) {
+    const int i = u * 256 + lane * 8;
+    if (i < K) load8(a.x + i, xv[u]);
+  }
+  {
+    float sum = 0.f;
+#pragma unroll
+    for (int u = 0; u < 3; ++u)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += xv[u][e];
+    const float mean = warp_sum(sum) / float(K);
+    float var = 0.f;
+#pragma unroll
+    for (int u = 0; u < 3; ++u)
+      if (u * 256 + lane * 8 < K)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) var += (xv[u][e] - mean) * (xv[u][e] - mean);
+    const float inv = rsqrtf(warp_sum(var) / float(K) + 1e-5f);
+#pragma unroll
+    for (int u = 0; u < 3; ++u)
+      if (u * 256 + lane * 8 < K)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xv[u][e] = (xv[u][e] - mean) * inv * lw[u][e] + lb[u][e];
+  }
+  for (; task < a.n_tasks; task += stride) {
+    uint4 wn[kRW][3];
+    load_rows<3, kRW>(jb, (task + stride) * kRW, K, 0, lane, wn);  // the next task's rows (zeros past the end)
+    float acc[kRW];
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr) acc[rr] = 0.f;
+#pragma unroll
+    for (int u = 0; u < 3; ++u) {
+#pragma unroll
+      for (int rr = 0; rr < kRW; ++rr) {
+        float wf[8];
+        bf16x8(w[rr][u], wf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[rr] += wf[e] * xv[u][e];
+      }
+    }
+    const float v = warp_sum_rows<kRW>(acc, lane);
+    const int o = task * kRW + lane / (32 / kRW);
+    if (lane % (32 / kRW) == 0 && o < jb.N) out[o] = v;
+#pragma unroll
+    for (int rr = 0; rr < kRW; ++rr)
+#pragma unroll
+      for (int u = 0; u < 3; ++u) w[rr][u] = wn[rr][u];
+  }
+}
+
+// Measurement only (RWKVX_DECODE_PROBE=1): stands in for every kernel of a step, same grid and block, no work,
+// so a step's time is the chain's fixed cost alone. The logits are not computed.
+__global__ void probe_kernel() { await_previous_kernel(); }
+
 // x[b] = LayerNorm0(emb[ids[b]]): block per row.
 __global__ void embed_kernel(const void* E, int bf16, int C, const float* w, const float* bias, const Tabs tb, float* x) {
   await_previous_kernel();
@@ -540,13 +642,14 @@ constexpr int kLoraPieces = 16;  // 16-byte pieces of a second-stage LoRA row a 
 
 // Block per (row, head), 256 threads. Dynamic shared memory: hw, ha, hg, hv rows. Before waiting on the
 // previous kernel, thread (m, j) = (tid / 64, tid % 64) loads row h·64 + j of second-stage LoRA matrix m (decay,
-// learning rate, gate, value residual) into registers, and threads < 64 their channel's constants; after it,
-// the WKV state rows are requested first so that their latency overlaps the LoRA dots.
+// learning rate, gate, value residual) into registers, threads < 64 their channel's constants, and every
+// thread its piece of the WKV state. (Staging the LoRA rows in shared memory with cp.async instead, to hold
+// fewer registers, was measured slower.)
 __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const Tabs tb) {
   extern __shared__ float lora[];
-  __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_al[kHN], s_be[kHN], s_y[kHN];
+  __shared__ float s_w[kHN], s_a[kHN], s_kk[kHN], s_k[kHN], s_v[kHN], s_r[kHN], s_g[kHN], s_y[kHN];
   __shared__ float s_dot[4][kHN];
-  __shared__ float s_norm;
+  __shared__ float s_n2[2];
   const int H = a.C / kHN, b = blockIdx.x / H, h = blockIdx.x % H, tid = threadIdx.x, lane = tid & 31;
   const int m = tid / kHN, j = tid % kHN, c = h * kHN + j;
   const void* M = m == 0 ? a.w2t : m == 1 ? a.a2t : m == 2 ? a.g2t : a.v2t;
@@ -569,14 +672,9 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     const int c0 = h * kHN + lane, c1 = c0 + 32;
     rk0 = a.r_k[c0], rk1 = a.r_k[c1], lw0 = a.ln_w[c0], lw1 = a.ln_w[c1], lb0 = a.ln_b[c0], lb1 = a.ln_b[c1];
   }
-  await_previous_kernel();
-  // This channel's r, k, v (and the first block's v) in the same round trip as the state and the LoRA inputs.
-  float rc = 0.f, kc = 0.f, vc = 0.f, vfc = 0.f;
-  if (tid < kHN) {
-    const int64_t o = int64_t(b) * a.C + c;
-    rc = a.r[o], kc = a.k[o], vc = a.v[o];
-    if (!a.first) vfc = a.vfirst[o];
-  }
+  // The WKV state of this layer was last written by the previous step (every kernel of which completed before
+  // this step's first kernel started), so it is read before the wait too: its DRAM round trip overlaps the
+  // previous kernel instead of following it.
   const int i_row = tid >> 2, g_col = tid & 3;  // WKV step: thread (i, g) owns state row i, columns g·16 … g·16 + 15
   float* S = tb.wkv[a.layer] + ((int64_t(tb.slot[b]) * H + h) * kHN + i_row) * kHN + g_col * 16;
   float st[16];
@@ -584,6 +682,14 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   for (int e = 0; e < 4; ++e) {
     const float4 f = reinterpret_cast<const float4*>(S)[e];
     st[4 * e] = f.x, st[4 * e + 1] = f.y, st[4 * e + 2] = f.z, st[4 * e + 3] = f.w;
+  }
+  await_previous_kernel();
+  // This channel's r, k, v (and the first block's v) in the same round trip as the LoRA inputs.
+  float rc = 0.f, kc = 0.f, vc = 0.f, vfc = 0.f;
+  if (tid < kHN) {
+    const int64_t o = int64_t(b) * a.C + c;
+    rc = a.r[o], kc = a.k[o], vc = a.v[o];
+    if (!a.first) vfc = a.vfirst[o];
   }
   float *lw = lora, *la = lw + a.dw, *lg = la + a.da, *lv = lg + a.dg;
   for (int x = tid; x < a.dw; x += 256) lw[x] = a.hw[int64_t(b) * a.dw + x];
@@ -594,20 +700,25 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   __syncthreads();
   {  // second LoRA stages: thread (m, j) dots its row with the first stage's output
     const float* lin = m == 0 ? lw : m == 1 ? la : m == 2 ? lg : lv;
-    float dot = 0.f;
-#pragma unroll
-    for (int u = 0; u < kLoraPieces; ++u) {
-      if (u >= pieces) break;
+    float dp[2] = {0.f, 0.f};  // even and odd pieces: two dependency chains of half the length
+    auto piece = [&](int u, const uint4 w4) {
+      float& dot = dp[u & 1];
       if (a.bf16) {
         float f[8];
-        bf16x8(wp[u], f);
+        bf16x8(w4, f);
 #pragma unroll
         for (int e = 0; e < 8; ++e) dot += f[e] * lin[u * 8 + e];
       } else {
-        dot += __uint_as_float(wp[u].x) * lin[u * 4] + __uint_as_float(wp[u].y) * lin[u * 4 + 1] +
-               __uint_as_float(wp[u].z) * lin[u * 4 + 2] + __uint_as_float(wp[u].w) * lin[u * 4 + 3];
+        dot += __uint_as_float(w4.x) * lin[u * 4] + __uint_as_float(w4.y) * lin[u * 4 + 1] +
+               __uint_as_float(w4.z) * lin[u * 4 + 2] + __uint_as_float(w4.w) * lin[u * 4 + 3];
       }
+    };
+#pragma unroll
+    for (int u = 0; u < kLoraPieces; ++u) {
+      if (u >= pieces) break;
+      piece(u, wp[u]);
     }
+    float dot = dp[0] + dp[1];
     for (int x = pieces * (16 / es); x < d; ++x) dot += lin[x] * wat(M, a.bf16, int64_t(c) * d + x);  // rows too long or unaligned
     s_dot[m][j] = dot;
   }
@@ -617,7 +728,8 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     s_w[j] = expf(-0.60653065971263342f / (1.0f + expf(-(w0c + dec))));
     const float av = 1.0f / (1.0f + expf(-(a0c + lr)));
     s_a[j] = av;
-    s_kk[j] = kc * kkc;
+    const float kk = kc * kkc;
+    s_kk[j] = kk;
     s_k[j] = kc * (1.0f + (av - 1.0f) * kac);
     float vv = vc;
     if (a.first) {
@@ -629,24 +741,19 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
     s_v[j] = vv;
     s_r[j] = rc;
     s_g[j] = gt;
+    const float kk2 = warp_sum(kk * kk);  // |kk|² of this warp's 32 channels (warps 0 and 1)
+    if (lane == 0) s_n2[tid >> 5] = kk2;
   }
   __syncthreads();
-  if (tid < 32) {
-    const float n2 = warp_sum(s_kk[lane] * s_kk[lane] + s_kk[lane + 32] * s_kk[lane + 32]);
-    if (lane == 0) s_norm = fmaxf(sqrtf(n2), 1e-12f);
-  }
-  __syncthreads();
-  if (tid < kHN) {
-    const float kn = s_kk[tid] / s_norm;
-    s_al[tid] = -kn;
-    s_be[tid] = kn * s_a[tid];
-  }
-  __syncthreads();
-  {
+  {  // WKV step; α = −kk/|kk|, β = kk/|kk| ⊙ a formed here from kk, a and the two halves of |kk|²
     const int i = i_row, g = g_col;
+    const float inv_norm = 1.0f / fmaxf(sqrtf(s_n2[0] + s_n2[1]), 1e-12f);  // one division, not 16
+    float kn[16];
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) kn[jj] = s_kk[g * 16 + jj] * inv_norm;
     float sa = 0.f;
 #pragma unroll
-    for (int jj = 0; jj < 16; ++jj) sa += st[jj] * s_al[g * 16 + jj];
+    for (int jj = 0; jj < 16; ++jj) sa += st[jj] * -kn[jj];
     sa += __shfl_xor_sync(0xffffffffu, sa, 1);
     sa += __shfl_xor_sync(0xffffffffu, sa, 2);
     const float vi = s_v[i];
@@ -654,7 +761,7 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) {
       const int jc = g * 16 + jj;
-      st[jj] = st[jj] * s_w[jc] + sa * s_be[jc] + vi * s_k[jc];
+      st[jj] = st[jj] * s_w[jc] + sa * (kn[jj] * s_a[jc]) + vi * s_k[jc];
       yv += st[jj] * s_r[jc];
     }
     yv += __shfl_xor_sync(0xffffffffu, yv, 1);
@@ -681,6 +788,109 @@ __global__ void __launch_bounds__(256) rwkv_head_kernel(const HeadArgs a, const 
   }
 }
 
+// Four floats of shared memory, read afresh at each use (volatile: not hoisted out of loops into registers).
+__device__ __forceinline__ float4 lds_f4(const float* p) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(unsigned(__cvta_generic_to_shared(p))));
+  return v;
+}
+
+// Warp-level top-(k−1) chunk gate of one (row, head): q·mean_n in fp64 over the complete past chunks n < j, the
+// top n_sel = min(Kp, j) (ties: lower n), in ascending chunk order in res[0 … n_sel) of every lane, −1 after.
+// qv: the head's 64 query values in shared memory. kPer chunks of a lane per memory round trip (the insertion
+// order, hence the choice, is the same for any kPer: a lane's chunks lane, lane + 32, … in turn); the attention
+// kernel uses 1 to keep its register count down.
+template <int kPer>
+__device__ __forceinline__ int gate_select(const float* qv, const float* mean, int64_t j, int Kp, int C, int h, int lane,
+                                           int32_t (&res)[kMaxSel]) {
+  const int n_sel = int(min_i64(Kp, j));
+  double bs[kMaxSel];
+  int64_t bn[kMaxSel];
+#pragma unroll
+  for (int u = 0; u < kMaxSel; ++u) bs[u] = 0, bn[u] = -1;
+  for (int64_t n0 = lane; n0 < j; n0 += 32 * kPer) {
+    double s2[kPer];
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) s2[q] = 0;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      if (n0 + 32 * q >= j) break;
+      const float* m = mean + (n0 + 32 * q) * C + int64_t(h) * kHN;
+#pragma unroll
+      for (int d = 0; d < kHN; d += 4) {
+        const float4 m4 = *reinterpret_cast<const float4*>(m + d);
+        const float4 q4 = lds_f4(qv + d);
+        s2[q] += double(q4.x) * double(m4.x);
+        s2[q] += double(q4.y) * double(m4.y);
+        s2[q] += double(q4.z) * double(m4.z);
+        s2[q] += double(q4.w) * double(m4.w);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int64_t n = n0 + 32 * q;
+      if (n >= j) break;
+      const double s = s2[q];
+      int p = n_sel;
+#pragma unroll
+      for (int u = kMaxSel - 1; u >= 0; --u)
+        if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
+#pragma unroll
+      for (int u = kMaxSel - 1; u > 0; --u)
+        if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
+#pragma unroll
+      for (int u = 0; u < kMaxSel; ++u)
+        if (u == p) bs[u] = s, bn[u] = n;
+    }
+  }
+  int hd = 0;
+#pragma unroll
+  for (int r = 0; r < kMaxSel; ++r) res[r] = -1;
+  for (int r = 0; r < n_sel; ++r) {
+    double cs = 0;
+    int64_t cn = -1;
+#pragma unroll
+    for (int u = 0; u < kMaxSel; ++u)
+      if (u == hd) cs = bs[u], cn = bn[u];
+    for (int o = 16; o > 0; o >>= 1) {
+      const double os = __shfl_xor_sync(0xffffffffu, cs, o);
+      const int64_t on = __shfl_xor_sync(0xffffffffu, cn, o);
+      if (on >= 0 && (cn < 0 || os > cs || (os == cs && on < cn))) cs = os, cn = on;
+    }
+    int64_t mine = -1;
+#pragma unroll
+    for (int u = 0; u < kMaxSel; ++u)
+      if (u == hd) mine = bn[u];
+    if (mine == cn && hd < n_sel) ++hd;
+#pragma unroll
+    for (int u = 0; u < kMaxSel; ++u)
+      if (u == r) res[u] = int32_t(cn);
+  }
+  for (int x = 1; x < n_sel; ++x)  // ascending chunk order
+    for (int y = x; y > 0 && res[y - 1] > res[y]; --y) {
+      const int32_t tmp = res[y];
+      res[y] = res[y - 1], res[y - 1] = tmp;
+    }
+  return n_sel;
+}
+
+// Column `col` of the mean of the chunk that row b's new key (cache slot pos[b]) completed, if it completed one
+// (fp64 sum in row order, as the op path's chunk_mean_kernel). Only read from the next step on.
+__device__ __forceinline__ void chunk_mean_update(const Tabs& tb, int layer, int C, int64_t chunk, int kv_bf16, int b, int col) {
+  if (b >= tb.B || col >= C) return;
+  const int64_t t = tb.pos[b];
+  if ((t + 1) % chunk != 0) return;
+  const int64_t n = t / chunk;
+  const void* K = tb.kc[layer * tb.B + b];
+  double s = 0;
+  for (int64_t r = n * chunk; r < (n + 1) * chunk; ++r)
+    s += kv_bf16 ? double(__bfloat162float(static_cast<const __nv_bfloat16*>(K)[r * C + col]))
+                 : double(static_cast<const float*>(K)[r * C + col]);
+  tb.mean[layer * tb.B + b][n * C + col] = float(s / double(chunk));
+}
+
 struct GateArgs {
   const float* q;  // [B, C]
   int layer, C, H, Kp, gate_blocks, mean_blocks_per_row;
@@ -689,9 +899,7 @@ struct GateArgs {
   int kv_bf16;
 };
 
-// Blocks [0, gate_blocks): warp per (row, head): q·mean_n in fp64 over the complete past chunks n < j, the top
-// min(k−1, j) (ties: lower n), written in ascending chunk order, −1 after. Later blocks: the mean of the chunk
-// the new key completed, if it completed one (fp64 sum in row order, as the op path's chunk_mean_kernel).
+// Blocks [0, gate_blocks): warp per (row, head), gate_select into sel. Later blocks: chunk_mean_update.
 __global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const Tabs tb) {
   await_previous_kernel();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -699,99 +907,20 @@ __global__ void __launch_bounds__(256) gate_mean_kernel(const GateArgs a, const 
     const int wid = blockIdx.x * 8 + warp;
     if (wid >= tb.B * a.H) return;
     const int b = wid / a.H, h = wid % a.H;
-    const int64_t t = tb.pos[b], j = t / a.chunk;
-    const int n_sel = int(min_i64(a.Kp, j));
-    const float* qh = a.q + int64_t(b) * a.C + int64_t(h) * kHN;
-    const float* mean = tb.mean[a.layer * tb.B + b];
-    double bs[kMaxSel];
-    int64_t bn[kMaxSel];
-#pragma unroll
-    for (int u = 0; u < kMaxSel; ++u) bs[u] = 0, bn[u] = -1;
-    float qv[kHN];
-#pragma unroll
-    for (int d = 0; d < kHN; d += 4) {
-      const float4 q4 = *reinterpret_cast<const float4*>(qh + d);
-      qv[d] = q4.x, qv[d + 1] = q4.y, qv[d + 2] = q4.z, qv[d + 3] = q4.w;
-    }
-    for (int64_t n0 = lane; n0 < j; n0 += 64) {  // two of a lane's chunks per round trip, inserted in order
-      double s2[2] = {0, 0};
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        if (n0 + 32 * q >= j) break;
-        const float* m = mean + (n0 + 32 * q) * a.C + int64_t(h) * kHN;
-#pragma unroll
-        for (int d = 0; d < kHN; d += 4) {
-          const float4 m4 = *reinterpret_cast<const float4*>(m + d);
-          s2[q] += double(qv[d]) * double(m4.x);
-          s2[q] += double(qv[d + 1]) * double(m4.y);
-          s2[q] += double(qv[d + 2]) * double(m4.z);
-          s2[q] += double(qv[d + 3]) * double(m4.w);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int64_t n = n0 + 32 * q;
-        if (n >= j) break;
-        const double s = s2[q];
-        int p = n_sel;
-#pragma unroll
-        for (int u = kMaxSel - 1; u >= 0; --u)
-          if (u < n_sel && (bn[u] < 0 || s > bs[u])) p = u;
-#pragma unroll
-        for (int u = kMaxSel - 1; u > 0; --u)
-          if (u > p && u < n_sel) bs[u] = bs[u - 1], bn[u] = bn[u - 1];
-#pragma unroll
-        for (int u = 0; u < kMaxSel; ++u)
-          if (u == p) bs[u] = s, bn[u] = n;
-      }
-    }
-    int hd = 0;
+    __shared__ float qw[8][kHN];
+    qw[warp][lane] = a.q[int64_t(b) * a.C + int64_t(h) * kHN + lane];
+    qw[warp][lane + 32] = a.q[int64_t(b) * a.C + int64_t(h) * kHN + lane + 32];
+    __syncwarp();
     int32_t res[kMaxSel];
-#pragma unroll
-    for (int r = 0; r < kMaxSel; ++r) res[r] = -1;
-    for (int r = 0; r < n_sel; ++r) {
-      double cs = 0;
-      int64_t cn = -1;
-#pragma unroll
-      for (int u = 0; u < kMaxSel; ++u)
-        if (u == hd) cs = bs[u], cn = bn[u];
-      for (int o = 16; o > 0; o >>= 1) {
-        const double os = __shfl_xor_sync(0xffffffffu, cs, o);
-        const int64_t on = __shfl_xor_sync(0xffffffffu, cn, o);
-        if (on >= 0 && (cn < 0 || os > cs || (os == cs && on < cn))) cs = os, cn = on;
-      }
-      int64_t mine = -1;
-#pragma unroll
-      for (int u = 0; u < kMaxSel; ++u)
-        if (u == hd) mine = bn[u];
-      if (mine == cn && hd < n_sel) ++hd;
-#pragma unroll
-      for (int u = 0; u < kMaxSel; ++u)
-        if (u == r) res[u] = int32_t(cn);
-    }
+    const int n_sel = gate_select<2>(qw[warp], tb.mean[a.layer * tb.B + b], tb.pos[b] / a.chunk, a.Kp, a.C, h, lane, res);
     if (lane == 0) {
-      for (int x = 1; x < n_sel; ++x)  // ascending chunk order
-        for (int y = x; y > 0 && res[y - 1] > res[y]; --y) {
-          const int32_t tmp = res[y];
-          res[y] = res[y - 1], res[y - 1] = tmp;
-        }
       int32_t* out = a.sel + int64_t(wid) * kMaxSel;
       for (int r = 0; r < kMaxSel; ++r) out[r] = r < n_sel ? res[r] : -1;
     }
     return;
   }
   const int idx = blockIdx.x - a.gate_blocks, b = idx / a.mean_blocks_per_row;
-  const int col = (idx % a.mean_blocks_per_row) * 256 + threadIdx.x;
-  if (b >= tb.B || col >= a.C) return;
-  const int64_t t = tb.pos[b];
-  if ((t + 1) % a.chunk != 0) return;
-  const int64_t n = t / a.chunk;
-  const void* K = tb.kc[a.layer * tb.B + b];
-  double s = 0;
-  for (int64_t r = n * a.chunk; r < (n + 1) * a.chunk; ++r)
-    s += a.kv_bf16 ? double(__bfloat162float(static_cast<const __nv_bfloat16*>(K)[r * a.C + col]))
-                   : double(static_cast<const float*>(K)[r * a.C + col]);
-  tb.mean[a.layer * tb.B + b][n * a.C + col] = float(s / double(a.chunk));
+  chunk_mean_update(tb, a.layer, a.C, a.chunk, a.kv_bf16, b, (idx % a.mean_blocks_per_row) * 256 + threadIdx.x);
 }
 
 template <typename KT>
@@ -819,6 +948,8 @@ __device__ __forceinline__ float dot64<__nv_bfloat16>(const float* qs, const __n
   return s;
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Two adjacent V dims of one key: the pair a lane accumulates.
 __device__ __forceinline__ float2 load_pair(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
 __device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
@@ -834,34 +965,73 @@ struct AttendArgs {
   float *pm, *pl, *pacc;  // [B·H·S], [B·H·S], [B·H·S, 64]
   unsigned* done;         // [B·H] splits finished; zero between steps (the merging block resets it)
   float* out;             // [B, C]
+  int fold_gate;          // 1: every block runs the gate itself (no gate_mean_kernel), blocks past B·H update means
+  int Kp, mean_blocks_per_row, kv_bf16;
 };
 
 // Grid (B·H, S), 128 threads: split `split` of the query's keys (chosen chunks in order, then the own chunk up
 // to the query) under an online softmax; 4 warps score 32 keys at a time (a key per lane, 16-byte loads),
 // lanes then accumulate V over dims (dims 2·lane, 2·lane + 1). The V rows of a batch's keys are requested
 // together with its K rows, so a batch costs one memory round trip. Partial (max, sum, acc) per split; the
-// last split of a (row, head) to finish merges the S partials in split order (no separate kernel).
+// last split of a (row, head) to finish merges the S partials (no separate kernel). The splits are as many as
+// fit on the GPU at once (one wave of blocks). (Requesting the own chunk's older rows and each warp's next
+// batch into L2 ahead of use was measured: no gain for one stream, slower for batches.)
+//
+// fold_gate: the gate runs in warp 0 of every block of the (row, head) (the same gate_select: the same choices),
+// into shared memory, and blocks x ≥ B·H (split 0) do the chunk-mean updates; the chunk means the gate reads (of
+// chunks completed in earlier steps) are prefetched into L2 before the wait.
 template <typename KT>
 __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const Tabs tb) {
   __shared__ __align__(16) float qs[kHN];
   __shared__ float acc_s[4][kHN], ms[4], ls[4];
-  await_previous_kernel();
+  __shared__ int32_t s_sel[kMaxSel];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = gridDim.y, split = blockIdx.y;
-  const int bt = blockIdx.x, b = bt / a.H, h = bt % a.H;
+  const int bt = blockIdx.x;
+  if (a.fold_gate && bt >= tb.B * a.H) {
+    if (split != 0) return;
+    await_previous_kernel();
+    const int idx = bt - tb.B * a.H;
+    for (int c = threadIdx.x; c < 256; c += blockDim.x)
+      chunk_mean_update(tb, a.layer, a.C, a.chunk, a.kv_bf16, idx / a.mean_blocks_per_row,
+                        (idx % a.mean_blocks_per_row) * 256 + c);
+    return;
+  }
+  const int b = bt / a.H, h = bt % a.H;
   const int64_t t = tb.pos[b], j = t / a.chunk, off = int64_t(h) * kHN;
+  const float* mean = tb.mean[a.layer * tb.B + b];
+  if (a.fold_gate && split == 0)
+    for (int64_t e = threadIdx.x; e < 2 * j; e += blockDim.x)
+      prefetch_l2(mean + (e >> 1) * a.C + off + (e & 1) * 32);
   const KT* K = static_cast<const KT*>(tb.kc[a.layer * tb.B + b]);
   const KT* V = static_cast<const KT*>(tb.vc[a.layer * tb.B + b]);
+  await_previous_kernel();
   if (threadIdx.x < kHN) qs[threadIdx.x] = a.q[int64_t(b) * a.C + off + threadIdx.x];
   const int32_t* my = a.sel + int64_t(bt) * kMaxSel;
   int n_sel = 0;  // the choices end at the first −1 (independent loads, one round trip with q)
-  bool ended = false;
+  auto count_sel = [&]() {
+    bool ended = false;
 #pragma unroll
-  for (int u = 0; u < kMaxSel; ++u) {
-    const int32_t c = my[u];
-    ended = ended || c < 0;
-    n_sel += ended ? 0 : 1;
+    for (int u = 0; u < kMaxSel; ++u) {
+      const int32_t c = my[u];
+      ended = ended || c < 0;
+      n_sel += ended ? 0 : 1;
+    }
+  };
+  if (a.fold_gate) {
+    __syncthreads();  // qs
+    if (warp == 0) {
+      int32_t res[kMaxSel];
+      const int n = gate_select<1>(qs, mean, j, a.Kp, a.C, h, lane, res);
+      if (lane == 0)
+        for (int r = 0; r < kMaxSel; ++r) s_sel[r] = r < n ? res[r] : -1;
+    }
+    my = s_sel;
+    __syncthreads();
+    count_sel();
+  } else {
+    count_sel();
+    __syncthreads();
   }
-  __syncthreads();
   const int64_t n_keys = int64_t(n_sel) * a.chunk + (t - j * a.chunk + 1);
   const int64_t per = (n_keys + S - 1) / S, k0 = split * per, k1 = min_i64(n_keys, k0 + per);
   float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
@@ -916,21 +1086,29 @@ __global__ void __launch_bounds__(128) attend_kernel(const AttendArgs a, const T
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  if (threadIdx.x < kHN) {
-    const int d = threadIdx.x;
-    const int64_t p0 = int64_t(bt) * S;
-    float Mx = -INFINITY;
-    for (int s = 0; s < S; ++s) Mx = fmaxf(Mx, __ldcg(a.pm + p0 + s));
-    float Lx = 0.f, acc = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float mv = __ldcg(a.pm + p0 + s);
-      if (mv == -INFINITY) continue;
-      const float w = expf(mv - Mx);
-      Lx += __ldcg(a.pl + p0 + s) * w;
-      acc += __ldcg(a.pacc + (p0 + s) * kHN + d) * w;
-    }
-    a.out[int64_t(b) * a.C + off + d] = acc / Lx;
-  }
+  // Merge of the S ≤ 64 partials, every load of a kind at once (a few L2 round trips, not S): thread s reads
+  // split s's maximum and sum; thread (d, half) sums dim d of the accumulators of every other split.
+  __shared__ float s_wt[64], s_mx[4], s_l[4], s_acc[kHN];
+  const int64_t p0 = int64_t(bt) * S;
+  float mv = -INFINITY, lv = 0.f;
+  if (int(threadIdx.x) < S) mv = __ldcg(a.pm + p0 + threadIdx.x), lv = __ldcg(a.pl + p0 + threadIdx.x);
+  const float wmax = warp_max(mv);
+  if (lane == 0) s_mx[warp] = wmax;
+  __syncthreads();
+  const float Mx = fmaxf(fmaxf(s_mx[0], s_mx[1]), fmaxf(s_mx[2], s_mx[3]));  // finite: split 0 has keys
+  const float wt_s = mv == -INFINITY ? 0.f : expf(mv - Mx);
+  if (threadIdx.x < 64) s_wt[threadIdx.x] = wt_s;
+  const float lsum = warp_sum(lv * wt_s);
+  if (lane == 0) s_l[warp] = lsum;
+  __syncthreads();
+  const float Lx = (s_l[0] + s_l[1]) + (s_l[2] + s_l[3]);
+  const int d = threadIdx.x & (kHN - 1), half = threadIdx.x >> 6;
+  float acc = 0.f;
+#pragma unroll 16
+  for (int s = half; s < S; s += 2) acc += __ldcg(a.pacc + (p0 + s) * kHN + d) * s_wt[s];
+  if (half == 1) s_acc[d] = acc;
+  __syncthreads();
+  if (half == 0) a.out[int64_t(b) * a.C + off + d] = (acc + s_acc[d]) / Lx;
   if (threadIdx.x == 0) a.done[bt] = 0;
 }
 
@@ -971,10 +1149,13 @@ class CudaStepDecoder final : public StepDecoder {
       lora_.push_back(std::move(l));
     }
     const int64_t C = c_.n_embd, F = c_.n_ffn;
+    if (const char* e = std::getenv("RWKVX_DECODE_GATE_FOLD"); e && *e) fold_gate_ = std::atoi(e) != 0;
+    if (const char* e = std::getenv("RWKVX_DECODE_PROBE"); e && *e) probe_ = std::atoi(e);
     gemv_smem_ = gemv_smem_bytes(C, F);
     for (const GemvVariant& v : kGemvVariants)
       if (v.rows > 0)
         RWKVX_CUDA_CHECK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
+    if (probe_) RWKVX_CUDA_CHECK(cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemv_smem_)));
     be_.synchronize();
   }
   ~CudaStepDecoder() override {
@@ -1034,6 +1215,9 @@ class CudaStepDecoder final : public StepDecoder {
       for (int s = 0; s < B; ++s) grow(state.kv[size_t(m)][size_t(batch.slot[size_t(s)])]);
 
     Bufs& bb = bufs_for(B);
+    // One stream: the head kernel writes the logits straight into the tensor the step returns (its address is in
+    // the tables); otherwise they are copied there from the decoder's buffer after the step.
+    logits = be_.alloc_uninit(DType::f32, {B, c_.n_vocab});  // NaN-poisoned when the backend is asked to
     // Parameter blob (layout as in Bufs::tabs), written into pinned host memory (a cheaper upload than from
     // pageable memory); two buffers in turn, each reused once its previous upload has been done.
     HostBlob& h = host_blob_[blob_turn_];
@@ -1067,6 +1251,7 @@ class CudaStepDecoder final : public StepDecoder {
       put(bb.off_wkv + 8 * size_t(i), &state.wkv[size_t(i)].data, 8);
     }
     for (int64_t i = 0; i < c_.n_rwkv + c_.n_sparse; ++i) put(bb.off_ffn + 8 * size_t(i), &state.ffn_shift[size_t(i)].data, 8);
+    put(bb.off_logits, &logits.data, 8);
     RWKVX_CUDA_CHECK(cudaMemcpyAsync(bb.blob.data, h.p, bb.blob_bytes, cudaMemcpyHostToDevice, be_.stream()));
     RWKVX_CUDA_CHECK(cudaEventRecord(h.uploaded, be_.stream()));
 
@@ -1096,10 +1281,8 @@ class CudaStepDecoder final : public StepDecoder {
         kc.len += 1;
         kc.n_chunks = kc.len / kc.chunk;
       }
-    logits = be_.scratch(size_t(B) * size_t(c_.n_vocab) * 4);
-    logits.ndim = 2;
-    logits.shape = {B, c_.n_vocab, 0, 0};
-    RWKVX_CUDA_CHECK(cudaMemcpyAsync(logits.data, bb.logits.data, logits.nbytes(), cudaMemcpyDeviceToDevice, be_.stream()));
+    if (!head_in_place(B))
+      RWKVX_CUDA_CHECK(cudaMemcpyAsync(logits.data, bb.logits.data, logits.nbytes(), cudaMemcpyDeviceToDevice, be_.stream()));
     return true;
   }
 
@@ -1111,7 +1294,7 @@ class CudaStepDecoder final : public StepDecoder {
     int B = 0, S = 1;
     Tensor x, xsave, xsave2, r, k, v, hw, ha, hg, hv, vfirst, y, hbuf, q, o, sel, part, done, logits, blob;
     size_t blob_bytes = 0, off_ids = 0, off_slot = 0, off_pos = 0, off_att = 0, off_wkv = 0, off_ffn = 0, off_kc = 0,
-           off_vc = 0, off_mean = 0;
+           off_vc = 0, off_mean = 0, off_logits = 0;
     cudaGraphExec_t exec = nullptr;
     Tabs tabs{};
   };
@@ -1167,11 +1350,15 @@ class CudaStepDecoder final : public StepDecoder {
     b.hw = buf(Bz * size_t(c_.dim_w)), b.ha = buf(Bz * size_t(c_.dim_a)), b.hg = buf(Bz * size_t(c_.dim_g));
     b.hv = buf(Bz * size_t(std::max<int64_t>(c_.dim_v, 1)));
     b.hbuf = buf(Bz * F);
-    b.logits = buf(Bz * size_t(c_.n_vocab));
+    if (!head_in_place(B)) b.logits = buf(Bz * size_t(c_.n_vocab));  // copied into each step's tensor
     if (c_.n_sparse > 0) {
       const int64_t max_keys = int64_t(c_.sparse.top_k) * c_.sparse.chunk;
       int64_t S = std::clamp<int64_t>((max_keys + 127) / 128, 1, 64);  // a split's keys: one batch per warp
-      const int64_t fill = (5 * int64_t(be_.sm_count()) + int64_t(Bz * H) - 1) / int64_t(Bz * H);
+      // No more splits than fit on the GPU at once: one wave of blocks, no tail wave.
+      int occ = 0;
+      RWKVX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &occ, c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>, 128, 0));
+      const int64_t fill = int64_t(be_.sm_count()) * std::max(occ, 1) / int64_t(Bz * H);
       b.S = int(std::max<int64_t>(1, std::min(S, fill)));
       b.sel = buf(Bz * H * kMaxSel);
       b.part = buf(Bz * H * size_t(b.S) * (kHN + 2));
@@ -1189,6 +1376,7 @@ class CudaStepDecoder final : public StepDecoder {
     b.off_att = take(8 * std::max<size_t>(L, 1)), b.off_wkv = take(8 * std::max<size_t>(L, 1));
     b.off_ffn = take(8 * (L + M)), b.off_kc = take(8 * std::max<size_t>(M * Bz, 1));
     b.off_vc = take(8 * std::max<size_t>(M * Bz, 1)), b.off_mean = take(8 * std::max<size_t>(M * Bz, 1));
+    b.off_logits = take(8);
     b.blob_bytes = off;
     b.blob = be_.scratch(off);
     auto* base = static_cast<uint8_t*>(b.blob.data);
@@ -1201,6 +1389,7 @@ class CudaStepDecoder final : public StepDecoder {
     b.tabs.kc = reinterpret_cast<void* const*>(base + b.off_kc);
     b.tabs.vc = reinterpret_cast<void* const*>(base + b.off_vc);
     b.tabs.mean = reinterpret_cast<float* const*>(base + b.off_mean);
+    b.tabs.logits = reinterpret_cast<float* const*>(base + b.off_logits);
     b.tabs.B = B;
     return b;
   }
@@ -1292,7 +1481,19 @@ class CudaStepDecoder final : public StepDecoder {
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = &attr, cfg.numAttrs = overlap_previous ? 1 : 0;
-    RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+    if (probe_ && (probe_ & probe_kind(reinterpret_cast<const void*>(kernel)))) RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, probe_kernel));
+    else RWKVX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+  }
+  static int probe_kind(const void* fn) {
+    for (const GemvVariant& v : kGemvVariants)
+      if (fn == reinterpret_cast<const void*>(v.fn)) return 1 | 2;
+    if (fn == reinterpret_cast<const void*>(rwkv_head_kernel)) return 1 | 4;
+    if (fn == reinterpret_cast<const void*>(attend_kernel<float>) || fn == reinterpret_cast<const void*>(attend_kernel<__nv_bfloat16>) ||
+        fn == reinterpret_cast<const void*>(gate_mean_kernel))
+      return 1 | 8;
+    if (fn == reinterpret_cast<const void*>(head_kernel<4>)) return 1 | 16;
+    if (fn == reinterpret_cast<const void*>(embed_kernel)) return 1 | 32;
+    return 1;
   }
 
   void ffn(const Bufs& b, const ChannelMixWeights& w, const LayerNormWeights& ln2, int idx) {
@@ -1310,8 +1511,8 @@ class CudaStepDecoder final : public StepDecoder {
   void enqueue(const Bufs& b) {
     const int C = int(c_.n_embd), H = C / kHN, B = b.B;
     auto mp = [](const Tensor& t) { return const_cast<float*>(fp(t)); };
-    launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C, fp(w_.ln0.weight),
-                fp(w_.ln0.bias), b.tabs, mp(b.x));
+    launch_with(false, embed_kernel, dim3(unsigned(B)), dim3(256), size_t(C) * 4, w_.emb.data, is_bf16(w_.emb), C,
+                fp(w_.ln0.weight), fp(w_.ln0.bias), b.tabs, mp(b.x));
     for (const BlockRef& ref : c_.exec_order) {
       if (ref.kind == BlockRef::Kind::rwkv) {
         const int i = ref.index;
@@ -1356,15 +1557,19 @@ class CudaStepDecoder final : public StepDecoder {
         g.q = fp(b.q), g.layer = m, g.C = C, g.H = H, g.Kp = std::max(0, c_.sparse.top_k - 1);
         g.chunk = c_.sparse.chunk, g.sel = static_cast<int32_t*>(b.sel.data), g.kv_bf16 = c_.kv_dtype == DType::bf16;
         g.gate_blocks = (B * H + 7) / 8, g.mean_blocks_per_row = (C + 255) / 256;
-        launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
+        const bool fold = fold_gate_ && B == 1;
+        if (!fold)
+          launch(gate_mean_kernel, dim3(unsigned(g.gate_blocks + B * g.mean_blocks_per_row)), dim3(256), 0, g, b.tabs);
         AttendArgs at{};
+        at.fold_gate = fold, at.Kp = g.Kp, at.mean_blocks_per_row = g.mean_blocks_per_row, at.kv_bf16 = g.kv_bf16;
         float* pm = mp(b.part);
         const size_t n = size_t(B) * size_t(H) * size_t(b.S);
         at.q = fp(b.q), at.sel = static_cast<const int32_t*>(b.sel.data), at.layer = m, at.C = C, at.H = H;
         at.chunk = c_.sparse.chunk, at.scale = 1.0f / std::sqrt(float(kHN)), at.pm = pm, at.pl = pm + n, at.pacc = pm + 2 * n;
         at.done = static_cast<unsigned*>(b.done.data), at.out = mp(b.o);
+        const unsigned mean_blocks = fold ? unsigned(B * g.mean_blocks_per_row) : 0u;
         launch(c_.kv_dtype == DType::bf16 ? attend_kernel<__nv_bfloat16> : attend_kernel<float>,
-               dim3(unsigned(B * H), unsigned(b.S)), dim3(128), 0, at, b.tabs);
+               dim3(unsigned(B * H) + mean_blocks, unsigned(b.S)), dim3(128), 0, at, b.tabs);
         Gemv o = buf_gemv(b.o, C);
         job(o, sw.output, nullptr, mp(b.x), C, kAdd);
         run(o, b);
@@ -1372,14 +1577,32 @@ class CudaStepDecoder final : public StepDecoder {
       }
     }
     Gemv hd = ln_gemv(b.x, w_.ln_out, C);
-    job(hd, w_.head, nullptr, mp(b.logits), int(c_.n_vocab), kStore);
-    run(hd, b);
+    job(hd, w_.head, nullptr, mp(b.logits), int(c_.n_vocab), kStore);  // head_kernel: into the tensor in the tables
+    if (head_in_place(B)) run_head(hd, b);
+    else run(hd, b);
+  }
+  // The single-stream head: head_kernel over every resident block, writing the step's logits tensor in place.
+  bool head_in_place(int B) const { return B == 1 && is_bf16(w_.head) && c_.n_embd <= 768; }
+  void run_head(Gemv& g, const Bufs& b) {
+    constexpr int rw = 4;
+    GemvFn fn = head_kernel<rw>;
+    g.a.C = int(c_.n_embd);
+    g.a.job[0].task0 = 0;
+    g.a.n_tasks = (g.a.job[0].N + rw - 1) / rw;
+    const int64_t resident = int64_t(be_.sm_count()) * blocks_per_sm(fn, 0);
+    const int64_t want = (g.a.n_tasks + kGemvWarps - 1) / kGemvWarps;
+    launch(fn, dim3(unsigned(std::max<int64_t>(1, std::min(want, resident)))), dim3(kGemvWarps * 32), 0, g.a, b.tabs);
   }
 
   CudaBackend& be_;
   const ModelConfig& c_;
   const ModelWeights& w_;
   bool graph_;
+  bool fold_gate_ = true;   // one stream: the gate in the attention kernel; RWKVX_DECODE_GATE_FOLD=0: its own kernel
+  // Measurement only. RWKVX_DECODE_PROBE: probe_kernel instead of the kernels of a kind (bits: 1 all, 2 the
+  // GEMVs, 4 rwkv_head_kernel, 8 attention and gate, 16 head_kernel, 32 embed_kernel): the step's time without
+  // their work (the logits are then wrong).
+  int probe_ = 0;
   size_t gemv_smem_ = 0;
   std::map<std::pair<GemvFn, size_t>, int> occupancy_;
   std::vector<Lora> lora_;

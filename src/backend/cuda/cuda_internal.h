@@ -151,6 +151,14 @@ class CudaBackend final : public Backend {
   // wkv7's segment table, re-uploaded only when it changes (every layer of a prefill window reuses it)
   std::vector<int64_t> wkv_segments_host_;
   Tensor wkv_segments_dev_;
+  // to_host: pinned staging buffer (copies up to kStageMax bytes go through it, in pieces, each piece copied on
+  // to the caller's memory as soon as it has arrived) and one event per piece.
+  static constexpr size_t kStageMax = size_t(64) << 20;
+  static constexpr int kStagePieces = 4;
+  bool pinned_to_host_ = true;
+  void* stage_ = nullptr;
+  size_t stage_cap_ = 0;
+  cudaEvent_t stage_ev_[kStagePieces] = {};
 };
 
 // Kernel-side helpers shared by the .cu files.
