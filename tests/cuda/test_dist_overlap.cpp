@@ -19,6 +19,7 @@
 
 #include "backend/cuda/cuda_backend.h"
 #include "core/error.h"
+#include "support/tiny_train_model.h"
 #include "train/cuda/cuda_train_model.h"
 #include "train/dist/cuda/dist_adamw.h"
 #include "train/dist/cuda/nccl_comm.h"
@@ -49,21 +50,6 @@ std::unique_ptr<dist::Communicator> one_rank(std::string* why) {
     *why = e.what();
     return nullptr;
   }
-}
-
-// The tiny RWKV-X of the CUDA model tests: C = 64, blocks R0 M0 R1 M1.
-TrainModel tiny_model(uint64_t seed) {
-  RandomModelSpec s;
-  s.n_vocab = 24, s.n_embd = 64, s.head_size = 16, s.n_rwkv = 2, s.n_sparse = 2;
-  s.dim_w = s.dim_a = s.dim_v = s.dim_g = 8;
-  s.seed = seed;
-  ModelOptions o;
-  o.chunk = 3;
-  o.top_k = 3;
-  TrainModel m = TrainModel::random(s, o);
-  m.config().sparse.head_dim = 16;
-  m.wkv_save_every = 5;
-  return m;
 }
 
 // Realistic head sizes (64): C = 128, 2 RWKV + 1 sparse block, V = 300.
@@ -150,9 +136,9 @@ void check_hook(TrainModel host, bool recompute) {
 }
 
 TEST_F(TrainCudaDist, HookReportsEachTrainableTensorOnceWithFinalGradients) {
-  check_hook(tiny_model(5), false);
-  check_hook(tiny_model(5), true);
-  TrainModel frozen = tiny_model(6);
+  check_hook(test::tiny_train_model<float>(5), false);
+  check_hook(test::tiny_train_model<float>(5), true);
+  TrainModel frozen = test::tiny_train_model<float>(6);
   frozen.freeze_all_but_sparse();  // stage 1: only the sparse blocks train
   check_hook(std::move(frozen), false);
 }
@@ -219,7 +205,7 @@ TEST_F(TrainCudaDist, ArmingTwiceInOneStepIsRefused) {
   std::string why;
   std::unique_ptr<dist::Communicator> comm = one_rank(&why);
   if (!comm) GTEST_SKIP() << "NCCL not usable (" << why << "): data-parallel tests skipped";
-  const TrainModel host = tiny_model(7);
+  const TrainModel host = test::tiny_train_model<float>(7);
   CudaTrainModel gpu(host, CudaTrainOptions{});
   dist::DistAdamW opt(gpu, AdamWOptions{}, *comm, dist::OverlapOptions{true, 0});
   LossOptions lo;

@@ -14,6 +14,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "support/grad_check.h"
 #include "support/test_util.h"
+#include "support/tiny_train_model.h"
 #include "train/cuda/cuda_train_model.h"
 #include "train/optimizer.h"
 #include "train/train_model.h"
@@ -28,23 +29,6 @@ class TrainCudaModel : public testing::Test {
     if (!cuda_device_available(&why)) GTEST_SKIP() << "no CUDA device (" << why << "): CUDA training tests skipped";
   }
 };
-
-// The tiny RWKV-X of the CPU gradient checks (test_grad_model.cpp): C = 64, blocks R0 M0 R1 M1, 4 heads of
-// 16, sparse heads of 16, chunk 3, top-3, WKV snapshots every 5 tokens.
-template <class S>
-TrainModelT<S> tiny_model(uint64_t seed) {
-  RandomModelSpec s;
-  s.n_vocab = 24, s.n_embd = 64, s.head_size = 16, s.n_rwkv = 2, s.n_sparse = 2;
-  s.dim_w = s.dim_a = s.dim_v = s.dim_g = 8;
-  s.seed = seed;
-  ModelOptions o;
-  o.chunk = 3;
-  o.top_k = 3;
-  TrainModelT<S> m = TrainModelT<S>::random(s, o);
-  m.config().sparse.head_dim = 16;
-  m.wkv_save_every = 5;
-  return m;
-}
 
 // A model with realistic head sizes (64) for the fp32 and bf16 comparisons: C = 128, 2 RWKV + 1 sparse.
 TrainModelT<float> small_model(uint64_t seed) {
@@ -117,7 +101,7 @@ double worst_grad_err(const CudaTrainModelT<S>& gpu, const TrainModelT<S>& cpu, 
 }
 
 TEST_F(TrainCudaModel, DoubleMatchesCpuAndFiniteDifferences) {
-  TrainModelT<double> cpu = tiny_model<double>(3);
+  TrainModelT<double> cpu = test::tiny_train_model<double>(3);
   CudaTrainModelT<double> gpu(cpu, CudaTrainOptions{});
   Sequence s = random_sequence(14, 24, 4);
   s.targets[5] = -100;
@@ -140,7 +124,7 @@ TEST_F(TrainCudaModel, DoubleMatchesCpuAndFiniteDifferences) {
 }
 
 TEST_F(TrainCudaModel, LongCeDoubleMatchesCpu) {
-  TrainModelT<double> cpu = tiny_model<double>(5);
+  TrainModelT<double> cpu = test::tiny_train_model<double>(5);
   CudaTrainModelT<double> gpu(cpu, CudaTrainOptions{});
   const Sequence s = random_sequence(16, 24, 6);
   LossOptions opt;

@@ -11,6 +11,7 @@
 
 #include "model/model.h"
 #include "support/grad_check.h"
+#include "support/tiny_train_model.h"
 #include "support/test_util.h"
 #include "train/train_model.h"
 
@@ -54,28 +55,6 @@ INSTANTIATE_TEST_SUITE_P(Golden, TrainForwardGolden, testing::Values("rwkv7-tiny
 
 // ---- whole-model gradient checks -------------------------------------------------------------------------
 
-// A tiny RWKV-X: C = 64, 2 RWKV blocks (4 heads of 16), 2 sparse blocks in the order R0 M0 R1 M1 with
-// 4 sparse heads of 16, chunk 3 and top-3: with 16 tokens (or 14 left-padded to 16), 5 complete chunks,
-// and queries from position 9 on choose 2 of ≥ 3 past chunks per head.
-RandomModelSpec tiny_spec(uint64_t seed) {
-  RandomModelSpec s;
-  s.n_vocab = 24, s.n_embd = 64, s.head_size = 16, s.n_rwkv = 2, s.n_sparse = 2;
-  s.dim_w = s.dim_a = s.dim_v = s.dim_g = 8;
-  s.seed = seed;
-  return s;
-}
-
-template <class S>
-TrainModelT<S> tiny_model(uint64_t seed) {
-  ModelOptions o;
-  o.chunk = 3;
-  o.top_k = 3;
-  TrainModelT<S> m = TrainModelT<S>::random(tiny_spec(seed), o);
-  m.config().sparse.head_dim = 16;
-  m.wkv_save_every = 5;  // snapshots inside the sequence, so the segment recomputation is exercised
-  return m;
-}
-
 struct Sequence {
   std::vector<int32_t> ids, targets;
 };
@@ -116,7 +95,7 @@ void check_model_gradients(TrainModelT<double>& m, const Sequence& s, const doub
 }
 
 TEST(GradModel, CrossEntropyWithL2WrapAndPadding) {
-  TrainModelT<double> m = tiny_model<double>(3);
+  TrainModelT<double> m = test::tiny_train_model<double>(3);
   Sequence s = random_sequence(14, 24, 4);
   s.targets[5] = -100;  // an unscored position
   LossOptions opt;
@@ -124,7 +103,7 @@ TEST(GradModel, CrossEntropyWithL2WrapAndPadding) {
   opt.pad_id = 23;
   opt.batch_size = 2;
   // The sparse blocks really select: with every chunk allowed (dense causal attention) the loss differs.
-  TrainModelT<double> dense = tiny_model<double>(3);
+  TrainModelT<double> dense = test::tiny_train_model<double>(3);
   dense.config().sparse.top_k = 100;
   EXPECT_GT(std::fabs(dense.objective(s.ids.data(), s.targets.data(), nullptr, 14, opt) -
                       m.objective(s.ids.data(), s.targets.data(), nullptr, 14, opt)),
@@ -134,7 +113,7 @@ TEST(GradModel, CrossEntropyWithL2WrapAndPadding) {
   EXPECT_EQ(rep.n_scored, 13);
   EXPECT_GT(rep.loss, 0.5);
   // The L2Wrap part is in the gradient: without it the gradient differs.
-  TrainModelT<double> m2 = tiny_model<double>(3);
+  TrainModelT<double> m2 = test::tiny_train_model<double>(3);
   LossOptions no_l2 = opt;
   no_l2.l2wrap = false;
   m2.zero_grad();
@@ -144,7 +123,7 @@ TEST(GradModel, CrossEntropyWithL2WrapAndPadding) {
 }
 
 TEST(GradModel, LongCeWithL2Wrap) {
-  TrainModelT<double> m = tiny_model<double>(5);
+  TrainModelT<double> m = test::tiny_train_model<double>(5);
   const Sequence s = random_sequence(16, 24, 6);
   LossOptions opt;
   opt.kind = LossKind::longce;
@@ -198,7 +177,7 @@ TEST(GradModel, RecomputeAndSnapshotsGiveIdenticalGradients) {
   const Sequence s = random_sequence(26, 24, 8);
   std::vector<std::vector<float>> ref;
   for (int variant = 0; variant < 3; ++variant) {
-    TrainModel m = tiny_model<float>(7);
+    TrainModel m = test::tiny_train_model<float>(7);
     m.recompute = variant >= 1;
     m.wkv_save_every = variant == 2 ? 1 : 16;
     m.zero_grad();
@@ -214,8 +193,8 @@ TEST(GradModel, RecomputeAndSnapshotsGiveIdenticalGradients) {
 // (float rounding through 4 blocks; measured ~1e-5).
 TEST(GradModel, FloatGradientsMatchDouble) {
   const Sequence s = random_sequence(22, 24, 10);
-  TrainModel mf = tiny_model<float>(9);
-  TrainModelT<double> md = tiny_model<double>(9);
+  TrainModel mf = test::tiny_train_model<float>(9);
+  TrainModelT<double> md = test::tiny_train_model<double>(9);
   mf.zero_grad(), md.zero_grad();
   mf.forward_backward(s.ids.data(), s.targets.data(), 22, LossOptions{});
   md.forward_backward(s.ids.data(), s.targets.data(), 22, LossOptions{});
@@ -232,7 +211,7 @@ TEST(GradModel, FloatGradientsMatchDouble) {
 
 // Parameters written to .safetensors load back bit-identical, and the inference engine accepts the file.
 TEST(TrainModelIo, SafetensorsRoundTrip) {
-  TrainModel m = tiny_model<float>(11);
+  TrainModel m = test::tiny_train_model<float>(11);
   m.value("moba.1.att.key.weight")[3] = 0.125f;
   const std::string path = (std::filesystem::temp_directory_path() / "rwkvx_train_roundtrip.safetensors").string();
   m.save_safetensors(path, DType::f32);

@@ -1,0 +1,33 @@
+// The tiny RWKV-X of the training tests (CPU gradient checks, CUDA model and data-parallel tests): C = 64,
+// 2 RWKV blocks (4 heads of 16) and 2 sparse blocks in the order R0 M0 R1 M1 with 4 sparse heads of 16,
+// chunk 3 and top-3: with 16 tokens (or 14 left-padded to 16), 5 complete chunks, and queries from
+// position 9 on choose 2 of ≥ 3 past chunks per head. WKV snapshots every 5 tokens, so the segment
+// recomputation of the backward is exercised.
+#pragma once
+#include <cstdint>
+
+#include "model/random_init.h"
+#include "train/train_model.h"
+
+namespace rwkvx::test {
+
+inline RandomModelSpec tiny_train_spec(uint64_t seed) {
+  RandomModelSpec s;
+  s.n_vocab = 24, s.n_embd = 64, s.head_size = 16, s.n_rwkv = 2, s.n_sparse = 2;
+  s.dim_w = s.dim_a = s.dim_v = s.dim_g = 8;
+  s.seed = seed;
+  return s;
+}
+
+template <class S>
+train::TrainModelT<S> tiny_train_model(uint64_t seed) {
+  ModelOptions o;
+  o.chunk = 3;
+  o.top_k = 3;
+  train::TrainModelT<S> m = train::TrainModelT<S>::random(tiny_train_spec(seed), o);
+  m.config().sparse.head_dim = 16;
+  m.wkv_save_every = 5;
+  return m;
+}
+
+}  // namespace rwkvx::test
