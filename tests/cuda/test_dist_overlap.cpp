@@ -52,17 +52,6 @@ std::unique_ptr<dist::Communicator> one_rank(std::string* why) {
   }
 }
 
-// Realistic head sizes (64): C = 128, 2 RWKV + 1 sparse block, V = 300.
-TrainModel small_model(uint64_t seed) {
-  RandomModelSpec s;
-  s.n_vocab = 300, s.n_embd = 128, s.head_size = 64, s.n_rwkv = 2, s.n_sparse = 1;
-  s.seed = seed;
-  ModelOptions o;
-  o.chunk = 16;
-  o.top_k = 3;
-  return TrainModel::random(s, o);
-}
-
 std::vector<int32_t> random_tokens(int64_t n, int64_t V, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<int32_t> t(static_cast<size_t>(n));
@@ -179,7 +168,7 @@ TEST_F(TrainCudaDist, OverlapGivesBitwiseTheSameWeights) {
   std::string why;
   std::unique_ptr<dist::Communicator> comm = one_rank(&why);
   if (!comm) GTEST_SKIP() << "NCCL not usable (" << why << "): data-parallel tests skipped";
-  const TrainModel host = small_model(21);
+  const TrainModel host = test::small_train_model(21);
   const dist::OverlapOptions off{false, int64_t(25) << 20};
   const Trajectory ref = train(host, comm.get(), &off);
   const Trajectory single = train(host, nullptr, nullptr);

@@ -30,17 +30,6 @@ class TrainCudaModel : public testing::Test {
   }
 };
 
-// A model with realistic head sizes (64) for the fp32 and bf16 comparisons: C = 128, 2 RWKV + 1 sparse.
-TrainModelT<float> small_model(uint64_t seed) {
-  RandomModelSpec s;
-  s.n_vocab = 300, s.n_embd = 128, s.head_size = 64, s.n_rwkv = 2, s.n_sparse = 1;
-  s.seed = seed;
-  ModelOptions o;
-  o.chunk = 16;
-  o.top_k = 3;
-  return TrainModelT<float>::random(s, o);
-}
-
 struct Sequence {
   std::vector<int32_t> ids, targets;
 };
@@ -164,7 +153,7 @@ TEST_F(TrainCudaModel, PlainRwkv7MaskedMeanDouble) {
 // fp32 with exact cuBLAS products against the CPU fp32 trainer, on head size 64 and 100 tokens
 // (6 sparse chunks); and the golden checkpoints' logits.
 TEST_F(TrainCudaModel, Fp32MatchesCpu) {
-  TrainModel cpu = small_model(21);
+  TrainModel cpu = test::small_train_model(21);
   CudaTrainOptions o;
   o.bf16_gemm = false;
   CudaTrainModel gpu(cpu, o);
@@ -202,7 +191,7 @@ TEST_F(TrainCudaModel, GoldenLogitsFp32) {
 // bf16 operands (the default) stay close to fp32: loss within 1%, every gradient tensor within a cosine
 // of 0.99 of the fp32 one.
 TEST_F(TrainCudaModel, Bf16CloseToFp32) {
-  TrainModel host = small_model(31);
+  TrainModel host = test::small_train_model(31);
   CudaTrainOptions exact;
   exact.bf16_gemm = false;
   CudaTrainModel a(host, exact), b(host, CudaTrainOptions{});
@@ -221,7 +210,7 @@ TEST_F(TrainCudaModel, Bf16CloseToFp32) {
 
 // Same inputs, same bits: repeated steps, and activation recomputation, give identical gradients.
 TEST_F(TrainCudaModel, RepeatAndRecomputeAreBitIdentical) {
-  TrainModel host = small_model(41);
+  TrainModel host = test::small_train_model(41);
   const Sequence s = random_sequence(90, 300, 42);
   std::vector<std::vector<float>> ref;
   for (int variant = 0; variant < 3; ++variant) {
@@ -241,7 +230,7 @@ TEST_F(TrainCudaModel, RepeatAndRecomputeAreBitIdentical) {
 // Device AdamW = host AdamW (same groups, clipping, decay), three steps from the same gradients (the GPU's,
 // copied to the host model before each step).
 TEST_F(TrainCudaModel, AdamWMatchesHost) {
-  TrainModel cpu = small_model(51);
+  TrainModel cpu = test::small_train_model(51);
   CudaTrainModel gpu(cpu, CudaTrainOptions{});
   AdamWOptions ao;
   ao.grad_clip = 0.5;  // the random model's gradient norm is above it: clipping is exercised
@@ -265,7 +254,7 @@ TEST_F(TrainCudaModel, AdamWMatchesHost) {
 
 // Stage 1 (spec system.md §4.5): only moba.* tensors change; every other tensor stays bit-identical.
 TEST_F(TrainCudaModel, StageOneChangesOnlySparseBlocks) {
-  TrainModel host = small_model(61);
+  TrainModel host = test::small_train_model(61);
   host.freeze_all_but_sparse();
   CudaTrainModel gpu(host, CudaTrainOptions{});
   CudaAdamW opt(gpu, AdamWOptions{});
@@ -289,7 +278,7 @@ TEST_F(TrainCudaModel, StageOneChangesOnlySparseBlocks) {
 
 // A few dozen steps on a short repeated text lower its loss a lot (the whole loop works end to end).
 TEST_F(TrainCudaModel, TrainingLowersLoss) {
-  TrainModel host = small_model(71);
+  TrainModel host = test::small_train_model(71);
   CudaTrainModel gpu(host, CudaTrainOptions{});
   CudaAdamW opt(gpu, AdamWOptions{});
   Sequence s = random_sequence(64, 300, 72);
