@@ -30,17 +30,8 @@ class TrainCudaModel : public testing::Test {
   }
 };
 
-struct Sequence {
-  std::vector<int32_t> ids, targets;
-};
-Sequence random_sequence(int64_t T, int64_t V, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  Sequence s;
-  for (int64_t t = 0; t <= T; ++t) s.ids.push_back(int32_t(rng() % uint64_t(V)));
-  s.targets.assign(s.ids.begin() + 1, s.ids.end());
-  s.ids.pop_back();
-  return s;
-}
+using Sequence = test::TokenSequence;
+using test::random_sequence;
 
 // max |a - b| / max |b| (b the reference); 0 when both are all zero.
 template <class S>

@@ -5,6 +5,8 @@
 // every 5 tokens, so the segment recomputation of the backward is exercised.
 #pragma once
 #include <cstdint>
+#include <random>
+#include <vector>
 
 #include "model/random_init.h"
 #include "train/train_model.h"
@@ -40,6 +42,20 @@ inline train::TrainModel small_train_model(uint64_t seed) {
   o.chunk = 16;
   o.top_k = 3;
   return train::TrainModel::random(s, o);
+}
+
+// T random tokens below V as inputs, and the same shifted by one as targets.
+struct TokenSequence {
+  std::vector<int32_t> ids, targets;
+};
+
+inline TokenSequence random_sequence(int64_t T, int64_t V, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  TokenSequence s;
+  for (int64_t t = 0; t <= T; ++t) s.ids.push_back(int32_t(rng() % uint64_t(V)));
+  s.targets.assign(s.ids.begin() + 1, s.ids.end());
+  s.ids.pop_back();
+  return s;
 }
 
 }  // namespace rwkvx::test

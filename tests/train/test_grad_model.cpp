@@ -55,18 +55,8 @@ INSTANTIATE_TEST_SUITE_P(Golden, TrainForwardGolden, testing::Values("rwkv7-tiny
 
 // ---- whole-model gradient checks -------------------------------------------------------------------------
 
-struct Sequence {
-  std::vector<int32_t> ids, targets;
-};
-
-Sequence random_sequence(int64_t T, int64_t V, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  Sequence s;
-  for (int64_t t = 0; t <= T; ++t) s.ids.push_back(int32_t(rng() % uint64_t(V)));
-  s.targets.assign(s.ids.begin() + 1, s.ids.end());
-  s.ids.pop_back();
-  return s;
-}
+using Sequence = test::TokenSequence;
+using test::random_sequence;
 
 // Checks `per_tensor` random entries of every tensor (all 91 of them: embedding, every block's
 // parameters, ln_out, head) against fourth-order central differences of model.objective (fp64). Criterion per entry:
