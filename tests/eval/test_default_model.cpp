@@ -55,8 +55,7 @@ TEST(DefaultModel, ShortPasskeyRunIsDeterministic) {
       EXPECT_EQ(a[i].trials[k].output, b[i].trials[k].output);
       EXPECT_GT(a[i].trials[k].prompt_tokens, 700);
     }
-    // The model was trained to retrieve (README, "The default model": 94-100% up to 8K tokens); at
-    // these lengths and depths it finds every key.
+    // The model was trained to retrieve (README, "The default model": every key up to 16K tokens).
     EXPECT_EQ(a[i].score, 100.0) << "length " << a[i].length_label << " depth " << a[i].depth;
   }
   // A fresh model instance gives the same answers.
