@@ -248,8 +248,9 @@ TEST(PasskeyData, EdgeDepthsPutTheKeyAtAnEndOfTheFiller) {
     if (d.depth_chars == 0) ++first;
     else if (d.depth_chars == d.filler_chars) ++last;
     else ++inside;
-    if (d.kind == "official")
+    if (d.kind == "official") {
       EXPECT_EQ(d.text, passkey_prompt(d.filler_chars, d.depth_chars, int(d.key)) + " " + std::to_string(d.key) + ".");
+    }
   }
   // About a quarter at each end (binomial, 400 draws: far inside these bounds), the rest inside.
   EXPECT_GT(first, 60);

@@ -15,6 +15,12 @@ namespace rwkvx::train {
 
 // y[T, out] = x[T, in] @ W[out, in]ᵀ. Four outputs at a time: four independent sums (each in the
 // reference's order, so the result is the same) instead of one latency-bound chain.
+// GCC 12, inlining the double version into callers with constant sizes, warns that the remainder loop
+// would overflow at an iteration it never reaches (-Waggressive-loop-optimizations); a false positive.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
+#endif
 template <class S>
 void linear_forward(const S* x, const S* W, S* y, int64_t T, int64_t in, int64_t out) {
   if constexpr (std::is_same_v<S, float>) {
@@ -40,6 +46,9 @@ void linear_forward(const S* x, const S* W, S* y, int64_t T, int64_t in, int64_t
     }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 // dx[T, in] += dy @ W;  dW[out, in] += dyᵀ @ x.
 template <class S>
