@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "backend/cpu/cpu_backend.h"
 #include "commands.h"
@@ -25,28 +24,6 @@ struct BenchArgs {
   bool json = false, int8 = false;
   std::string isa;
 };
-
-std::vector<int64_t> parse_lengths(const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
-    int64_t mult = 1;
-    if (item.back() == 'K' || item.back() == 'k') mult = 1024, item.pop_back();
-    else if (item.back() == 'M' || item.back() == 'm') mult = 1024 * 1024, item.pop_back();
-    size_t used = 0;
-    long long v = 0;
-    try {
-      v = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != item.size() || v <= 0) throw Error("--prefill: '" + item + "' is not a positive length (e.g. 4096 or 64K)");
-    out.push_back(v * mult);
-  }
-  return out;
-}
 
 int64_t total_tenth(int64_t n) { return std::max<int64_t>(1, n / 10); }
 
@@ -83,7 +60,7 @@ void run_bench(const BenchArgs& a) {
                 cost.matrix_flops_per_token / 2e6, cost.decode_weight_bytes / 1e6);
     std::printf("%-22s %12s %12s %12s %10s %10s\n", "run", "tokens/s", "ms/token", "GFLOP/s|GB/s", "of floor", "RSS MB");
   }
-  for (int64_t n : parse_lengths(a.prefill)) {
+  for (int64_t n : parse_token_counts("--prefill", a.prefill)) {
     // On a terminal one updating line; otherwise (logs) a line per tenth of a long run.
     int64_t next_log = total_tenth(n);
     auto progress = [&](int64_t done, int64_t total) {

@@ -9,9 +9,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 
 #include "commands.h"
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "model/model.h"
 #include "model_args.h"
@@ -35,21 +35,6 @@ struct PrefillArgs {
   std::string out_logits;
   double cost_slope = -1;  // -1: cp_default_cost_slope
 };
-
-int64_t parse_count(std::string s) {
-  int64_t mult = 1;
-  if (!s.empty() && (s.back() == 'K' || s.back() == 'k')) mult = 1024, s.pop_back();
-  else if (!s.empty() && (s.back() == 'M' || s.back() == 'm')) mult = 1024 * 1024, s.pop_back();
-  size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size() || v <= 0) throw Error("--tokens: '" + s + "' is not a positive count (e.g. 65536, 64K, 1M)");
-  return v * mult;
-}
 
 std::vector<int32_t> random_ids(int64_t n, int64_t vocab, uint64_t seed) {
   std::vector<int32_t> ids(static_cast<size_t>(n));
@@ -114,7 +99,9 @@ void run_prefill(const PrefillArgs& a) {
   std::unique_ptr<Backend> be = make_backend(a.model.device, a.model.int8, env.local_rank);
   auto model = Model::load(a.model.path, a.model.options, *be);
   const ModelConfig& c = model->config();
-  const int64_t T = parse_count(a.tokens);
+  const std::vector<int64_t> counts = parse_token_counts("--tokens", a.tokens);
+  if (counts.size() != 1) throw Error("--tokens: '" + a.tokens + "': give one length (e.g. 65536, 64K, 1M)");
+  const int64_t T = counts[0];
   const std::vector<int32_t> ids = random_ids(T, c.n_vocab, a.seed);
   const bool last = env.rank == env.world - 1;
   std::unique_ptr<CpLink> link;
@@ -175,9 +162,9 @@ void run_prefill(const PrefillArgs& a) {
   std::printf("last logits: hash %s sum %.9g argmax %zu logit %.9g | state hash %s\n", lhash.hex().c_str(), sum, arg,
               lh[arg], state_fingerprint(*model, state).c_str());
   if (!a.out_logits.empty()) {
-    std::ofstream f(a.out_logits, std::ios::binary);
-    f.write(reinterpret_cast<const char*>(lh.data()), std::streamsize(lh.size() * sizeof(float)));
-    if (!f) throw Error(a.out_logits + ": cannot write");
+    AtomicFile f(a.out_logits);
+    f.write(lh.data(), lh.size() * sizeof(float));
+    f.commit();
   }
 }
 

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <climits>
 #include <fstream>
+#include <sstream>
 
 #include "core/error.h"
 #include "runtime/default_model.h"
@@ -56,6 +57,28 @@ void add_device_arg(CLI::App* cmd, ModelArgs& a) {
 }
 
 
+
+std::vector<int64_t> parse_token_counts(const std::string& opt, const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    int64_t mult = 1;
+    if (item.back() == 'K' || item.back() == 'k') mult = 1024, item.pop_back();
+    else if (item.back() == 'M' || item.back() == 'm') mult = 1024 * 1024, item.pop_back();
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size() || v <= 0) throw Error(opt + ": '" + item + "' is not a positive length (e.g. 4096 or 64K)");
+    out.push_back(v * mult);
+  }
+  return out;
+}
 
 std::vector<int32_t> read_token_ids(const std::string& path) {
   std::ifstream in(path);

@@ -26,6 +26,9 @@ void add_model_args(CLI::App* cmd, ModelArgs& a);
 // Whitespace-separated token ids from a file (--tokens-file, --prompt-tokens); a non-integer or negative
 // entry is an rwkvx::Error naming the file and the entry's index.
 std::vector<int32_t> read_token_ids(const std::string& path);
+// Comma-separated token counts with binary K/M suffixes ("4096,64K,1M": 1M = 1048576), for --prefill and
+// --tokens; a malformed or non-positive entry is an rwkvx::Error naming `opt` and the entry.
+std::vector<int64_t> parse_token_counts(const std::string& opt, const std::string& s);
 // --device cpu|reference|cuda and --int8 (commands that run the model).
 void add_device_arg(CLI::App* cmd, ModelArgs& a);
 

@@ -1,6 +1,7 @@
-// The NCCL communicator of data-parallel training (and of context-parallel prefill, runtime/cuda/cp_nccl.h) (docs/training.md "Data-parallel training"). NCCL is
-// loaded at run time (dlopen of $RWKVX_NCCL_LIBRARY, else libnccl.so.2 on the library path), so binaries
-// need it only when WORLD_SIZE > 1. NVLink SHARP / multicast stays off: NCCL_NVLS_ENABLE=0 is set before
+// The NCCL communicator of data-parallel training (docs/training.md "Data-parallel training") and of
+// context-parallel prefill (runtime/cuda/cp_nccl.h). NCCL is loaded at run time (dlopen of
+// $RWKVX_NCCL_LIBRARY, else libnccl.so.2 on the library path), so binaries need it only when
+// WORLD_SIZE > 1. NVLink SHARP / multicast stays off: NCCL_NVLS_ENABLE=0 is set before
 // the communicator is made (unless the environment sets it already) and nothing here creates multicast
 // objects. Built only with -DRWKVX_CUDA=ON.
 #pragma once
