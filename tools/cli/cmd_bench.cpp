@@ -19,7 +19,7 @@ namespace {
 struct BenchArgs {
   ModelArgs model;
   std::string prefill = "512,4096";
-  int64_t decode = 64, context = 0, slice = 4096;
+  int64_t decode = 64, context = 0, slice = 0;
   int threads = 0, repeat = 3;
   bool json = false, int8 = false;
   std::string isa;
@@ -72,7 +72,8 @@ void run_bench(const BenchArgs& a) {
         next_log += total_tenth(n);
       }
     };
-    PrefillResult r = bench_prefill(*model, cost, f, n, a.slice, n >= 32768 ? 1 : a.repeat, progress);
+    const int64_t slice = a.slice > 0 ? a.slice : std::max<int64_t>(1, model->config().max_rows_per_call);
+    PrefillResult r = bench_prefill(*model, cost, f, n, slice, n >= 32768 ? 1 : a.repeat, progress);
     if (tty && !a.json) std::fprintf(stderr, "\r%60s\r", "");
     out["prefill"].push_back({{"tokens", n}, {"seconds", r.seconds}, {"tokens_per_s", r.tokens_per_s},
                               {"gflops", r.gflops}, {"ratio_to_peak", r.ratio_to_peak}, {"peak_rss_mb", r.peak_rss_mb}});
@@ -108,7 +109,10 @@ void register_bench_commands(CLI::App& app) {
   cmd->add_option("--context", a.context, "tokens prefilled before the timed decode steps")->default_val(0);
   cmd->add_option("--threads", a.threads, "worker threads (0: all hardware threads)")->default_val(0);
   cmd->add_option("--repeat", a.repeat, "prefill repetitions (median reported; runs >= 32K tokens once)")->default_val(3);
-  cmd->add_option("--slice", a.slice, "prefill tokens per call")->check(CLI::PositiveNumber)->default_val(4096);
+  cmd->add_option("--slice", a.slice,
+                  "prefill tokens per call (0: the model's window, 512 rows on the CPU and 16384 with CUDA)")
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 30))
+      ->default_val(0);
   cmd->add_flag("--int8", a.int8, "quantize Linear weights to int8 (one scale per output channel)");
   cmd->add_option("--isa", a.isa, "force an instruction set: scalar, avx2, avx512");
   cmd->add_flag("--json", a.json, "print one JSON object instead of the table");

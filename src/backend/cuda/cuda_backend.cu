@@ -147,6 +147,13 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
     opt_.wkv_segment_rows = int(rows);
   }
   if (const char* pin = std::getenv("RWKVX_CUDA_PINNED_COPY"); pin && std::string(pin) == "0") pinned_to_host_ = false;
+  if (const char* rows = std::getenv("RWKVX_CUDA_ROWS_PER_CALL"); rows && *rows) {
+    char* end = nullptr;
+    const long n = std::strtol(rows, &end, 10);
+    if (*end != '\0' || n < 1 || n > (1L << 24))
+      throw Error(std::string("RWKVX_CUDA_ROWS_PER_CALL='") + rows + "': expected a row count from 1 to 16777216");
+    rows_per_call_ = n;
+  }
   workspace_ = scratch(size_t(32) << 20);
 }
 
