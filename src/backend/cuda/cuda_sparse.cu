@@ -27,9 +27,12 @@
 #include <type_traits>
 
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/tensor_core.cuh"
 
 namespace rwkvx::cuda {
 namespace {
+
+using namespace rwkvx::tensor_core;
 
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
@@ -298,36 +301,6 @@ __global__ void scatter_kernel(const int32_t* sel, int64_t n_entries, int H, int
   }
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-// d += a · b for one m16n8k16 tile (bf16 inputs, fp32 accumulators; fragment layouts of the PTX ISA).
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
-// (a, b) rounded to bf16 (a in the low half); lo gets the bf16 rounding of what hi left out.
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) { return bits(__floats2bfloat162_rn(a, b)); }
-__device__ __forceinline__ void split_bf16(float a, float b, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  const float2 hf = __bfloat1622float2(h);
-  hi = bits(h);
-  lo = pack_bf16(a - hf.x, b - hf.y);
-}
-
 // Precision of the tile products. split: Q and P are split into bf16 hi + lo, and so are fp32 K and V (kv_lo;
 // bf16 K and V are exact): x·y ≈ xh·yh + xh·yl + xl·yh, ~16 significant bits. Otherwise one bf16 rounding
 // of each operand (~3 significant digits, a third of the tensor-core work).
@@ -351,16 +324,6 @@ struct KvTile {
 struct KvSource {
   const __nv_bfloat16 *Kh, *Vh, *Kl, *Vl;
 };
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
-  // src-size 0 zero-fills: rows past the tile's keys must be 0 for P·V, not stale data.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
 // Block-wide pipeline over the 64-key tiles of keys [key_begin, key_end) of head `off`: tile i goes to stage
 // i % kStages by asynchronous copies issued kStages − 1 tiles ahead of its use. Usage, by every thread:

@@ -48,11 +48,14 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "backend/cuda/tensor_core.cuh"
 #include "train/cuda/train_ops_cuda.h"
 
 namespace rwkvx::train::cuda {
 
 namespace {
+
+using namespace rwkvx::tensor_core;
 
 int g_exact_mode = -1;
 
@@ -579,37 +582,6 @@ __global__ void __launch_bounds__(kExactThreads) exact_key_kernel(Geometry g, co
 
 // ---- fast path: bf16 tensor cores (float, D = 64, chunk a multiple of 64) --------------------------------
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-// d += a·b, one m16n8k16 tile (bf16 operands, fp32 accumulators; fragment layouts of the PTX ISA).
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
-  // src-size 0 zero-fills (rows past T).
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_stages() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2) : "memory");
-}
-
 // Grid-stride float → bf16 (n a multiple of 4).
 __global__ void to_bf16_kernel(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, int64_t n) {
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4; i < n; i += int64_t(gridDim.x) * blockDim.x * 4) {
@@ -759,7 +731,7 @@ template <class Fetch, class Body>
 __device__ __forceinline__ void pipeline(int n, Fetch fetch, Body body) {
   for (int i = 0; i < kStages - 1; ++i) fetch(i);
   for (int i = 0; i < n; ++i) {
-    cp_async_wait_stages();
+    cp_async_wait<kStages - 2>();
     __syncthreads();
     fetch(i + kStages - 1);
     body(i);
