@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "eval/eval_test_util.h"
+#include "eval/plot.h"
 #include "eval/tasks.h"
 
 namespace rwkvx {
@@ -43,8 +44,10 @@ TEST_F(EvalCli, PasskeyIsDeterministicAndWritesTheHeatmap) {
   EXPECT_EQ(j["cells"][0]["filler_chars"], 1000);
   EXPECT_EQ(j["cells"][4]["depth_chars"], 1000);  // L = 600 (N = 2000), depth 0.5
   const std::string png = test::read_text(dir.file("pk.png"));
-  EXPECT_EQ(png_dim(png, 16), uint32_t(2 * 8 + 2 * 24));  // 2 lengths as columns
-  EXPECT_EQ(png_dim(png, 20), uint32_t(2 * 8 + 3 * 16));  // 3 depths as rows
+  // 2 lengths as columns right of the depth labels (at least as wide as the title); 3 depths as rows of 16
+  // pixels between a margin of 8 and two lines of 12 (title, rows' name) above and below (lengths, their name).
+  EXPECT_GE(png_dim(png, 16), uint32_t(2 * 8 + 2 * 24 + text_width("100%") + 6));
+  EXPECT_EQ(png_dim(png, 20), uint32_t(2 * 8 + 4 * 12 + 3 * 16));
   const auto t = run_rwkvx(dir, cat(cat({"eval", "passkey"}, test::golden_cli_args("rwkvx-tiny")),
                                     {"--vocab", vocab, "--lengths", "300", "--depths", "0", "--trials", "1"}));
   ASSERT_EQ(t.status, 0) << t.stderr_text;

@@ -20,6 +20,21 @@
 namespace rwkvx {
 namespace {
 
+// "1K" for 1000, "1M" for 1000000, else the number: the heatmap's column labels.
+std::string length_text(int64_t n) {
+  if (n > 0 && n % 1000000 == 0) return std::to_string(n / 1000000) + "M";
+  if (n > 0 && n % 1000 == 0) return std::to_string(n / 1000) + "K";
+  return std::to_string(n);
+}
+
+// The last two components of a path ("stage2/rwkv-final.safetensors"): enough to tell runs apart in a legend.
+std::string short_path(const std::string& path) {
+  const size_t last = path.find_last_of('/');
+  if (last == std::string::npos || last == 0) return path;
+  const size_t prev = path.find_last_of('/', last - 1);
+  return prev == std::string::npos ? path : path.substr(prev + 1);
+}
+
 std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
   size_t a = 0;
@@ -106,7 +121,20 @@ void run_passkey_cmd(const PasskeyArgs& a) {
   // values[depth][length]: the heatmap's rows are depths (0 at the top), its columns lengths (shortest left).
   std::vector<std::vector<double>> grid(nD, std::vector<double>(nL));
   for (size_t i = 0; i < cells.size(); ++i) grid[i % nD][i / nD] = cells[i].score;
-  if (!a.out_png.empty()) write_png(a.out_png, heatmap(grid));
+  if (!a.out_png.empty()) {
+    HeatmapOptions o;
+    o.show_values = true;
+    o.title = "passkey retrieval: % of " + std::to_string(cfg.trials) + " keys found, " + short_path(a.model.path);
+    o.y_label = "key depth";
+    o.x_label = "context length (tokens)";
+    for (const int64_t L : cfg.lengths) o.col_labels.push_back(length_text(L));
+    for (const double d : cfg.depths) {
+      char b[32];
+      std::snprintf(b, sizeof b, std::fabs(d * 100 - std::round(d * 100)) < 1e-9 ? "%.0f%%" : "%.1f%%", d * 100);
+      o.row_labels.push_back(b);
+    }
+    write_png(a.out_png, heatmap(grid, o));
+  }
   if (a.json) {
     nlohmann::json j{{"model", a.model.path}, {"trials", cfg.trials}, {"seed", cfg.seed}};
     for (const PasskeyCell& c : cells) {
@@ -191,6 +219,11 @@ void run_loss_cmd(const LossArgs& a) {
     for (const LongLossResult& r : results) curves.push_back(binned_curve(r, 256));
     LinePlotOptions o;
     o.x_lo = 0, o.x_hi = double(cfg.lengths.back());
+    o.tick_labels = true;
+    o.title = "loss by token position, " + short_path(a.data);
+    o.y_label = "loss (nats/token)";
+    o.x_label = "token position";
+    for (const std::string& m : a.models) o.series_names.push_back(short_path(m));
     write_png(a.out_png, line_plot(curves, o));
   }
   if (a.json) {
@@ -220,7 +253,7 @@ void run_loss_cmd(const LossArgs& a) {
   }
   if (!a.out_png.empty())
     std::printf("\nplot: %s (x: position 0..%lld left to right; y: loss, data range padded 5%%; one curve per model in "
-                "--model order: blue, red, green, orange, purple, ...)\n",
+                "--model order: blue, red, green, orange, purple, ..., named in the legend)\n",
                 a.out_png.c_str(), (long long)cfg.lengths.back());
 }
 
@@ -279,7 +312,8 @@ void register_eval_commands(CLI::App& app) {
   p->add_option("--depths", pk.depths, "key depths as fractions of the filler (default 0,0.1,...,0.9)");
   p->add_option("--trials", pk.trials, "keys per cell (numpy seeds seed .. seed + trials - 1)")->default_val(5)->check(CLI::Range(1, 100000));
   p->add_option("--seed", pk.seed, "seed of the first key")->default_val(0);
-  p->add_option("--out-png", pk.out_png, "write the heatmap here (columns: lengths; rows: depths; red 0% .. green 100%)");
+  p->add_option("--out-png", pk.out_png,
+                "write the heatmap here (columns: lengths; rows: depths; red 0% .. green 100%; labelled, each cell's score in it)");
   p->add_flag("--json", pk.json, "print JSON (every trial) instead of the table");
   p->add_flag("--verbose", pk.verbose, "print every trial's answer to stderr");
   p->callback([] { run_passkey_cmd(pk); });
@@ -297,7 +331,7 @@ void register_eval_commands(CLI::App& app) {
   l->add_option("--buckets", ls.buckets, "window lengths S, increasing (default 2048, 4096, ... below --ctx, then --ctx)");
   l->add_option("--skip", ls.skip, "leading tokens of each document never scored")->default_val(2048);
   l->add_option("--max-docs", ls.max_docs, "documents per S")->default_val(100);
-  l->add_option("--out-png", ls.out_png, "write the loss-by-position plot here (one curve per model)");
+  l->add_option("--out-png", ls.out_png, "write the loss-by-position plot here (one curve per model, with axes and a legend)");
   l->add_flag("--json", ls.json, "print JSON (buckets and the per-position curve) instead of the table");
   l->callback([] { run_loss_cmd(ls); });
 
