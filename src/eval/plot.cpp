@@ -167,7 +167,7 @@ Image line_plot(const std::vector<Series>& series, const LinePlotOptions& opt) {
       xlo = std::min(xlo, x), xhi = std::max(xhi, x), ylo = std::min(ylo, y), yhi = std::max(yhi, y);
     }
   }
-  if (!(xlo <= xhi)) throw Error("line plot: no finite point to plot");
+  if (!(xlo <= xhi) && !(opt.x_lo < opt.x_hi && opt.y_lo < opt.y_hi)) throw Error("line plot: no finite point to plot");
   if (opt.x_lo < opt.x_hi) xlo = opt.x_lo, xhi = opt.x_hi;
   if (opt.y_lo < opt.y_hi) {
     ylo = opt.y_lo, yhi = opt.y_hi;
@@ -209,6 +209,7 @@ Image line_plot(const std::vector<Series>& series, const LinePlotOptions& opt) {
   if (!opt.y_label.empty()) draw_text(img, m, m + (opt.title.empty() ? 0 : kLine), opt.y_label, axis);
   if (!opt.x_label.empty())
     draw_text(img, left + (pw - text_width(opt.x_label)) / 2, top + ph + (x_text.empty() ? 6 : 6 + kLine), opt.x_label, axis);
+  auto color_of = [&](size_t i) { return i < opt.series_colors.size() ? opt.series_colors[i] : series_color(i); };
   auto px = [&](double x) { return left + int(std::lround((x - xlo) / (xhi - xlo) * (pw - 1))); };
   auto py = [&](double y) { return top + ph - 1 - int(std::lround((y - ylo) / (yhi - ylo) * (ph - 1))); };
   for (size_t s = 0; s < series.size(); ++s) {
@@ -222,8 +223,8 @@ Image line_plot(const std::vector<Series>& series, const LinePlotOptions& opt) {
       }
       // Clamp far-away points so integer pixel coordinates cannot overflow; the image clips the rest.
       const int x1 = std::clamp(px(x), -W, 2 * W), y1 = std::clamp(py(y), -H, 2 * H);
-      if (have_prev) img.draw_line(x0, y0, x1, y1, series_color(s), opt.thickness);
-      else img.draw_line(x1, y1, x1, y1, series_color(s), opt.thickness + 1);
+      if (have_prev) img.draw_line(x0, y0, x1, y1, color_of(s), opt.thickness);
+      else img.draw_line(x1, y1, x1, y1, color_of(s), opt.thickness + 1);
       x0 = x1, y0 = y1, have_prev = true;
     }
   }
@@ -233,7 +234,7 @@ Image line_plot(const std::vector<Series>& series, const LinePlotOptions& opt) {
     img.fill_rect(x0, y0, x0 + w, y0 + h, {255, 255, 255});
     for (int i = 0; i < n; ++i) {
       const int y = y0 + 4 + i * kLine;
-      img.draw_line(x0 + 4, y + kGlyphHeight / 2, x0 + 16, y + kGlyphHeight / 2, series_color(size_t(i)), 3);
+      img.draw_line(x0 + 4, y + kGlyphHeight / 2, x0 + 16, y + kGlyphHeight / 2, color_of(size_t(i)), 3);
       draw_text(img, x0 + 22, y, opt.series_names[size_t(i)], axis);
     }
   }

@@ -65,11 +65,13 @@ struct LinePlotOptions {
   std::string title, x_label, y_label;
   bool tick_labels = false;
   std::vector<std::string> series_names;
+  std::vector<Rgb> series_colors;  // colour of series i if given, else series_color(i)
 };
 
-// Series i is drawn in series_color(i), in order (later series on top), over a light grey grid with
-// black axes on the left and bottom. x grows to the right, y grows upwards. Throws rwkvx::Error if a
-// series has x and y of different lengths or nothing is finite to plot.
+// Series i is drawn in its colour, in order (later series on top), over a light grey grid with black axes
+// on the left and bottom. x grows to the right, y grows upwards. Throws rwkvx::Error if a series has x and
+// y of different lengths, or nothing is finite to plot and the options do not give both axis ranges (then
+// the picture is the empty axes).
 Image line_plot(const std::vector<Series>& series, const LinePlotOptions& opt = {});
 
 struct HeatmapOptions {

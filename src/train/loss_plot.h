@@ -1,5 +1,5 @@
 // The loss-curve picture `rwkvx train` writes beside loss.csv: a PNG with axes, the per-step loss (light)
-// and its moving average (dark). No text: loss.csv holds the numbers.
+// and its moving average (dark), with the step and loss at the ticks; loss.csv holds the numbers.
 #pragma once
 #include <cstdint>
 #include <string>
