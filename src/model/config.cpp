@@ -4,6 +4,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/parse.h"
 
 namespace rwkvx {
 namespace {
@@ -180,12 +181,7 @@ ModelConfig infer_config(const TensorStore& s, const ModelOptions& opt) {
     }
     const std::string& v = it->second;
     size_t used = 0;
-    long long x = 0;
-    try {
-      x = std::stoll(v, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
+    const long long x = leading_integer(v, used);
     if (v.empty() || used != v.size() || x < 1 || x > (1 << 30))
       throw Error(s.path + ": metadata '" + key + "' is '" + v.substr(0, 40) + "', expected a positive integer");
     source = "checkpoint";

@@ -9,6 +9,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "core/parse.h"
 #include "eval/long_loss.h"
 #include "eval/passkey.h"
 #include "eval/plot.h"
@@ -52,12 +53,7 @@ std::vector<int64_t> parse_lengths(const std::string& opt, const std::string& s)
   std::vector<int64_t> v;
   for (const std::string& w : split_list(s)) {
     size_t used = 0;
-    long long x = 0;
-    try {
-      x = std::stoll(w, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
+    const long long x = leading_integer(w, used);
     int64_t mult = 1;
     if (used > 0 && used + 1 == w.size() && (w[used] == 'K' || w[used] == 'k')) mult = 1000, ++used;
     else if (used > 0 && used + 1 == w.size() && w[used] == 'M') mult = 1000000, ++used;

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/parse.h"
 #include "runtime/default_model.h"
 
 namespace rwkvx {
@@ -68,12 +69,7 @@ std::vector<int64_t> parse_token_counts(const std::string& opt, const std::strin
     if (item.back() == 'K' || item.back() == 'k') mult = 1024, item.pop_back();
     else if (item.back() == 'M' || item.back() == 'm') mult = 1024 * 1024, item.pop_back();
     size_t used = 0;
-    long long v = 0;
-    try {
-      v = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
+    const long long v = leading_integer(item, used);
     if (used != item.size() || v <= 0) throw Error(opt + ": '" + item + "' is not a positive length (e.g. 4096 or 64K)");
     out.push_back(v * mult);
   }
@@ -87,12 +83,7 @@ std::vector<int32_t> read_token_ids(const std::string& path) {
   std::string word;
   while (in >> word) {
     size_t used = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(word, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
+    const long long v = leading_integer(word, used);
     if (used != word.size() || v < 0 || v > INT32_MAX)
       throw Error(path + ": token " + std::to_string(ids.size()) + " ('" + word.substr(0, 32) +
                   "') is not a non-negative integer id");
