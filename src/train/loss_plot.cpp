@@ -27,11 +27,7 @@ void write_loss_png(const std::string& path, const std::vector<LossPoint>& point
   o.width = width, o.height = height, o.margin = 10, o.thickness = 1;
   o.x_ticks = 4, o.y_ticks = 4;
   o.series_colors = {{160, 190, 235}, {20, 60, 170}};
-  if (raw.y.empty()) {
-    o.x_lo = 0, o.x_hi = 1, o.y_lo = 0, o.y_hi = 1;  // no finite loss yet: the axes alone
-  } else if (raw.x.front() == raw.x.back()) {
-    o.x_lo = raw.x.front(), o.x_hi = raw.x.front() + 1;
-  }
+  if (raw.y.empty()) o.x_lo = 0, o.x_hi = 1, o.y_lo = 0, o.y_hi = 1;  // no finite loss yet: the axes alone
   // Text only where there is room for it (tiny pictures keep the axes and curves).
   if (width >= 240 && height >= 120) {
     o.tick_labels = true;
