@@ -178,7 +178,9 @@ constexpr int MR = 6;
 constexpr int MR = 1;
 #endif
 constexpr int NR = 2 * W;
-constexpr int64_t KC = 256, NC = 16 * NR, MC = 16 * MR;
+// NC is wide so that a thread's whole column range usually fits one block and each A panel is packed once
+// (B's KC × NC panel, 1 MB, lives in L3; its NR-wide micro-panels are reused from L1 across the MR loop).
+constexpr int64_t KC = 256, NC = 1024, MC = 16 * MR;
 
 // One weight row against MM activation rows; 4 independent accumulators per row hide FMA latency.
 template <WFormat F, int MM>
@@ -332,7 +334,7 @@ inline void gemv_nt(const float* A, int64_t lda, int64_t M, const WeightView& w,
 }
 
 // Packs rows [n, n + NR) × cols [k0, k0 + kc) of W into [kc][NR] fp32, scaled, zero-padded.
-#if RWKVX_KERNEL_ISA == 1
+#if RWKVX_KERNEL_ISA >= 1
 // Columns of an 8 × 8 block: r[j] ← (r0[j], ..., r7[j]).
 inline void transpose8(__m256 r[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -393,12 +395,24 @@ inline void pack_b(const WeightView& w, int64_t n, int64_t n_end, int64_t k0, in
   }
 }
 
+// Packs rows [m, m + MR) × cols [k0, k0 + kc) of A into [kc][MR], zero-padded. Writes up to 8 − MR floats
+// past the panel (the caller leaves room): vector stores of 8 overlap the next k's slots, which the next
+// store overwrites.
 inline void pack_a(const float* A, int64_t lda, int64_t m, int64_t m_end, int64_t k0, int64_t kc, float* out) {
-  for (int i = 0; i < MR; ++i) {
-    const bool valid = m + i < m_end;
-    const float* src = A + (m + i) * lda + k0;
-    for (int64_t k = 0; k < kc; ++k) out[k * MR + i] = valid ? src[k] : 0.f;
+  const float* rows[MR];
+  for (int i = 0; i < MR; ++i) rows[i] = m + i < m_end ? A + (m + i) * lda + k0 : nullptr;
+  int64_t k = 0;
+#if RWKVX_KERNEL_ISA >= 1
+  static_assert(MR <= 8);
+  for (; k + 8 <= kc; k += 8) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = i < MR && rows[i] ? _mm256_loadu_ps(rows[i] + k) : _mm256_setzero_ps();
+    transpose8(r);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (k + j) * MR, r[j]);
   }
+#endif
+  for (; k < kc; ++k)
+    for (int i = 0; i < MR; ++i) out[k * MR + i] = rows[i] ? rows[i][k] : 0.f;
 }
 
 // acc[MR][NR] over kc steps of packed panels, then C (+)= acc for the valid mr × nr corner.
@@ -437,7 +451,7 @@ inline void gemm_nt(const float* A, int64_t lda, int64_t M, const WeightView& w,
   }
   thread_local std::vector<float> bpack, apack;
   bpack.resize(size_t(NC * KC));
-  apack.resize(size_t(MC * KC));
+  apack.resize(size_t(MC * KC + 8));  // + 8: pack_a's overlapping vector stores
   const int64_t K = w.cols;
   for (int64_t nb = n0; nb < n1; nb += NC) {
     const int64_t nb_end = std::min(n1, nb + NC);
