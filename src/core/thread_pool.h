@@ -24,6 +24,9 @@ class ThreadPool {
   void run(const std::function<void(int, int)>& fn);
   // Splits [0, n) into contiguous ranges, one per thread, in multiples of `grain`.
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+  // Splits [0, n) into ranges of `chunk` that threads claim one at a time: on a machine whose cores run at
+  // uneven speed (a VM's neighbours) no thread waits long for a slower one's fixed share.
+  void parallel_chunks(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
   void worker(int index);

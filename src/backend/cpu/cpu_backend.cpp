@@ -130,6 +130,9 @@ void CpuBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
   const WeightView w = weight_view(W);
   auto run = [&](int64_t n0, int64_t n1) { k_->gemm_nt(x.f32(), K, T, w, n0, n1, out.f32(), N, false); };
   if (T * K * N < (1 << 16)) return run(0, N);
+  // Prefill: columns in chunks of 128 claimed as threads come free (each chunk repacks its A panels, a
+  // small cost next to waiting for a slowed core). Decode keeps one fixed share per thread.
+  if (T > 4) return pool_.parallel_chunks(N, 128, run);
   pool_.parallel_for(N, 64, run);
 }
 
@@ -141,7 +144,7 @@ void CpuBackend::matmul(const Tensor& x, const Tensor& W, Tensor& out) {
   // Low-rank products are small: split over rows of x when there are many, else over columns.
   if (T * K * N < (1 << 17)) return k_->gemm_nn(x.f32(), K, T, w, 0, N, out.f32(), N, false);
   if (T >= 2 * pool_.size()) {
-    pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1) {
+    pool_.parallel_chunks(T, 32, [&](int64_t t0, int64_t t1) {
       k_->gemm_nn(x.f32() + t0 * K, K, t1 - t0, w, 0, N, out.f32() + t0 * N, N, false);
     });
   } else {
@@ -248,7 +251,7 @@ void CpuBackend::wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const T
     }
   };
   if (batch.n_rows() * C < 4096) return run(0, jobs);
-  pool_.parallel_for(jobs, 1, run);
+  pool_.parallel_chunks(jobs, 1, run);
 }
 
 void CpuBackend::rwkv7_output(Tensor& y, const Tensor& r, const Tensor& k, const Tensor& v, const Tensor& r_k,

@@ -86,7 +86,7 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
   const int64_t min_blocks = (2 * int64_t(pool().size()) + H - 1) / H;
   const int64_t block = std::max<int64_t>(kRowBlock, (T + min_blocks - 1) / min_blocks);
   const int64_t n_blocks = (T + block - 1) / block;
-  pool().parallel_for(n_blocks * H, 1, [&](int64_t j0, int64_t j1) {
+  pool().parallel_chunks(n_blocks * H, 1, [&](int64_t j0, int64_t j1) {
     std::vector<double> score;
     std::vector<int64_t> chosen, rows;
     std::vector<std::vector<int64_t>> by_chunk;

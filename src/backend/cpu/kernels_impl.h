@@ -441,26 +441,20 @@ inline void micro_kernel(int64_t kc, const float* a, const float* b, float* C, i
     for (int j = 0; j < nr; ++j) C[i * ldc + j] = (add ? C[i * ldc + j] : 0.f) + tmp[i][j];
 }
 
-inline void gemm_nt(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
-                    int64_t ldc, bool accumulate) {
-  if (M <= 0 || n1 <= n0) return;
-  if (M <= kGemvMaxM || RWKVX_KERNEL_ISA == 0) {
-    for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxM)
-      gemv_nt(A + m0 * lda, lda, std::min<int64_t>(kGemvMaxM, M - m0), w, n0, n1, C + m0 * ldc, ldc, accumulate);
-    return;
-  }
+// C[m, n] (+)= Σ_k A[m, k] · B(k, n) over packed panels: pack_b(n, n_end, k0, kc, out) writes B's rows
+// [k0, k0 + kc) × columns [n, n + NR) as [kc][NR] fp32, zero-padded past n_end.
+template <class PackB>
+inline void gemm_packed(const float* A, int64_t lda, int64_t M, int64_t K, int64_t n0, int64_t n1, float* C, int64_t ldc,
+                        bool accumulate, PackB&& pack_b) {
   thread_local std::vector<float> bpack, apack;
   bpack.resize(size_t(NC * KC));
   apack.resize(size_t(MC * KC + 8));  // + 8: pack_a's overlapping vector stores
-  const int64_t K = w.cols;
   for (int64_t nb = n0; nb < n1; nb += NC) {
     const int64_t nb_end = std::min(n1, nb + NC);
     for (int64_t kb = 0; kb < K; kb += KC) {
       const int64_t kc = std::min(KC, K - kb);
       const bool add = accumulate || kb > 0;
-      with_format(w, [&]<WFormat F>() {
-        for (int64_t n = nb; n < nb_end; n += NR) pack_b<F>(w, n, nb_end, kb, kc, bpack.data() + (n - nb) * kc);
-      });
+      for (int64_t n = nb; n < nb_end; n += NR) pack_b(n, nb_end, kb, kc, bpack.data() + (n - nb) * kc);
       for (int64_t mb = 0; mb < M; mb += MC) {
         const int64_t mb_end = std::min(M, mb + MC);
         for (int64_t m = mb; m < mb_end; m += MR) pack_a(A, lda, m, mb_end, kb, kc, apack.data() + (m - mb) * kc);
@@ -475,6 +469,20 @@ inline void gemm_nt(const float* A, int64_t lda, int64_t M, const WeightView& w,
       }
     }
   }
+}
+
+inline void gemm_nt(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                    int64_t ldc, bool accumulate) {
+  if (M <= 0 || n1 <= n0) return;
+  if (M <= kGemvMaxM || RWKVX_KERNEL_ISA == 0) {
+    for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxM)
+      gemv_nt(A + m0 * lda, lda, std::min<int64_t>(kGemvMaxM, M - m0), w, n0, n1, C + m0 * ldc, ldc, accumulate);
+    return;
+  }
+  with_format(w, [&]<WFormat F>() {
+    gemm_packed(A, lda, M, w.cols, n0, n1, C, ldc, accumulate,
+                [&](int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) { pack_b<F>(w, n, n_end, k0, kc, out); });
+  });
 }
 
 // ---- GEMM: C = A · W (W used as stored) ----------------------------------------------------------------
@@ -518,9 +526,33 @@ inline void gemm_nn_f(const float* A, int64_t lda, int64_t M, const WeightView& 
   }
 }
 
+// Packs rows [k0, k0 + kc) × columns [n, n + NR) of W (used as stored) into [kc][NR] fp32, zero-padded.
+template <WFormat F>
+inline void pack_b_rows(const WeightView& w, int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) {
+  const int64_t nr = std::min<int64_t>(NR, n_end - n);
+  for (int64_t k = 0; k < kc; ++k) {
+    const auto* row = row_of<F>(w, k0 + k) + n;
+    const vf s = vset1(row_scale(w, k0 + k));
+    float* o = out + k * NR;
+    if (nr == NR) {
+      for (int j = 0; j < NR; j += W) vstore(o + j, vmul(Fmt<F>::load(row + j), s));
+    } else {
+      for (int64_t j = 0; j < NR; ++j) o[j] = j < nr ? Fmt<F>::one(row + j) * row_scale(w, k0 + k) : 0.f;
+    }
+  }
+}
+
 inline void gemm_nn(const float* A, int64_t lda, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
                     int64_t ldc, bool accumulate) {
-  with_format(w, [&]<WFormat F>() { gemm_nn_f<F>(A, lda, M, w, n0, n1, C, ldc, accumulate); });
+  if (M <= 0 || n1 <= n0) return;
+  with_format(w, [&]<WFormat F>() {
+    // Few rows: stream W directly. Many: the packed register-blocked kernel of gemm_nt.
+    if (M <= 2 * MR || RWKVX_KERNEL_ISA == 0) return gemm_nn_f<F>(A, lda, M, w, n0, n1, C, ldc, accumulate);
+    gemm_packed(A, lda, M, w.rows, n0, n1, C, ldc, accumulate,
+                [&](int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) {
+                  pack_b_rows<F>(w, n, n_end, k0, kc, out);
+                });
+  });
 }
 
 inline void row_to_f32(const WeightView& w, int64_t r, float* out) {
