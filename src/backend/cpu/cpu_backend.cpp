@@ -130,10 +130,17 @@ void CpuBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
   const WeightView w = weight_view(W);
   auto run = [&](int64_t n0, int64_t n1) { k_->gemm_nt(x.f32(), K, T, w, n0, n1, out.f32(), N, false); };
   if (T * K * N < (1 << 16)) return run(0, N);
-  // Prefill: columns in chunks of 128 claimed as threads come free (each chunk repacks its A panels, a
-  // small cost next to waiting for a slowed core). Decode keeps one fixed share per thread.
-  if (T > 4) return pool_.parallel_chunks(N, 128, run);
-  pool_.parallel_for(N, 64, run);
+  if (T <= 4 || k_->isa == Isa::scalar) return pool_.parallel_for(N, 64, run);  // decode: stream W once
+  // Prefill: pack x into panels once (the threads share them), then threads claim 128-column chunks as
+  // they come free, so a core slowed by the VM's neighbours holds no one up.
+  const int64_t mr = k_->a_panel_rows, panels = (T + mr - 1) / mr;
+  a_panels_.resize(size_t(k_->packed_a_size(T, K)));
+  pool_.parallel_chunks(panels, 8, [&](int64_t p0, int64_t p1) {
+    k_->pack_a_panels(x.f32(), K, T, K, p0, p1, a_panels_.data());
+  });
+  pool_.parallel_chunks(N, 128, [&](int64_t n0, int64_t n1) {
+    k_->gemm_nt_packed(a_panels_.data(), T, w, n0, n1, out.f32(), N, false);
+  });
 }
 
 void CpuBackend::matmul(const Tensor& x, const Tensor& W, Tensor& out) {
@@ -144,7 +151,8 @@ void CpuBackend::matmul(const Tensor& x, const Tensor& W, Tensor& out) {
   // Low-rank products are small: split over rows of x when there are many, else over columns.
   if (T * K * N < (1 << 17)) return k_->gemm_nn(x.f32(), K, T, w, 0, N, out.f32(), N, false);
   if (T >= 2 * pool_.size()) {
-    pool_.parallel_chunks(T, 32, [&](int64_t t0, int64_t t1) {
+    const int64_t rows = std::clamp<int64_t>(T / (2 * pool_.size()), 16, 96);  // W is repacked per chunk
+    pool_.parallel_chunks(T, rows, [&](int64_t t0, int64_t t1) {
       k_->gemm_nn(x.f32() + t0 * K, K, t1 - t0, w, 0, N, out.f32() + t0 * N, N, false);
     });
   } else {

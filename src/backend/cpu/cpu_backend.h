@@ -52,6 +52,7 @@ class CpuBackend final : public ref::ReferenceBackend {
   CpuBackendOptions opt_;
   const Kernels* k_;
   ThreadPool pool_;
+  std::vector<float> a_panels_;  // linear's packed activations (ops run one at a time)
 };
 
 WeightView weight_view(const Tensor& t);

@@ -395,24 +395,38 @@ inline void pack_b(const WeightView& w, int64_t n, int64_t n_end, int64_t k0, in
   }
 }
 
-// Packs rows [m, m + MR) × cols [k0, k0 + kc) of A into [kc][MR], zero-padded. Writes up to 8 − MR floats
-// past the panel (the caller leaves room): vector stores of 8 overlap the next k's slots, which the next
-// store overwrites.
+// Packs rows [m, m + MR) × cols [k0, k0 + kc) of A into [kc][MR], zero-padded. Vector stores of 8 lanes
+// overlap the next k's slots (which the next store overwrites); the last one is masked so nothing past the
+// panel is written and neighbouring panels can be packed by other threads.
 inline void pack_a(const float* A, int64_t lda, int64_t m, int64_t m_end, int64_t k0, int64_t kc, float* out) {
   const float* rows[MR];
   for (int i = 0; i < MR; ++i) rows[i] = m + i < m_end ? A + (m + i) * lda + k0 : nullptr;
   int64_t k = 0;
 #if RWKVX_KERNEL_ISA >= 1
   static_assert(MR <= 8);
+  const __m256i first_mr = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   for (; k + 8 <= kc; k += 8) {
     __m256 r[8];
     for (int i = 0; i < 8; ++i) r[i] = i < MR && rows[i] ? _mm256_loadu_ps(rows[i] + k) : _mm256_setzero_ps();
     transpose8(r);
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (k + j) * MR, r[j]);
+    for (int j = 0; j < 7; ++j) _mm256_storeu_ps(out + (k + j) * MR, r[j]);
+    _mm256_maskstore_ps(out + (k + 7) * MR, first_mr, r[7]);
   }
 #endif
   for (; k < kc; ++k)
     for (int i = 0; i < MR; ++i) out[k * MR + i] = rows[i] ? rows[i][k] : 0.f;
+}
+
+// A [M, K] packed whole, for a GEMM whose column ranges are split among threads: K block k0 (KC wide) is at
+// panels + k0 · Mp (Mp = M rounded up to MR), its MR-row panel p at + p · MR · kc.
+inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + MR - 1) / MR * MR * K; }
+
+inline void pack_a_panels(const float* A, int64_t lda, int64_t M, int64_t K, int64_t p0, int64_t p1, float* panels) {
+  const int64_t Mp = (M + MR - 1) / MR * MR;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    for (int64_t p = p0; p < p1; ++p) pack_a(A, lda, p * MR, M, k0, kc, panels + k0 * Mp + p * MR * kc);
+  }
 }
 
 // acc[MR][NR] over kc steps of packed panels, then C (+)= acc for the valid mr × nr corner.
@@ -443,12 +457,14 @@ inline void micro_kernel(int64_t kc, const float* a, const float* b, float* C, i
 
 // C[m, n] (+)= Σ_k A[m, k] · B(k, n) over packed panels: pack_b(n, n_end, k0, kc, out) writes B's rows
 // [k0, k0 + kc) × columns [n, n + NR) as [kc][NR] fp32, zero-padded past n_end.
+// A is either packed here, MC rows at a time, or given whole by pack_a_panels (`a_panels`, A unused).
 template <class PackB>
-inline void gemm_packed(const float* A, int64_t lda, int64_t M, int64_t K, int64_t n0, int64_t n1, float* C, int64_t ldc,
-                        bool accumulate, PackB&& pack_b) {
+inline void gemm_packed(const float* A, int64_t lda, const float* a_panels, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                        float* C, int64_t ldc, bool accumulate, PackB&& pack_b) {
   thread_local std::vector<float> bpack, apack;
   bpack.resize(size_t(NC * KC));
-  apack.resize(size_t(MC * KC + 8));  // + 8: pack_a's overlapping vector stores
+  if (!a_panels) apack.resize(size_t(MC * KC));
+  const int64_t Mp = (M + MR - 1) / MR * MR;
   for (int64_t nb = n0; nb < n1; nb += NC) {
     const int64_t nb_end = std::min(n1, nb + NC);
     for (int64_t kb = 0; kb < K; kb += KC) {
@@ -457,13 +473,14 @@ inline void gemm_packed(const float* A, int64_t lda, int64_t M, int64_t K, int64
       for (int64_t n = nb; n < nb_end; n += NR) pack_b(n, nb_end, kb, kc, bpack.data() + (n - nb) * kc);
       for (int64_t mb = 0; mb < M; mb += MC) {
         const int64_t mb_end = std::min(M, mb + MC);
-        for (int64_t m = mb; m < mb_end; m += MR) pack_a(A, lda, m, mb_end, kb, kc, apack.data() + (m - mb) * kc);
+        const float* a = a_panels ? a_panels + kb * Mp + mb * kc : apack.data();
+        if (!a_panels)
+          for (int64_t m = mb; m < mb_end; m += MR) pack_a(A, lda, m, mb_end, kb, kc, apack.data() + (m - mb) * kc);
         for (int64_t n = nb; n < nb_end; n += NR) {
           const int nr = int(std::min<int64_t>(NR, nb_end - n));
           for (int64_t m = mb; m < mb_end; m += MR) {
             const int mr = int(std::min<int64_t>(MR, mb_end - m));
-            micro_kernel(kc, apack.data() + (m - mb) * kc, bpack.data() + (n - nb) * kc, C + m * ldc + n, ldc, mr, nr,
-                         add);
+            micro_kernel(kc, a + (m - mb) * kc, bpack.data() + (n - nb) * kc, C + m * ldc + n, ldc, mr, nr, add);
           }
         }
       }
@@ -480,7 +497,16 @@ inline void gemm_nt(const float* A, int64_t lda, int64_t M, const WeightView& w,
     return;
   }
   with_format(w, [&]<WFormat F>() {
-    gemm_packed(A, lda, M, w.cols, n0, n1, C, ldc, accumulate,
+    gemm_packed(A, lda, nullptr, M, w.cols, n0, n1, C, ldc, accumulate,
+                [&](int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) { pack_b<F>(w, n, n_end, k0, kc, out); });
+  });
+}
+
+inline void gemm_nt_packed(const float* a_panels, int64_t M, const WeightView& w, int64_t n0, int64_t n1, float* C,
+                           int64_t ldc, bool accumulate) {
+  if (M <= 0 || n1 <= n0) return;
+  with_format(w, [&]<WFormat F>() {
+    gemm_packed(nullptr, 0, a_panels, M, w.cols, n0, n1, C, ldc, accumulate,
                 [&](int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) { pack_b<F>(w, n, n_end, k0, kc, out); });
   });
 }
@@ -548,7 +574,7 @@ inline void gemm_nn(const float* A, int64_t lda, int64_t M, const WeightView& w,
   with_format(w, [&]<WFormat F>() {
     // Few rows: stream W directly. Many: the packed register-blocked kernel of gemm_nt.
     if (M <= 2 * MR || RWKVX_KERNEL_ISA == 0) return gemm_nn_f<F>(A, lda, M, w, n0, n1, C, ldc, accumulate);
-    gemm_packed(A, lda, M, w.rows, n0, n1, C, ldc, accumulate,
+    gemm_packed(A, lda, nullptr, M, w.rows, n0, n1, C, ldc, accumulate,
                 [&](int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) {
                   pack_b_rows<F>(w, n, n_end, k0, kc, out);
                 });
@@ -791,8 +817,9 @@ inline float fma_peak(int64_t iters) {
 
 inline Kernels make_kernels() {
   Isa isa = RWKVX_KERNEL_ISA == 2 ? Isa::avx512 : RWKVX_KERNEL_ISA == 1 ? Isa::avx2 : Isa::scalar;
-  return Kernels{isa,  gemm_nt, gemm_nn, row_to_f32,   wkv7_head, dot_f64, attend, online_softmax,
-                 exp_, sigmoid_, tanh_, relu_square_, fma_peak,  W};
+  return Kernels{isa,     gemm_nt,        gemm_nn,       packed_a_size, pack_a_panels, gemm_nt_packed, MR,
+                 row_to_f32, wkv7_head, dot_f64, attend,        online_softmax, exp_,          sigmoid_,
+                 tanh_,   relu_square_,   fma_peak,      W};
 }
 
 }  // namespace rwkvx::cpu::RWKVX_ISA_NS
