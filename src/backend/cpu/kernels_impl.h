@@ -127,26 +127,46 @@ inline vf vexp(vf x) {
 }
 
 // Weight formats as compile-time tags, so the inner loops carry no format switch.
+#if RWKVX_KERNEL_ISA >= 1
+// 8 values as fp32 in a 256-bit register whatever the ISA's vector width (the 8 × 8 panel transposes).
+inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_bf16(const uint16_t* p) {
+  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+inline __m256 load8_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#define RWKVX_LOAD8(fn) static __m256 load8(const T* p) { return fn(p); }
+#else
+#define RWKVX_LOAD8(fn)
+#endif
+
 template <WFormat F> struct Fmt;
 template <> struct Fmt<WFormat::f32> {
   using T = float;
   static vf load(const T* p) { return vload(p); }
   static float one(const T* p) { return *p; }
+  RWKVX_LOAD8(load8_f32)
 };
 template <> struct Fmt<WFormat::bf16> {
   using T = uint16_t;
   static vf load(const T* p) { return vload_bf16(p); }
   static float one(const T* p) { return bf16_to_f32(*p); }
+  RWKVX_LOAD8(load8_bf16)
 };
 template <> struct Fmt<WFormat::f16> {
   using T = uint16_t;
   static vf load(const T* p) { return vload_f16(p); }
   static float one(const T* p) { return f16_to_f32(*p); }
+  RWKVX_LOAD8(load8_f16)
 };
 template <> struct Fmt<WFormat::q8> {
   using T = int8_t;
   static vf load(const T* p) { return vload_i8(p); }
   static float one(const T* p) { return float(*p); }
+  RWKVX_LOAD8(load8_i8)
 };
 
 template <WFormat F>
@@ -333,7 +353,6 @@ inline void gemv_nt(const float* A, int64_t lda, int64_t M, const WeightView& w,
   });
 }
 
-// Packs rows [n, n + NR) × cols [k0, k0 + kc) of W into [kc][NR] fp32, scaled, zero-padded.
 #if RWKVX_KERNEL_ISA >= 1
 // Columns of an 8 × 8 block: r[j] ← (r0[j], ..., r7[j]).
 inline void transpose8(__m256 r[8]) {
@@ -352,9 +371,10 @@ inline void transpose8(__m256 r[8]) {
 }
 #endif
 
+// Packs rows [n, n + NR) × cols [k0, k0 + kc) of W into [kc][NR] fp32, scaled, zero-padded.
 template <WFormat F>
 inline void pack_b(const WeightView& w, int64_t n, int64_t n_end, int64_t k0, int64_t kc, float* out) {
-#if RWKVX_KERNEL_ISA == 1
+#if RWKVX_KERNEL_ISA >= 1
   // 8 rows × 8 columns at a time: convert with vector loads, transpose in registers, store 8 panel rows.
   // (Short panels such as attention keys, K = 64, are repacked for every GEMM, so this must be cheap.)
   const int64_t kv = kc / 8 * 8;
@@ -368,31 +388,22 @@ inline void pack_b(const WeightView& w, int64_t n, int64_t n_end, int64_t k0, in
     }
     for (int64_t k = 0; k < kv; k += 8) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = rows[i] ? vmul(Fmt<F>::load(rows[i] + k), vset1(sc[i])) : vzero();
+      for (int i = 0; i < 8; ++i)
+        r[i] = rows[i] ? _mm256_mul_ps(Fmt<F>::load8(rows[i] + k), _mm256_set1_ps(sc[i])) : _mm256_setzero_ps();
       transpose8(r);
-      for (int j = 0; j < 8; ++j) vstore(out + (k + j) * NR + g, r[j]);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (k + j) * NR + g, r[j]);
     }
     for (int64_t k = kv; k < kc; ++k)
       for (int i = 0; i < 8; ++i) out[k * NR + g + i] = rows[i] ? Fmt<F>::one(rows[i] + k) * sc[i] : 0.f;
   }
-  return;
-#endif
-  // Convert W-wide runs of each row with vector loads, then scatter them into the [kc][NR] panel.
-  alignas(64) float buf[W];
+#else
   for (int r = 0; r < NR; ++r) {
-    if (n + r >= n_end) {
-      for (int64_t k = 0; k < kc; ++k) out[k * NR + r] = 0.f;
-      continue;
-    }
-    const auto* row = row_of<F>(w, n + r) + k0;
-    const vf s = vset1(row_scale(w, n + r));
-    int64_t k = 0;
-    for (; k + W <= kc; k += W) {
-      vstore(buf, vmul(Fmt<F>::load(row + k), s));
-      for (int i = 0; i < W; ++i) out[(k + i) * NR + r] = buf[i];
-    }
-    for (; k < kc; ++k) out[k * NR + r] = Fmt<F>::one(row + k) * row_scale(w, n + r);
+    const bool valid = n + r < n_end;
+    const auto* row = valid ? row_of<F>(w, n + r) + k0 : nullptr;
+    const float s = valid ? row_scale(w, n + r) : 0.f;
+    for (int64_t k = 0; k < kc; ++k) out[k * NR + r] = valid ? Fmt<F>::one(row + k) * s : 0.f;
   }
+#endif
 }
 
 // Packs rows [m, m + MR) × cols [k0, k0 + kc) of A into [kc][MR], zero-padded. Vector stores of 8 lanes
