@@ -4,7 +4,7 @@
 //   wkv7 over T tokens from a zero state (the prefill recurrence of one layer);
 //   one sparse-attention layer's prefill: kv_append of T keys/values, then T causal queries
 //   (chunk 2048, top-k 3), with an fp32 and a bf16 KV cache, in the default (bf16 hi + lo split) tile
-//   precision and, as "…_single_bf16", with single_bf16_activations (one bf16 rounding per operand).
+//   precision and, as "…_single_bf16", with single_bf16_attention (one bf16 rounding per operand, as SDPA).
 // Prints one JSON object per line: {"op", "T", "ms" (median of --repeat), "tokens_per_s", "tflops"}.
 // FLOPs count multiply-adds as 2: wkv7 ≈ 8 per state element (N·C of them) per token (decay, α-read,
 // β and v·k updates, r-read); sparse attention 4·D per (query, attended key) per head, with the attended keys of
@@ -99,7 +99,7 @@ int run(int argc, char** argv) {
   auto be = make_cuda_backend();
   Tensor probe = be->alloc(DType::f32, {1, 1});
   CudaBackendOptions single_opt;  // inputs come from `be`, whose work is finished before each timing
-  single_opt.single_bf16_activations = true;
+  single_opt.single_bf16_attention = true;
   auto single = make_cuda_backend(single_opt);
   Tensor single_probe = single->alloc(DType::f32, {1, 1});
   for (const int64_t T : lengths) {

@@ -29,6 +29,8 @@ std::unique_ptr<Backend> make_backend(const std::string& device, bool int8, int 
       o.device = cuda_device;
       const char* fast = std::getenv("RWKVX_CUDA_FAST_BF16");
       o.single_bf16_activations = fast && std::string(fast) == "1";
+      const char* attn = std::getenv("RWKVX_CUDA_ATTN_BF16");
+      o.single_bf16_attention = attn && std::string(attn) == "1";
       const char* step = std::getenv("RWKVX_CUDA_STEP_DECODER");
       const char* graph = std::getenv("RWKVX_CUDA_GRAPH");
       o.step_decoder = !(step && std::string(step) == "0");

@@ -16,16 +16,17 @@
 namespace rwkvx {
 namespace {
 
-std::unique_ptr<Backend> gpu_or_skip(std::string* why) {
+std::unique_ptr<Backend> gpu_or_skip(std::string* why, bool bf16_attention = false) {
   if (!cuda_device_available(why)) return nullptr;
   CudaBackendOptions o;
+  o.single_bf16_attention = bf16_attention;
   o.poison_uninit = true;  // an op that leaves part of an alloc_uninit output unwritten turns the logits NaN
   return make_cuda_backend(o);
 }
 
-#define REQUIRE_GPU(be)                                                                   \
+#define REQUIRE_GPU(be, ...)                                                              \
   std::string why_;                                                                       \
-  auto be = gpu_or_skip(&why_);                                                           \
+  auto be = gpu_or_skip(&why_ __VA_OPT__(, ) __VA_ARGS__);                                \
   if (!be) GTEST_SKIP() << "no CUDA device (" << why_ << "): CUDA model tests skipped"
 
 // The store with every tensor widened to fp32 (exact), so the GPU takes its fp32 paths.
@@ -42,14 +43,16 @@ TensorStore widened(const TensorStore& s) {
 }
 
 struct GoldenParam {
-  std::string name, format, mode, weights;  // weights: stored (bf16) | f32
+  // weights: stored (bf16) | f32 | stored+bf16-attention (single_bf16_attention: the attention tiles round
+  // their operands once, as cuDNN does; the bf16-weight tolerance applies)
+  std::string name, format, mode, weights;
 };
 
 class CudaGolden : public testing::TestWithParam<GoldenParam> {};
 
 TEST_P(CudaGolden, LogitsAndStatesMatch) {
-  REQUIRE_GPU(be);
   const GoldenParam& p = GetParam();
+  REQUIRE_GPU(be, p.weights == "stored+bf16-attention");
   const std::string dir = test::golden_dir(p.name);
   nlohmann::json cas = nlohmann::json::parse(std::ifstream(dir + "/case.json"));
   std::vector<int32_t> ids = cas["tokens"].get<std::vector<int32_t>>();
@@ -95,7 +98,7 @@ std::vector<GoldenParam> golden_cases() {
   for (const char* n : {"rwkv7-tiny", "rwkvx-tiny"})
     for (const char* f : {"pth", "safetensors"})
       for (const char* m : {"prefill", "decode"})
-        for (const char* w : {"stored", "f32"}) v.push_back({n, f, m, w});
+        for (const char* w : {"stored", "f32", "stored+bf16-attention"}) v.push_back({n, f, m, w});
   return v;
 }
 

@@ -12,8 +12,8 @@
 namespace rwkvx::cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 64;        // queries per score GEMM
-constexpr int64_t kKeyBlock = 256;       // keys per score GEMM: a 64 × 256 score tile is 64 KB
+constexpr int64_t kRowBlock = 128;       // queries per score GEMM (packing K and V is paid once per block)
+constexpr int64_t kKeyBlock = 256;       // keys per score GEMM: a 128 × 256 score tile is 128 KB
 constexpr int64_t kGroupedMinRows = 16;  // below this, the per-query path is cheaper
 
 // Chooses the top-(k-1) past chunks for query head `qh` (sorted by chunk index).

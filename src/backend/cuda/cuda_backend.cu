@@ -133,7 +133,7 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
   RWKVX_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   sm_count_ = prop.multiProcessorCount;
   name_ = std::string("cuda:") + std::to_string(device) + " " + prop.name +
-          (o.single_bf16_activations ? " bf16-activations" : "");
+          (o.single_bf16_activations ? " bf16-activations" : o.single_bf16_attention ? " bf16-attention" : "");
   RWKVX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   pool_ = std::make_shared<DevicePool>(device);
   RWKVX_CUBLAS_CHECK(cublasLtCreate(&lt_));

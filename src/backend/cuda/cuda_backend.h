@@ -17,6 +17,10 @@ struct CudaBackendOptions {
   // error per product, which can flip near-tied top-k chunk choices (golden rwkvx-tiny: 7e-2); `--device
   // cuda` reads it from RWKVX_CUDA_FAST_BF16=1. Up to 8 rows (decode) always use fp32 activations.
   bool single_bf16_activations = false;
+  // Only the prefill attention tiles round Q, P and K/V once to bf16 (as cuDNN/FlashAttention do); GEMM
+  // activations stay split and the top-k gate stays fp64, so chunk choices agree with the reference.
+  // `--device cuda` reads it from RWKVX_CUDA_ATTN_BF16=1.
+  bool single_bf16_attention = false;
   // Decode steps (one row per sequence) of supported models run as one fused step (cuda_decode.cu): false =
   // op by op. `decode_graph`: the fused step's kernels are captured once per batch size as a CUDA graph and
   // replayed; false = launched one by one (same kernels, same results). Environment: RWKVX_CUDA_STEP_DECODER=0
