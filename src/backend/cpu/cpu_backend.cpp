@@ -131,14 +131,16 @@ void CpuBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
   auto run = [&](int64_t n0, int64_t n1) { k_->gemm_nt(x.f32(), K, T, w, n0, n1, out.f32(), N, false); };
   if (T * K * N < (1 << 16)) return run(0, N);
   if (T <= 4 || k_->isa == Isa::scalar) return pool_.parallel_for(N, 64, run);  // decode: stream W once
-  // Prefill: pack x into panels once (the threads share them), then threads claim 128-column chunks as
-  // they come free, so a core slowed by the VM's neighbours holds no one up.
+  // Prefill: pack x into panels once (the threads share them), then threads claim column chunks as they
+  // come free, so a core slowed by the VM's neighbours holds no one up. About four chunks per thread, at
+  // least 64 columns (each chunk streams all of the packed x) and at most 256.
   const int64_t mr = k_->a_panel_rows, panels = (T + mr - 1) / mr;
   a_panels_.resize(size_t(k_->packed_a_size(T, K)));
   pool_.parallel_chunks(panels, 8, [&](int64_t p0, int64_t p1) {
     k_->pack_a_panels(x.f32(), K, T, K, p0, p1, a_panels_.data());
   });
-  pool_.parallel_chunks(N, 128, [&](int64_t n0, int64_t n1) {
+  const int64_t chunk = std::clamp<int64_t>((N / (4 * pool_.size()) + 63) / 64 * 64, 64, 256);
+  pool_.parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
     k_->gemm_nt_packed(a_panels_.data(), T, w, n0, n1, out.f32(), N, false);
   });
 }
