@@ -14,9 +14,8 @@ void check_same(const Tensor& a, const Tensor& b, const char* op) {
   RWKVX_ASSERT(a.numel() == b.numel(), std::string(op) + ": shapes " + a.shape_str() + " vs " + b.shape_str());
 }
 
-}  // namespace
-
-Tensor ReferenceBackend::alloc(DType dtype, std::initializer_list<int64_t> shape) {
+// 64-byte aligned host storage for a tensor of `shape`, contents undefined.
+Tensor host_tensor(DType dtype, std::initializer_list<int64_t> shape) {
   Tensor t;
   t.dtype = dtype;
   t.device = Device::cpu;
@@ -24,13 +23,29 @@ Tensor ReferenceBackend::alloc(DType dtype, std::initializer_list<int64_t> shape
   RWKVX_ASSERT(t.ndim <= 4, "too many dimensions");
   int i = 0;
   for (int64_t d : shape) t.shape[i++] = d;
-  size_t bytes = std::max<size_t>(t.nbytes(), 1);
-  // 64-byte aligned, zero-filled.
+  const size_t bytes = std::max<size_t>(t.nbytes(), 1);
   void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
-  std::memset(p, 0, bytes);
   t.storage = std::shared_ptr<void>(p, std::free);
   t.data = p;
+  return t;
+}
+
+}  // namespace
+
+Tensor ReferenceBackend::alloc(DType dtype, std::initializer_list<int64_t> shape) {
+  Tensor t = host_tensor(dtype, shape);
+  std::memset(t.data, 0, std::max<size_t>(t.nbytes(), 1));
+  return t;
+}
+
+Tensor ReferenceBackend::alloc_uninit(DType dtype, std::initializer_list<int64_t> shape) {
+  Tensor t = host_tensor(dtype, shape);
+#ifndef NDEBUG
+  // Builds with assertions (the tests' sanitizer build) fill it with NaN bytes, so an op that leaves part
+  // of its output unwritten shows in every golden comparison.
+  std::memset(t.data, 0xFF, std::max<size_t>(t.nbytes(), 1));
+#endif
   return t;
 }
 

@@ -12,6 +12,7 @@ class ReferenceBackend : public Backend {
  public:
   std::string name() const override { return "reference-fp32"; }
   Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) override;
+  Tensor alloc_uninit(DType dtype, std::initializer_list<int64_t> shape) override;
   Tensor upload_weight(const StoredTensor& src, std::initializer_list<int64_t> shape) override;
   void to_host(const Tensor& src, float* dst) override;
   void from_host(const float* src, Tensor& dst) override;
