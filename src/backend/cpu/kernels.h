@@ -28,7 +28,7 @@ struct Kernels {
   // C[m, n] = Σ_k A[m, k] · W[k, n] for n in [n0, n1) (W used as stored, e.g. low-rank matrices, V rows).
   void (*gemm_nn)(const float* A, int64_t lda, int64_t M, const WeightView& W, int64_t n0, int64_t n1, float* C,
                   int64_t ldc, bool accumulate);
-  // The same product with A packed once and shared: pack_a_panels writes A's row panels [p0, p1) (each
+  // gemm_nt with A packed once and shared: pack_a_panels writes A's row panels [p0, p1) (each
   // `a_panel_rows` rows; threads may pack disjoint ranges at once) into packed_a_size(M, K) floats, then
   // gemm_nt_packed computes columns [n0, n1) of C from them as gemm_nt would.
   int64_t (*packed_a_size)(int64_t M, int64_t K);
