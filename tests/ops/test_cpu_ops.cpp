@@ -73,8 +73,8 @@ StoredTensor stored(const std::string& name, DType dt, int64_t rows, int64_t col
 
 TEST_P(CpuOps, LinearAllFormatsAndShapes) {
   for (DType dt : {DType::f32, DType::bf16, DType::f16}) {
-    for (auto [T, K, N] : {std::tuple{1, 64, 48}, {3, 100, 37}, {4, 768, 129}, {5, 64, 16}, {37, 300, 67}, {101, 268, 1090},
-                           {130, 520, 200}}) {
+    for (auto [T, K, N] : {std::tuple{1, 64, 48}, {3, 100, 37}, {4, 768, 129}, {5, 64, 16}, {37, 300, 67},
+                           {101, 268, 1090}, {130, 520, 200}}) {
       std::vector<uint8_t> bytes;
       StoredTensor st = stored("blocks.0.att.key.weight", dt, N, K, rng, bytes);
       Tensor wr = ref->upload_weight(st, {N, K}), wf = fast->upload_weight(st, {N, K});

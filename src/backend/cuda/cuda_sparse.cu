@@ -15,8 +15,8 @@
 //       query attends to, whatever the chunks' popularity.
 //       Precision: by default every fp32 operand (Q, P, and fp32 K/V) is split into bf16 hi + lo and each
 //       product takes three tensor-core terms (~16 significant bits); with single_bf16_activations or
-//       single_bf16_attention each operand is rounded once to bf16. fp32 caches are rounded (split) to bf16 once per call, for the rows
-//       the tiles read.
+//       single_bf16_attention each operand is rounded once to bf16. fp32 caches are rounded (split) to bf16
+//       once per call, for the rows the tiles read.
 //     * decode and other head sizes: each query's keys are split over several blocks (flash-decoding); in a
 //       block 4 warps score 32 keys at a time (a key per lane) under an online softmax; a second kernel
 //       merges. All fp32.
@@ -889,7 +889,8 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   // 2. Attention.
   if (D == kB && T >= 32) {
     // Tile precision: hi + lo split unless single bf16 is asked for (for everything, or attention only).
-    const bool split = !opt_.single_bf16_activations && !opt_.single_bf16_attention, f32_kv = cache.k.dtype == DType::f32, kv_lo = split && f32_kv;
+    const bool split = !opt_.single_bf16_activations && !opt_.single_bf16_attention;
+    const bool f32_kv = cache.k.dtype == DType::f32, kv_lo = split && f32_kv;
     const int block_queries = split ? Prec<true, false>::queries : Prec<false, false>::queries;  // per group
     const int64_t nb = H * jmax;
     Tensor meta, list, pacc, plse;
