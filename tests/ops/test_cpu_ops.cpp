@@ -193,6 +193,31 @@ TEST_P(CpuOps, ElementwiseAndNorms) {
   }
 }
 
+// The WKV-7 kernel runs value rows in blocks (threads split a head's rows): head sizes whose rows do not
+// fill whole blocks, one-token calls (decode) and a prefill split into calls must all match the reference.
+TEST_P(CpuOps, Wkv7RowBlocksAndSplitCalls) {
+  for (int64_t N : {64, 24, 32, 6}) {
+    const int64_t T = 13, C = 2 * N;
+    auto [rr, rf] = rand({T, C});
+    auto [wr, wf] = rand({T, C}, 0.3f, 1.0f);
+    auto [kr, kf] = rand({T, C});
+    auto [vr, vf] = rand({T, C});
+    auto [ar, af] = rand({T, C}, -0.3f, 0.3f);
+    auto [br, bf] = rand({T, C}, -0.3f, 0.3f);
+    auto [sr, sf] = rand({1, C / N, N, N}, -0.5f, 0.5f);
+    Tensor yr = ref->alloc(DType::f32, {T, C}), yf = fast->alloc(DType::f32, {T, C});
+    ref->wkv7(rr, wr, kr, vr, ar, br, sr, SeqBatch::single(T), yr, int(N));
+    // The fast backend walks the same tokens as calls of 1, 1, 5 and 6 rows, carrying its state.
+    for (auto [t0, n] : {std::pair<int64_t, int64_t>{0, 1}, {1, 1}, {2, 5}, {7, 6}}) {
+      Tensor ys = yf.rows_view(t0, n);
+      fast->wkv7(rf.rows_view(t0, n), wf.rows_view(t0, n), kf.rows_view(t0, n), vf.rows_view(t0, n),
+                 af.rows_view(t0, n), bf.rows_view(t0, n), sf, SeqBatch::single(n), ys, int(N));
+    }
+    EXPECT_LE(err(yr, yf), 1e-5) << "head size " << N;
+    EXPECT_LE(err(sr, sf), 1e-5) << "head size " << N;
+  }
+}
+
 TEST_P(CpuOps, Rwkv7TimeMixOps) {
   const int64_t T = 29, C = 192, N = 64;
   auto [wr, wf] = rand({T, C}, -3, 3);

@@ -110,16 +110,7 @@ void CpuBackend::embedding(const Tensor& E, const int32_t* ids, int64_t n, Tenso
 void CpuBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) {
   const int64_t C = w.numel(), T = x.numel() / C;
   for_rows(T, 4 * C, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* xi = x.f32() + t * C;
-      float* o = out.f32() + t * C;
-      float mean = 0.f, var = 0.f;
-      for (int64_t c = 0; c < C; ++c) mean += xi[c];
-      mean /= float(C);
-      for (int64_t c = 0; c < C; ++c) var += (xi[c] - mean) * (xi[c] - mean);
-      const float inv = 1.0f / std::sqrt(var / float(C) + eps);
-      for (int64_t c = 0; c < C; ++c) o[c] = (xi[c] - mean) * inv * w.f32()[c] + b.f32()[c];
-    }
+    for (int64_t t = t0; t < t1; ++t) k_->normalize(x.f32() + t * C, C, eps, w.f32(), b.f32(), out.f32() + t * C);
   });
 }
 
@@ -247,17 +238,19 @@ void CpuBackend::rwkv7_value_residual(Tensor& v, const Tensor& v_first, const Te
 void CpuBackend::wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& alpha,
                       const Tensor& beta, Tensor& state, const SeqBatch& batch, Tensor& y, int head_size) {
   const int64_t C = r.row_size(), N = head_size, H = C / N;
-  // Independent (sequence, head) pairs run in parallel; each walks its tokens in order.
-  const int64_t jobs = batch.n_seq() * H;
+  // Independent (sequence, head, block of value rows) triples run in parallel; each walks its tokens in order.
+  const int64_t rows = N % k_->wkv_row_block == 0 ? std::max<int64_t>(k_->wkv_row_block, 16) : N;
+  const int64_t blocks = N % rows == 0 ? N / rows : 1, per_block = N / blocks;
+  const int64_t jobs = batch.n_seq() * H * blocks;
   auto run = [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t s = j / H, h = j % H;
+      const int64_t s = j / (H * blocks), h = j / blocks % H, i0 = j % blocks * per_block;
       const int64_t r0 = batch.row_start[size_t(s)], T = batch.row_start[size_t(s) + 1] - r0;
       if (T == 0) continue;
       float* S = state.f32() + (int64_t(batch.slot[size_t(s)]) * H + h) * N * N;
       const int64_t o = r0 * C + h * N;
-      k_->wkv7_head(r.f32() + o, w.f32() + o, k.f32() + o, v.f32() + o, alpha.f32() + o, beta.f32() + o, C, T, N, S,
-                    y.f32() + o);
+      k_->wkv7_rows(r.f32() + o, w.f32() + o, k.f32() + o, v.f32() + o, alpha.f32() + o, beta.f32() + o, C, T, N,
+                    i0, i0 + per_block, S, y.f32() + o);
     }
   };
   if (batch.n_rows() * C < 4096) return run(0, jobs);
@@ -272,17 +265,17 @@ void CpuBackend::rwkv7_output(Tensor& y, const Tensor& r, const Tensor& k, const
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = t * C + h * N;
         float* yh = y.f32() + o;
-        float mean = 0.f, var = 0.f, u = 0.f;
-        for (int64_t i = 0; i < N; ++i) mean += yh[i];
-        mean /= float(N);
-        for (int64_t i = 0; i < N; ++i) var += (yh[i] - mean) * (yh[i] - mean);
-        const float inv = 1.0f / std::sqrt(var / float(N) + eps);
-        for (int64_t j = 0; j < N; ++j) u += r.f32()[o + j] * k.f32()[o + j] * r_k.f32()[h * N + j];
-        for (int64_t i = 0; i < N; ++i) {
-          const int64_t c = h * N + i;
-          const float normed = (yh[i] - mean) * inv * ln_w.f32()[c] + ln_b.f32()[c];
-          yh[i] = (normed + u * v.f32()[o + i]) * g.f32()[o + i];
-        }
+        k_->normalize(yh, N, eps, ln_w.f32() + h * N, ln_b.f32() + h * N, yh);
+        // Bonus (r ⊙ k ⊙ r_k summed over the head) in four partial sums: no serial add chain.
+        const float *rh = r.f32() + o, *kh = k.f32() + o, *rkh = r_k.f32() + h * N;
+        float u4[4] = {0.f, 0.f, 0.f, 0.f};
+        int64_t j = 0;
+        for (; j + 4 <= N; j += 4)
+          for (int q = 0; q < 4; ++q) u4[q] += rh[j + q] * kh[j + q] * rkh[j + q];
+        for (; j < N; ++j) u4[0] += rh[j] * kh[j] * rkh[j];
+        const float u = (u4[0] + u4[1]) + (u4[2] + u4[3]);
+        const float *vh = v.f32() + o, *gh = g.f32() + o;
+        for (int64_t i = 0; i < N; ++i) yh[i] = (yh[i] + u * vh[i]) * gh[i];
       }
     }
   });

@@ -38,10 +38,12 @@ struct Kernels {
   int a_panel_rows;
   // Row of W converted to fp32 (embedding lookup).
   void (*row_to_f32)(const WeightView& W, int64_t row, float* out);
-  // One head of the WKV-7 recurrence over T tokens (spec model.md §3 step 7). Vectors for token t are at
-  // r + t*stride etc.; S [N, N] row-major (i = value, j = key) updated in place; y + t*stride receives N values.
-  void (*wkv7_head)(const float* r, const float* w, const float* k, const float* v, const float* a,
-                    const float* b, int64_t stride, int64_t T, int64_t N, float* S, float* y);
+  // Value rows [i0, i1) of one head of the WKV-7 recurrence over T tokens (spec model.md §3 step 7): rows
+  // evolve independently, so a head may be split among threads. Vectors for token t are at r + t*stride etc.;
+  // S [N, N] row-major (i = value, j = key), rows [i0, i1) updated in place; y + t*stride + i receives them.
+  void (*wkv7_rows)(const float* r, const float* w, const float* k, const float* v, const float* a,
+                    const float* b, int64_t stride, int64_t T, int64_t N, int64_t i0, int64_t i1, float* S, float* y);
+  int wkv_row_block;  // wkv7_rows runs its fast path on blocks of this many rows
   // Σ a[i]·b[i] accumulated in fp64 (the sparse-attention gate: top-k selection is discontinuous, so its
   // scores must not depend on summation order; spec model.md §5.6).
   double (*dot_f64)(const float* a, const float* b, int64_t n);
@@ -59,6 +61,8 @@ struct Kernels {
   void (*sigmoid_)(float* x, int64_t n);  // x ← 1 / (1 + e^-x)
   void (*tanh_)(float* x, int64_t n);
   void (*relu_square_)(float* x, int64_t n);  // x ← max(x, 0)²
+  // out = (x − mean) / √(var + eps) · w + b over n values (LayerNorm, GroupNorm of one head); out may be x.
+  void (*normalize)(const float* x, int64_t n, float eps, const float* w, const float* b, float* out);
   // Register-only FMA loop (the matrix-throughput ceiling of one core); returns a value to keep it alive.
   // Performs iters · kFmaPeakChains · lanes FMAs.
   float (*fma_peak)(int64_t iters);

@@ -602,48 +602,85 @@ inline void row_to_f32(const WeightView& w, int64_t r, float* out) {
 
 // ---- WKV-7, one head ---------------------------------------------------------------------------------
 // State row i (one value channel) is updated in registers: sa = S_i·α, S_i = S_i⊙w + sa·β + v_i·k, y_i = S_i·r.
-inline void wkv7_head(const float* r, const float* w, const float* k, const float* v, const float* a, const float* b,
-                      int64_t stride, int64_t T, int64_t N, float* S, float* y) {
-  if (N % W != 0 || N > 256) {  // generic fallback (every known model has N = 64)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t o = t * stride;
-      for (int64_t i = 0; i < N; ++i) {
-        float* Si = S + i * N;
-        float sa = 0.f, yi = 0.f;
-        for (int64_t j = 0; j < N; ++j) sa += Si[j] * a[o + j];
-        for (int64_t j = 0; j < N; ++j) {
-          Si[j] = Si[j] * w[o + j] + sa * b[o + j] + v[o + i] * k[o + j];
-          yi += Si[j] * r[o + j];
-        }
-        y[o + i] = yi;
-      }
-    }
-    return;
-  }
-  const int64_t nv = N / W;
-  constexpr int kMaxNv = 256 / W;
+// Rows [i0, i1) of one head's WKV-7 state over T tokens. Each value row evolves on its own
+// (s_i ← s_i diag(w) + (s_i·a) bᵀ + v_i kᵀ, y_i = s_i·r), so callers may split a head's rows among threads.
+// Blocks of RB rows are held key-major (column j of the block contiguous): every product is then a vector
+// FMA across rows with one broadcast key element, with no horizontal sums, and s·a for token t + 1 is
+// accumulated while token t's update streams the block.
+constexpr int64_t kWkvRowBlock = 2 * W;
+
+inline void wkv7_rows_generic(const float* r, const float* w, const float* k, const float* v, const float* a,
+                              const float* b, int64_t stride, int64_t T, int64_t N, int64_t i0, int64_t i1, float* S,
+                              float* y) {
   for (int64_t t = 0; t < T; ++t) {
     const int64_t o = t * stride;
-    vf rv[kMaxNv], wv[kMaxNv], kv[kMaxNv], av[kMaxNv], bv[kMaxNv];
-    for (int64_t c = 0; c < nv; ++c) {
-      rv[c] = vload(r + o + c * W), wv[c] = vload(w + o + c * W), kv[c] = vload(k + o + c * W);
-      av[c] = vload(a + o + c * W), bv[c] = vload(b + o + c * W);
-    }
-    for (int64_t i = 0; i < N; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       float* Si = S + i * N;
-      vf sa = vzero();
-      for (int64_t c = 0; c < nv; ++c) sa = vfma(vload(Si + c * W), av[c], sa);
-      const vf sab = vset1(vhsum(sa)), vi = vset1(v[o + i]);
-      vf yacc = vzero();
-      for (int64_t c = 0; c < nv; ++c) {
-        vf s = vload(Si + c * W);
-        s = vfma(s, wv[c], vfma(sab, bv[c], vmul(vi, kv[c])));
-        vstore(Si + c * W, s);
-        yacc = vfma(s, rv[c], yacc);
+      float sa = 0.f, yi = 0.f;
+      for (int64_t j = 0; j < N; ++j) sa += Si[j] * a[o + j];
+      for (int64_t j = 0; j < N; ++j) {
+        Si[j] = Si[j] * w[o + j] + sa * b[o + j] + v[o + i] * k[o + j];
+        yi += Si[j] * r[o + j];
       }
-      y[o + i] = vhsum(yacc);
+      y[o + i] = yi;
     }
   }
+}
+
+inline void wkv7_rows(const float* r, const float* w, const float* k, const float* v, const float* a, const float* b,
+                      int64_t stride, int64_t T, int64_t N, int64_t i0, int64_t i1, float* S, float* y) {
+  constexpr int64_t RB = kWkvRowBlock, kMaxN = 256;
+  constexpr int NV = int(RB / W);
+  int64_t i = i0;
+  for (; i + RB <= i1 && N <= kMaxN && N % 2 == 0 && T > 0; i += RB) {
+    alignas(64) float st[kMaxN * RB];  // st[j · RB + ii] = S[i + ii, j]
+    for (int64_t ii = 0; ii < RB; ++ii)
+      for (int64_t j = 0; j < N; ++j) st[j * RB + ii] = S[(i + ii) * N + j];
+    vf sa[NV];
+    for (int c = 0; c < NV; ++c) sa[c] = vzero();
+    for (int64_t j = 0; j < N; ++j)
+      for (int c = 0; c < NV; ++c) sa[c] = vfma(vload(st + j * RB + c * W), vset1(a[j]), sa[c]);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t o = t * stride;
+      // The last token has no successor: its "next a" is its own (the sums are not used).
+      const float* a_next = a + (t + 1 < T ? o + stride : o);
+      // Token rows are C floats apart, so nearly every token starts a new page, where hardware prefetchers
+      // stop: fetch the rows two tokens ahead by hand.
+      if (t + 2 < T) {
+        const int64_t f = o + 2 * stride;
+        for (int64_t j = 0; j < N; j += 16)
+          for (const float* x : {r, w, k, a, b}) __builtin_prefetch(x + f + j);
+        __builtin_prefetch(v + f + i);
+      }
+      // Even and odd keys sum into separate accumulators: s·a_next is the chain each token waits for.
+      vf vv[NV], yv[2][NV], sa_next[2][NV];
+      for (int c = 0; c < NV; ++c) {
+        vv[c] = vload(v + o + i + c * W);
+        yv[0][c] = yv[1][c] = sa_next[0][c] = sa_next[1][c] = vzero();
+      }
+      for (int64_t j = 0; j < N; j += 2) {
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t jj = j + e;
+          const vf wj = vset1(w[o + jj]), bj = vset1(b[o + jj]), kj = vset1(k[o + jj]);
+          const vf rj = vset1(r[o + jj]), aj = vset1(a_next[jj]);
+          for (int c = 0; c < NV; ++c) {
+            float* p = st + jj * RB + c * W;
+            const vf s = vfma(vload(p), wj, vfma(sa[c], bj, vmul(vv[c], kj)));
+            vstore(p, s);
+            yv[e][c] = vfma(s, rj, yv[e][c]);
+            sa_next[e][c] = vfma(s, aj, sa_next[e][c]);
+          }
+        }
+      }
+      for (int c = 0; c < NV; ++c) {
+        vstore(y + o + i + c * W, vadd(yv[0][c], yv[1][c]));
+        sa[c] = vadd(sa_next[0][c], sa_next[1][c]);
+      }
+    }
+    for (int64_t ii = 0; ii < RB; ++ii)
+      for (int64_t j = 0; j < N; ++j) S[(i + ii) * N + j] = st[j * RB + ii];
+  }
+  if (i < i1) wkv7_rows_generic(r, w, k, v, a, b, stride, T, N, i, i1, S, y);
 }
 
 // ---- elementwise -------------------------------------------------------------------------------------
@@ -701,6 +738,28 @@ inline void tanh_(float* x, int64_t n) {
     vstore(x + i, vsub(one, vdiv(two, vadd(e, one))));
   }
   for (; i < n; ++i) x[i] = std::tanh(x[i]);
+}
+// out = (x − mean) / √(var + eps) · w + b over n values (two passes, as the reference; vector partial sums).
+inline void normalize(const float* x, int64_t n, float eps, const float* w, const float* b, float* out) {
+  vf s0 = vzero(), s1 = vzero();
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) s0 = vadd(s0, vload(x + i)), s1 = vadd(s1, vload(x + i + W));
+  float sum = vhsum(vadd(s0, s1));
+  for (; i < n; ++i) sum += x[i];
+  const float mean = sum / float(n);
+  const vf vm = vset1(mean);
+  s0 = s1 = vzero();
+  for (i = 0; i + 2 * W <= n; i += 2 * W) {
+    const vf d0 = vsub(vload(x + i), vm), d1 = vsub(vload(x + i + W), vm);
+    s0 = vfma(d0, d0, s0), s1 = vfma(d1, d1, s1);
+  }
+  float var = vhsum(vadd(s0, s1));
+  for (; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float inv = 1.0f / std::sqrt(var / float(n) + eps);
+  const vf vi = vset1(inv);
+  for (i = 0; i + W <= n; i += W)
+    vstore(out + i, vfma(vmul(vsub(vload(x + i), vm), vi), vload(w + i), vload(b + i)));
+  for (; i < n; ++i) out[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 inline void relu_square_(float* x, int64_t n) {
   int64_t i = 0;
@@ -828,9 +887,10 @@ inline float fma_peak(int64_t iters) {
 
 inline Kernels make_kernels() {
   Isa isa = RWKVX_KERNEL_ISA == 2 ? Isa::avx512 : RWKVX_KERNEL_ISA == 1 ? Isa::avx2 : Isa::scalar;
-  return Kernels{isa,     gemm_nt,        gemm_nn,       packed_a_size, pack_a_panels, gemm_nt_packed, MR,
-                 row_to_f32, wkv7_head, dot_f64, attend,        online_softmax, exp_,          sigmoid_,
-                 tanh_,   relu_square_,   fma_peak,      W};
+  return Kernels{isa,        gemm_nt,   gemm_nn,           packed_a_size, pack_a_panels,  gemm_nt_packed,
+                 MR,         row_to_f32, wkv7_rows,        int(kWkvRowBlock), dot_f64,    attend,
+                 online_softmax, exp_,   sigmoid_,          tanh_,         relu_square_,   normalize,
+                 fma_peak,   W};
 }
 
 }  // namespace rwkvx::cpu::RWKVX_ISA_NS
