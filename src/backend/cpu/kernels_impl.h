@@ -600,8 +600,7 @@ inline void row_to_f32(const WeightView& w, int64_t r, float* out) {
   });
 }
 
-// ---- WKV-7, one head ---------------------------------------------------------------------------------
-// State row i (one value channel) is updated in registers: sa = S_i·α, S_i = S_i⊙w + sa·β + v_i·k, y_i = S_i·r.
+// ---- WKV-7, blocks of value rows ---------------------------------------------------------------------
 // Rows [i0, i1) of one head's WKV-7 state over T tokens. Each value row evolves on its own
 // (s_i ← s_i diag(w) + (s_i·a) bᵀ + v_i kᵀ, y_i = s_i·r), so callers may split a head's rows among threads.
 // Blocks of RB rows are held key-major (column j of the block contiguous): every product is then a vector
