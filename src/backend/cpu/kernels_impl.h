@@ -530,6 +530,29 @@ inline void gemm_nn_f(const float* A, int64_t lda, int64_t M, const WeightView& 
   using L = Fmt<F>;
   const int64_t K = w.rows;
   constexpr int64_t TM = 4, TN = 2 * W;
+  if (M == 1) {
+    // One row (decode): stream W in its stored row order (prefetch-friendly; walking columns blocks first
+    // strides across every row and waits on memory) and accumulate into C, four rows of W per pass over C.
+    if (!accumulate) std::fill(C + n0, C + n1, 0.f);
+    for (int64_t k = 0; k < K; k += 4) {
+      const int64_t kk = std::min<int64_t>(4, K - k);
+      const typename Fmt<F>::T* rows[4];
+      float a[4];
+      for (int64_t q = 0; q < 4; ++q) {
+        rows[q] = row_of<F>(w, k + std::min(q, kk - 1));
+        a[q] = q < kk ? A[k + q] * row_scale(w, k + q) : 0.f;
+      }
+      int64_t n = n0;
+      for (; n + W <= n1; n += W) {
+        vf c = vload(C + n);
+        for (int64_t q = 0; q < 4; ++q) c = vfma(vset1(a[q]), L::load(rows[q] + n), c);
+        vstore(C + n, c);
+      }
+      for (; n < n1; ++n)
+        for (int64_t q = 0; q < 4; ++q) C[n] += a[q] * L::one(rows[q] + n);
+    }
+    return;
+  }
   for (int64_t m0 = 0; m0 < M; m0 += TM) {
     const int64_t mm = std::min(TM, M - m0);
     int64_t n = n0;
@@ -606,7 +629,7 @@ inline void row_to_f32(const WeightView& w, int64_t r, float* out) {
 // Blocks of RB rows are held key-major (column j of the block contiguous): every product is then a vector
 // FMA across rows with one broadcast key element, with no horizontal sums, and s·a for token t + 1 is
 // accumulated while token t's update streams the block.
-constexpr int64_t kWkvRowBlock = 2 * W;
+constexpr int64_t kWkvRowBlock = 2 * W, kWkvRowMajorMaxT = 2;
 
 inline void wkv7_rows_generic(const float* r, const float* w, const float* k, const float* v, const float* a,
                               const float* b, int64_t stride, int64_t T, int64_t N, int64_t i0, int64_t i1, float* S,
@@ -626,10 +649,36 @@ inline void wkv7_rows_generic(const float* r, const float* w, const float* k, co
   }
 }
 
+// Few tokens (decode): transposing a block in and out would cost more than the update, so each row is walked
+// in place, with one horizontal sum for s·a and one for y per row.
+inline void wkv7_rows_row_major(const float* r, const float* w, const float* k, const float* v, const float* a,
+                                const float* b, int64_t stride, int64_t T, int64_t N, int64_t i0, int64_t i1, float* S,
+                                float* y) {
+  const int64_t nv = N / W;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t o = t * stride;
+    for (int64_t i = i0; i < i1; ++i) {
+      float* Si = S + i * N;
+      vf sa = vzero();
+      for (int64_t c = 0; c < nv; ++c) sa = vfma(vload(Si + c * W), vload(a + o + c * W), sa);
+      const vf sab = vset1(vhsum(sa)), vi = vset1(v[o + i]);
+      vf yacc = vzero();
+      for (int64_t c = 0; c < nv; ++c) {
+        const int64_t j = c * W;
+        const vf s = vfma(vload(Si + j), vload(w + o + j), vfma(sab, vload(b + o + j), vmul(vi, vload(k + o + j))));
+        vstore(Si + j, s);
+        yacc = vfma(s, vload(r + o + j), yacc);
+      }
+      y[o + i] = vhsum(yacc);
+    }
+  }
+}
+
 inline void wkv7_rows(const float* r, const float* w, const float* k, const float* v, const float* a, const float* b,
                       int64_t stride, int64_t T, int64_t N, int64_t i0, int64_t i1, float* S, float* y) {
   constexpr int64_t RB = kWkvRowBlock, kMaxN = 256;
   constexpr int NV = int(RB / W);
+  if (T <= kWkvRowMajorMaxT && N % W == 0) return wkv7_rows_row_major(r, w, k, v, a, b, stride, T, N, i0, i1, S, y);
   int64_t i = i0;
   for (; i + RB <= i1 && N <= kMaxN && N % 2 == 0 && T > 0; i += RB) {
     alignas(64) float st[kMaxN * RB];  // st[j · RB + ii] = S[i + ii, j]
