@@ -531,7 +531,7 @@ inline void gemm_nn_f(const float* A, int64_t lda, int64_t M, const WeightView& 
   const int64_t K = w.rows;
   constexpr int64_t TM = 4, TN = 2 * W;
   if (M == 1) {
-    // One row (decode): stream W in its stored row order (prefetch-friendly; walking columns blocks first
+    // One row (decode): stream W in its stored row order (prefetch-friendly; walking column blocks first
     // strides across every row and waits on memory) and accumulate into C, four rows of W per pass over C.
     if (!accumulate) std::fill(C + n0, C + n1, 0.f);
     for (int64_t k = 0; k < K; k += 4) {
