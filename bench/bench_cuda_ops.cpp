@@ -9,7 +9,7 @@
 // FLOPs count multiply-adds as 2: wkv7 ≈ 8 per state element (N·C of them) per token (decay, α-read,
 // β and v·k updates, r-read); sparse attention 4·D per (query, attended key) per head, with the attended keys of
 // query t = its own-chunk prefix plus min(k−1, ⌊t/c⌋) full past chunks.
-//   build-cuda/bench/bench_cuda_ops [--tokens 4096,16384,65536,131072] [--repeat 5]
+//   build-cuda/bench/bench_cuda_ops [--tokens 4096,16384,65536,131072] [--repeat 5] [--only wkv7|attention]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -80,14 +80,17 @@ std::vector<int64_t> parse_list(const std::string& s) {
 int run(int argc, char** argv) {
   std::vector<int64_t> lengths = {4096, 16384, 65536, 131072};
   int repeat = 5;
+  std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--tokens" && i + 1 < argc) {
       lengths = parse_list(argv[++i]);
     } else if (a == "--repeat" && i + 1 < argc) {
       repeat = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--only" && i + 1 < argc && (std::string(argv[i + 1]) == "wkv7" || std::string(argv[i + 1]) == "attention")) {
+      only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: bench_cuda_ops [--tokens 4096,16384,...] [--repeat N]\n");
+      std::fprintf(stderr, "usage: bench_cuda_ops [--tokens 4096,16384,...] [--repeat N] [--only wkv7|attention]\n");
       return 2;
     }
   }
@@ -109,11 +112,14 @@ int run(int argc, char** argv) {
     Tensor alpha = random_tensor(*be, T, kC, -0.05f, 0.05f, 5), beta = random_tensor(*be, T, kC, -0.05f, 0.05f, 6);
     Tensor state = be->alloc(DType::f32, {1, kC / kN, kN, kN}), y = be->alloc(DType::f32, {T, kC});
     const SeqBatch batch = SeqBatch::single(T);
-    const double wkv_ms = median_ms(*be, probe, repeat, [&] {
-      be->fill_zero(state);
-      be->wkv7(r, w, k, v, alpha, beta, state, batch, y, int(kN));
-    });
-    print("wkv7", T, wkv_ms, 8.0 * double(kN) * double(kC) * double(T));
+    if (only != "attention") {
+      const double wkv_ms = median_ms(*be, probe, repeat, [&] {
+        be->fill_zero(state);
+        be->wkv7(r, w, k, v, alpha, beta, state, batch, y, int(kN));
+      });
+      print("wkv7", T, wkv_ms, 8.0 * double(kN) * double(kC) * double(T));
+    }
+    if (only == "wkv7") continue;
 
     const SparseAttnParams p;  // chunk 2048, top-k 3, head 64
     const double flops = sparse_attention_flops(T, p.chunk, p.top_k);

@@ -3,26 +3,29 @@
 //
 // WKV-7 recurrence, per (sequence, head): every value row i of the state evolves on its own,
 //   s_i ← s_i · G_t + v_i k_tᵀ,  G_t = diag(w_t) + α_t β_tᵀ   (sa_i = s_i·α reads row i only),
-// and y_i = s_i · r_t. The sequential kernel below walks a sequence's rows in order: a block owns 16 value
-// rows of one (sequence, head), 4 lanes own each row (N/4 state columns each, in registers) and reduce sa_i
-// and y_i with two shuffles; the per-token vectors r, w, k, α, β are staged in shared memory 16 tokens at
-// a time with 16-byte loads. It serves decode (blocks per sequence and head) and short prefills, but a long
-// sequence is then latency-bound (≈0.5 µs per token step, one step after the other).
+// and y_i = s_i · r_t. The sequential kernel below walks a sequence's rows in order: 4 lanes share each
+// row (N/4 state columns each, in registers) and reduce sa_i and y_i with two shuffles; the per-token vectors
+// r, w, k, α, β are staged in shared memory 16 tokens at a time by cp.async, double-buffered. For decode and
+// short prefills a block owns 16 rows of one (sequence, head), one row per lane, but a long sequence is then
+// latency-bound (≈0.5 µs per token step, one step after the other).
 //
 // Long sequences run segment-parallel instead, in three launches:
 //  1. transitions: every segment of L rows runs the same recurrence at once from a zero state (giving E,
 //     the state it would end with from zero) and, in N more rows with v = 0 started from the identity, the
 //     product of its G_t (P, so that a segment started from S ends at S·P + E);
-//  2. chain: per (sequence, head), one block walks the segments: start_{j+1} = start_j · P_j + E_j;
+//  2. chain: per (sequence, head) and group of state rows, one block walks the segments:
+//     start_{j+1} = start_j · P_j + E_j;
 //  3. outputs: every segment runs the sequential kernel again from its start state, writing y.
 // This does ≈3× the arithmetic of the sequential walk, but with ~L× the parallelism; results equal it to
-// fp32 rounding. Head sizes other than 32/64/128, or unaligned rows, use a plain kernel with the state in
-// global memory.
+// fp32 rounding. Passes 1 and 3 give each lane several rows (RT), so every staged input serves RT
+// multiply-adds and arithmetic, not shared-memory reads, bounds them. Head sizes other than 32/64/128, or
+// unaligned rows, use a plain kernel with the state in global memory.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/tensor_core.cuh"
 
 namespace rwkvx::cuda {
 namespace {
@@ -37,73 +40,191 @@ __device__ __forceinline__ int wkv_column(int g, int jj) {
 // kTransitions = false: the sequential recurrence; sequence s reads/writes its state at slot bt.slot[s].
 // kTransitions = true: step 1 above; "sequence" s is a segment, rows 0..N-1 of its 2N-row output at slot
 // bt.slot[s] are E, rows N..2N-1 are P; a segment with slot < 0 (the last of its sequence) is skipped.
-template <int N, int R, bool kTransitions>
-__global__ void __launch_bounds__(R * 4) wkv7_kernel(const float* __restrict__ r, const float* __restrict__ w,
-                                                     const float* __restrict__ k, const float* __restrict__ v,
-                                                     const float* __restrict__ al, const float* __restrict__ be,
-                                                     float* __restrict__ state, DeviceBatch bt, int64_t C, int H,
-                                                     float* __restrict__ y) {
-  constexpr int G = 4, J = N / G, TT = 16, ROWS = kTransitions ? 2 * N : N, NB = ROWS / R, N4 = N / 4;
-  __shared__ __align__(16) float sr[TT][N], sw[TT][N], sk[TT][N], sa[TT][N], sb[TT][N];
-  __shared__ float sv[TT][R];
-  const int s = blockIdx.x / (H * NB), h = (blockIdx.x / NB) % H, i0 = (blockIdx.x % NB) * R;
-  const int tid = threadIdx.x, il = tid / G, g = tid % G, i = i0 + il;
+// A block owns RB value rows of one (sequence, head); 4 lanes share each group of RT rows, every lane holding
+// N/4 state columns of each of its RT rows in registers. RT > 1 reuses each staged input for RT rows: with
+// one row per lane the kernel is bound by shared-memory reads (one per multiply-add), which is right for
+// short, latency-bound calls, while the segment passes have enough rows to be bound by arithmetic. The
+// per-token vectors r, w, k, α, β and the block's values are staged TT tokens at a time with cp.async into
+// two buffers, so the next tile loads while this one is computed.
+template <int N, int RB, int RT, bool kTransitions>
+__global__ void __launch_bounds__(RB / RT * 4) wkv7_kernel(const float* __restrict__ r, const float* __restrict__ w,
+                                                           const float* __restrict__ k, const float* __restrict__ v,
+                                                           const float* __restrict__ al, const float* __restrict__ be,
+                                                           float* __restrict__ state, DeviceBatch bt, int64_t C, int H,
+                                                           float* __restrict__ y) {
+  using tensor_core::cp_async16;
+  constexpr int G = 4, J = N / G, TT = N >= 128 ? 8 : 16, ROWS = kTransitions ? 2 * N : N, NB = ROWS / RB,
+                N4 = N / 4, NT = RB / RT * G, kVecs = kTransitions ? 4 : 5;  // transitions do not read r
+  static_assert(ROWS % RB == 0 && RB % (4 * RT) == 0 && RT <= G && J % 4 == 0, "wkv7_kernel: bad tiling");
+  __shared__ __align__(16) float sin[2][kVecs][TT][N];  // w, k, α, β, r
+  __shared__ __align__(16) float sv[2][TT][RB];
+  const int s = blockIdx.x / (H * NB), h = (blockIdx.x / NB) % H, i0 = (blockIdx.x % NB) * RB;
+  const int tid = threadIdx.x, rg = tid / G, g = tid % G;
   const int64_t r0 = bt.row_start[s], r1 = bt.row_start[s + 1];
   if (r1 <= r0 || bt.slot[s] < 0) return;
   const bool identity_rows = kTransitions && i0 >= N;  // P rows: v = 0, start from e_(i-N)
-  float* S = state + (int64_t(bt.slot[s]) * H + h) * ROWS * N + int64_t(i) * N;
-  float st[J];
+  float* S = state + (int64_t(bt.slot[s]) * H + h) * ROWS * N;
+  float st[RT][J];
 #pragma unroll
-  for (int jj = 0; jj < J; ++jj) {
-    const int j = wkv_column<N>(g, jj);
-    st[jj] = kTransitions ? (identity_rows && j == i - N ? 1.f : 0.f) : S[j];
-  }
-  for (int64_t t0 = r0; t0 < r1; t0 += TT) {
-    const int nt = int(min_i64(TT, r1 - t0));
-    __syncthreads();
-#pragma unroll 4
-    for (int e = tid; e < nt * N4; e += R * G) {  // 16-byte loads, all independent
-      const int tt = e / N4, j = (e % N4) * 4;
-      const int64_t o = (t0 + tt) * C + int64_t(h) * N + j;
-      const float4 a4 = *reinterpret_cast<const float4*>(r + o), b4 = *reinterpret_cast<const float4*>(w + o);
-      const float4 c4 = *reinterpret_cast<const float4*>(k + o), d4 = *reinterpret_cast<const float4*>(al + o);
-      const float4 e4 = *reinterpret_cast<const float4*>(be + o);
-      *reinterpret_cast<float4*>(&sr[tt][j]) = a4, *reinterpret_cast<float4*>(&sw[tt][j]) = b4;
-      *reinterpret_cast<float4*>(&sk[tt][j]) = c4, *reinterpret_cast<float4*>(&sa[tt][j]) = d4;
-      *reinterpret_cast<float4*>(&sb[tt][j]) = e4;
+  for (int q = 0; q < RT; ++q) {
+    const int i = i0 + rg * RT + q;
+#pragma unroll
+    for (int jj = 0; jj < J; ++jj) {
+      const int j = wkv_column<N>(g, jj);
+      st[q][jj] = kTransitions ? (identity_rows && j == i - N ? 1.f : 0.f) : S[int64_t(i) * N + j];
     }
-    for (int e = tid; e < nt * R; e += R * G)
-      sv[e / R][e % R] = identity_rows ? 0.f : v[(t0 + e / R) * C + int64_t(h) * N + i0 + e % R];
-    __syncthreads();
+  }
+  // Tokens t0.. of the block's inputs into buffer b; rows past the end are zero-filled, never read.
+  auto stage = [&](int b, int64_t t0) {
+    const int64_t nt = min_i64(TT, r1 - t0);
+    for (int e = tid; e < kVecs * TT * N4; e += NT) {
+      const int m = e / (TT * N4), tt = (e / N4) % TT, j = (e % N4) * 4;
+      const float* src = m == 0 ? w : m == 1 ? k : m == 2 ? al : m == 3 ? be : r;
+      const bool in = tt < nt;
+      cp_async16(&sin[b][m][tt][j], src + (t0 + (in ? tt : 0)) * C + int64_t(h) * N + j, in);
+    }
+    for (int e = tid; e < TT * (RB / 4); e += NT) {
+      const int tt = e / (RB / 4), c = (e % (RB / 4)) * 4;
+      const bool in = tt < nt && !identity_rows;
+      cp_async16(&sv[b][tt][c], in ? v + (t0 + tt) * C + int64_t(h) * N + i0 + c : v, in);
+    }
+    tensor_core::cp_async_commit();
+  };
+  stage(0, r0);
+  int b = 0;
+  for (int64_t t0 = r0; t0 < r1; t0 += TT, b ^= 1) {
+    const int nt = int(min_i64(TT, r1 - t0));
+    if (t0 + TT < r1) {
+      stage(b ^ 1, t0 + TT);
+      tensor_core::cp_async_wait<1>();
+    } else {
+      tensor_core::cp_async_wait<0>();
+    }
+    __syncthreads();  // every lane's copies into buffer b have landed
+    const float(*sw)[N] = sin[b][0];
+    const float(*sk)[N] = sin[b][1];
+    const float(*sa)[N] = sin[b][2];
+    const float(*sb)[N] = sin[b][3];
+    const float(*sr)[N] = sin[b][kVecs - 1];
     for (int tt = 0; tt < nt; ++tt) {
-      float s0 = 0.f, s1 = 0.f;
+      // sa_i = s_i · α over the row's 4 lanes (two partial sums per row for a shorter dependency chain)
+      float sacc[RT][2] = {};
 #pragma unroll
-      for (int jj = 0; jj < J; jj += 2)
-        s0 += st[jj] * sa[tt][wkv_column<N>(g, jj)], s1 += st[jj + 1] * sa[tt][wkv_column<N>(g, jj + 1)];
-      float sacc = s0 + s1;
-      sacc += __shfl_xor_sync(0xffffffffu, sacc, 1);
-      sacc += __shfl_xor_sync(0xffffffffu, sacc, 2);
-      const float vi = sv[tt][il];
-      float y0 = 0.f, y1 = 0.f;
+      for (int jj = 0; jj < J; jj += 4) {
+        const float4 a4 = *reinterpret_cast<const float4*>(&sa[tt][wkv_column<N>(g, jj)]);
 #pragma unroll
-      for (int jj = 0; jj < J; ++jj) {
-        const int j = wkv_column<N>(g, jj);
-        st[jj] = st[jj] * sw[tt][j] + sacc * sb[tt][j] + vi * sk[tt][j];
-        if (!kTransitions) {
-          if (jj % 2) y1 += st[jj] * sr[tt][j];
-          else y0 += st[jj] * sr[tt][j];
+        for (int q = 0; q < RT; ++q) {
+          sacc[q][0] = fmaf(st[q][jj], a4.x, sacc[q][0]);
+          sacc[q][1] = fmaf(st[q][jj + 1], a4.y, sacc[q][1]);
+          sacc[q][0] = fmaf(st[q][jj + 2], a4.z, sacc[q][0]);
+          sacc[q][1] = fmaf(st[q][jj + 3], a4.w, sacc[q][1]);
         }
       }
+      float sq[RT], vq[RT];
+#pragma unroll
+      for (int q = 0; q < RT; ++q) {
+        sq[q] = sacc[q][0] + sacc[q][1];
+        sq[q] += __shfl_xor_sync(0xffffffffu, sq[q], 1);
+        sq[q] += __shfl_xor_sync(0xffffffffu, sq[q], 2);
+        vq[q] = sv[b][tt][rg * RT + q];
+      }
+      float yacc[RT][2] = {};
+#pragma unroll
+      for (int jj = 0; jj < J; jj += 4) {
+        const int j = wkv_column<N>(g, jj);
+        const float4 w4 = *reinterpret_cast<const float4*>(&sw[tt][j]);
+        const float4 b4 = *reinterpret_cast<const float4*>(&sb[tt][j]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&sk[tt][j]);
+        const float wv[4] = {w4.x, w4.y, w4.z, w4.w}, bv[4] = {b4.x, b4.y, b4.z, b4.w};
+        const float kv[4] = {k4.x, k4.y, k4.z, k4.w};
+        float rv[4] = {};
+        if (!kTransitions) {
+          const float4 r4 = *reinterpret_cast<const float4*>(&sr[tt][j]);
+          rv[0] = r4.x, rv[1] = r4.y, rv[2] = r4.z, rv[3] = r4.w;
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+          for (int q = 0; q < RT; ++q) {
+            float& x = st[q][jj + c];
+            x = x * wv[c] + sq[q] * bv[c] + vq[q] * kv[c];
+            if (!kTransitions) yacc[q][c % 2] = fmaf(x, rv[c], yacc[q][c % 2]);
+          }
+      }
       if (!kTransitions) {
-        float yacc = y0 + y1;
-        yacc += __shfl_xor_sync(0xffffffffu, yacc, 1);
-        yacc += __shfl_xor_sync(0xffffffffu, yacc, 2);
-        if (g == 0) y[(t0 + tt) * C + int64_t(h) * N + i] = yacc;
+#pragma unroll
+        for (int q = 0; q < RT; ++q) {
+          float ya = yacc[q][0] + yacc[q][1];
+          ya += __shfl_xor_sync(0xffffffffu, ya, 1);
+          ya += __shfl_xor_sync(0xffffffffu, ya, 2);
+          if (q % G == g) y[(t0 + tt) * C + int64_t(h) * N + i0 + rg * RT + q] = ya;
+        }
       }
     }
+    __syncthreads();  // buffer b is read by every lane before the next iteration stages into it
   }
 #pragma unroll
-  for (int jj = 0; jj < J; ++jj) S[wkv_column<N>(g, jj)] = st[jj];
+  for (int q = 0; q < RT; ++q)
+#pragma unroll
+    for (int jj = 0; jj < J; ++jj) S[int64_t(i0 + rg * RT + q) * N + wkv_column<N>(g, jj)] = st[q][jj];
+}
+
+// Step 2 of the segment-parallel WKV-7 for N ≤ 64: rows of the state evolve independently here too
+// (start_{j+1}[i] = start_j[i] · P_j + E_j[i]), so a block walks RC rows of one (sequence, head): grid
+// n_seq × H × N/RC, 256 threads, thread (column c = tid % N, rows tid / N + q·256/N). Each thread keeps its
+// column of P in registers and fetches the next segment's column and E values during this step's product;
+// the block's RC rows of the current start state sit in shared memory, read as broadcast 16-byte vectors.
+template <int N>
+__global__ void __launch_bounds__(256) wkv7_chain_rows_kernel(const float* __restrict__ state, DeviceBatch bt,
+                                                              const int64_t* __restrict__ seq_first_segment,
+                                                              const float* __restrict__ transitions,
+                                                              float* __restrict__ starts, int H) {
+  constexpr int RG = 256 / N, QR = 4, RC = RG * QR, NBK = N / RC, NN = N * N;
+  static_assert(N <= 64 && N % RC == 0, "wkv7_chain_rows_kernel: N must be 32 or 64");
+  __shared__ __align__(16) float cur[RC][N];
+  const int s = blockIdx.x / (H * NBK), h = (blockIdx.x / NBK) % H, c0 = (blockIdx.x % NBK) * RC;
+  const int tid = threadIdx.x, c = tid % N, rl = tid / N;
+  const int64_t g0 = seq_first_segment[s], g1 = seq_first_segment[s + 1];
+  if (g1 <= g0) return;
+  const float* S0 = state + (int64_t(bt.slot[s]) * H + h) * NN;
+  float own[QR], p_next[N], e_next[QR];
+#pragma unroll
+  for (int q = 0; q < QR; ++q) own[q] = cur[rl + q * RG][c] = S0[int64_t(c0 + rl + q * RG) * N + c];
+  auto fetch = [&](int64_t gi) {  // column c of P and this thread's E values for segment gi
+    const float* E = transitions + (gi * H + h) * 2 * NN;
+#pragma unroll
+    for (int m = 0; m < N; ++m) p_next[m] = E[NN + m * N + c];
+#pragma unroll
+    for (int q = 0; q < QR; ++q) e_next[q] = E[(c0 + rl + q * RG) * N + c];
+  };
+  if (g0 < g1 - 1) fetch(g0);
+  __syncthreads();
+  for (int64_t gi = g0;; ++gi) {
+    float* dst = starts + (gi * H + h) * NN;
+#pragma unroll
+    for (int q = 0; q < QR; ++q) dst[int64_t(c0 + rl + q * RG) * N + c] = own[q];
+    if (gi == g1 - 1) break;
+    float p[N], acc[QR][2];
+#pragma unroll
+    for (int m = 0; m < N; ++m) p[m] = p_next[m];
+#pragma unroll
+    for (int q = 0; q < QR; ++q) acc[q][0] = e_next[q], acc[q][1] = 0.f;
+    if (gi + 1 < g1 - 1) fetch(gi + 1);  // in flight during the product below
+#pragma unroll
+    for (int m = 0; m < N; m += 4)
+#pragma unroll
+      for (int q = 0; q < QR; ++q) {
+        const float4 x = *reinterpret_cast<const float4*>(&cur[rl + q * RG][m]);
+        acc[q][0] = fmaf(x.x, p[m], acc[q][0]);
+        acc[q][1] = fmaf(x.y, p[m + 1], acc[q][1]);
+        acc[q][0] = fmaf(x.z, p[m + 2], acc[q][0]);
+        acc[q][1] = fmaf(x.w, p[m + 3], acc[q][1]);
+      }
+    __syncthreads();  // every read of cur for this step is done
+#pragma unroll
+    for (int q = 0; q < QR; ++q) own[q] = cur[rl + q * RG][c] = acc[q][0] + acc[q][1];
+    __syncthreads();
+  }
 }
 
 // Step 2 of the segment-parallel WKV-7: grid n_seq × H, 256 threads as a 16 × 16 grid of (N/16)² output
@@ -283,14 +404,17 @@ void CudaBackend::rwkv7_value_residual(Tensor& v, const Tensor& v_first, const T
 
 namespace {
 
-// Segment length for the segment-parallel WKV-7 (0: run sequentially): about 4 blocks of 16 value rows per
-// multiprocessor in the output pass, between 64 rows (shorter segments spend more on the chain, ≈3 µs a
-// segment, than they save) and 1024 (longer ones leave the passes latency-bound). Measured on an H100 at
-// the 0.2B shapes: a 4096-row call takes 0.55 ms with 256-row segments, 1.89 ms sequentially.
+// Segment length for the segment-parallel WKV-7 (0: run sequentially): about kWkvWarpsPerSm warps per
+// multiprocessor in the output pass (each (segment, head) there is 2·N/RB warps), between 64 rows (shorter
+// segments spend more on the chain than they save) and 1024. Swept on an H100 at the 0.2B shapes: a
+// 16K-row call (the prefill window) is fastest at 384 rows (0.84 ms; 1.10 at 1024, 1.73 at 2048), a
+// 128K-row call at 1024 (5.73 ms; 6.06 at 2048).
+constexpr int64_t kWkvWarpsPerSm = 8;
 int64_t wkv_segment_length(int option, int64_t rows, int64_t longest, int64_t H, int64_t N, int sm_count) {
   if (option >= 0) return option == 0 || longest <= option ? 0 : option;
-  const int64_t target_blocks = 4 * int64_t(sm_count);
-  const int64_t L = std::clamp<int64_t>((rows * H * (N / 16) + target_blocks - 1) / target_blocks, 64, 1024);
+  const int64_t rb = N == 64 ? 64 : 32;  // WkvTiling<N>::RB
+  const int64_t target_warps = kWkvWarpsPerSm * int64_t(sm_count);
+  const int64_t L = std::clamp<int64_t>((rows * H * (2 * N / rb) + target_warps - 1) / target_warps, 64, 1024);
   return longest <= L ? 0 : (L + 15) / 16 * 16;
 }
 
@@ -307,32 +431,44 @@ struct WkvSegmentRun {
   float* starts;       // per (segment, head): the state it starts from, N × N
 };
 
-// Value rows per block of wkv7_kernel (4 lanes each): a head spreads over N/16 multiprocessors (64 rows per
-// block measured no faster in the segment passes).
-constexpr int kWkvRows = 16;
+// wkv7_kernel's tiling, 64 threads per block either way. Sequential calls (decode, short prefills) are
+// latency-bound: one row per lane, 16 rows per block, a head spread over N/16 blocks. The segment passes
+// have rows to spare and are bound by arithmetic: RT rows per lane, RB rows per block.
+template <int N>
+struct WkvTiling {
+  static constexpr int kSeqRows = 16;
+  static constexpr int RT = N == 64 ? 4 : 2, RB = 16 * RT;
+};
 
 // The sequential kernel over `b`'s sequences with their states in `state`.
 template <int N>
 void wkv7_sequential(cudaStream_t stream, const WkvSegmentRun& a, DeviceBatch b, float* state) {
-  constexpr int R = kWkvRows;
-  wkv7_kernel<N, R, false><<<unsigned(b.n_seq * a.H * (N / R)), 4 * R, 0, stream>>>(a.r, a.w, a.k, a.v, a.al, a.be,
-                                                                                   state, b, a.C, a.H, a.y);
+  constexpr int R = WkvTiling<N>::kSeqRows;
+  wkv7_kernel<N, R, 1, false><<<unsigned(b.n_seq * a.H * (N / R)), 4 * R, 0, stream>>>(
+      a.r, a.w, a.k, a.v, a.al, a.be, state, b, a.C, a.H, a.y);
   RWKVX_CUDA_LAUNCHED();
 }
 
 template <int N>
 void wkv7_segments(cudaStream_t stream, const WkvSegmentRun& a) {
-  constexpr int R = kWkvRows;
-  wkv7_kernel<N, R, true><<<unsigned(a.trans_batch.n_seq * a.H * (2 * N / R)), 4 * R, 0, stream>>>(
+  constexpr int RB = WkvTiling<N>::RB, RT = WkvTiling<N>::RT;
+  wkv7_kernel<N, RB, RT, true><<<unsigned(a.trans_batch.n_seq * a.H * (2 * N / RB)), 4 * RB / RT, 0, stream>>>(
       a.r, a.w, a.k, a.v, a.al, a.be, a.transitions, a.trans_batch, a.C, a.H, nullptr);
   RWKVX_CUDA_LAUNCHED();
-  constexpr int smem = 3 * N * N * 4;  // N = 128: 192 KiB, above the default 48 KiB
-  RWKVX_CUDA_CHECK(cudaFuncSetAttribute(wkv7_chain_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const unsigned seq_blocks = unsigned(a.seq.n_seq * a.H);
-  wkv7_chain_kernel<N><<<seq_blocks, 256, smem, stream>>>(a.state, a.seq, a.seq_first_segment, a.transitions,
-                                                          a.starts, a.H);
+  if constexpr (N <= 64) {
+    wkv7_chain_rows_kernel<N><<<seq_blocks * unsigned(N / (4 * 256 / N)), 256, 0, stream>>>(
+        a.state, a.seq, a.seq_first_segment, a.transitions, a.starts, a.H);
+  } else {
+    constexpr int smem = 3 * N * N * 4;  // N = 128: 192 KiB, above the default 48 KiB
+    RWKVX_CUDA_CHECK(cudaFuncSetAttribute(wkv7_chain_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    wkv7_chain_kernel<N><<<seq_blocks, 256, smem, stream>>>(a.state, a.seq, a.seq_first_segment, a.transitions,
+                                                            a.starts, a.H);
+  }
   RWKVX_CUDA_LAUNCHED();
-  wkv7_sequential<N>(stream, a, a.out_batch, a.starts);
+  wkv7_kernel<N, RB, RT, false><<<unsigned(a.out_batch.n_seq * a.H * (N / RB)), 4 * RB / RT, 0, stream>>>(
+      a.r, a.w, a.k, a.v, a.al, a.be, a.starts, a.out_batch, a.C, a.H, a.y);
+  RWKVX_CUDA_LAUNCHED();
   wkv7_store_final_kernel<N><<<seq_blocks, 256, 0, stream>>>(a.state, a.seq, a.seq_first_segment, a.starts, a.H);
   RWKVX_CUDA_LAUNCHED();
 }
@@ -351,7 +487,7 @@ void CudaBackend::wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const 
   float* out = static_cast<float*>(y.data);
   // The tiled kernels read 16-byte vectors: every row start must be 16-byte aligned.
   bool aligned = C % 4 == 0;
-  for (const Tensor* t : {&r, &w, &k, &alpha, &beta}) aligned = aligned && reinterpret_cast<uintptr_t>(t->data) % 16 == 0;
+  for (const Tensor* t : {&r, &w, &k, &v, &alpha, &beta}) aligned = aligned && reinterpret_cast<uintptr_t>(t->data) % 16 == 0;
   if (!aligned || (N != 32 && N != 64 && N != 128)) {
     const DeviceBatch b = upload_batch(batch);
     wkv7_generic_kernel<<<unsigned(batch.n_seq() * H), round_up_warp(N), 0, stream()>>>(
