@@ -53,6 +53,9 @@ std::vector<DecCase> dec_cases() {
   v.push_back({"rwkvx_C256_c16_k9", s, 16, 9, DType::f32, 100, 200});
   s = {}; s.n_embd = 256; s.n_rwkv = 2; s.n_sparse = 2; s.dtype = DType::bf16; s.seed = 44;
   v.push_back({"rwkvx_C256_bf16_kvbf16_c12_k4", s, 12, 4, DType::bf16, 30, 100});
+  v.push_back({"rwkvx_C256_bf16_c12_k4", s, 12, 4, DType::f32, 30, 100});  // same weights, fp32 KV
+  s.seed = 46;
+  v.push_back({"rwkvx_C256_bf16_kvbf16_c12_k4_s46", s, 12, 4, DType::bf16, 30, 100});
   s = {}; s.n_embd = 128; s.n_rwkv = 3; s.n_sparse = 0; s.seed = 45;
   v.push_back({"rwkv7_C128", s, 8, 3, DType::f32, 7, 40});
   return v;
@@ -114,7 +117,14 @@ TEST_P(CudaStepDecode, GraphEqualsLaunchesEqualsOpPathAndReference) {
   const std::vector<float> p = test::run_pieces(*mg, whole, ids, {int64_t(ids.size())});
   const size_t V = size_t(c.spec.n_vocab);
   const std::vector<float> tail(p.begin() + std::ptrdiff_t(size_t(c.prompt) * V), p.end());
-  EXPECT_LE(test::rel_max_err(g, tail), c.spec.dtype == DType::bf16 ? 2e-3 : 5e-5);
+  // A bf16 KV cache rounds keys and values when they are stored, so the ~1e-6 difference between decode's
+  // and prefill's fp32 activations can cross a rounding boundary and flip a near-tied top-k chunk choice:
+  // seed 44 measured 1.4e-2 with prefill GEMMs over doubled weights and 1.2e-4 with two GEMMs, while the
+  // same weights with an fp32 cache agree to 7e-6 / 8e-6, and seed 46's bf16 cache to 5e-5 / 6e-5. The
+  // tight bounds are for fp32 caches; a bf16 cache gets a no-garbage bound.
+  const double e_whole = test::rel_max_err(g, tail);
+  std::printf("[decode] %s: decode vs whole prefill %.3g\n", c.label, e_whole);
+  EXPECT_LE(e_whole, c.kv == DType::bf16 ? 5e-2 : c.spec.dtype == DType::bf16 ? 1e-4 : 5e-5);
 }
 
 INSTANTIATE_TEST_SUITE_P(Random, CudaStepDecode, testing::ValuesIn(dec_cases()),

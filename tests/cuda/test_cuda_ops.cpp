@@ -139,6 +139,34 @@ TEST_F(CudaOps, LinearAndMatmulFp32AndBf16) {
   gpu = std::move(exact);
 }
 
+// bf16 weights multiply split activations as one GEMM against a copy of the weight laid out twice, made on
+// first use: the copy must follow the weight when it is overwritten in place, and must not outlive it when
+// a new weight lands at the same address (the device pool hands freed blocks straight back).
+TEST_F(CudaOps, Bf16SplitGemmFollowsItsWeight) {
+  std::vector<uint8_t> b1, b2;
+  const int64_t T = 40, K = 96, N = 72;
+  StoredTensor s1 = stored("blocks.0.att.key.weight", DType::bf16, N, K, rng, b1);
+  StoredTensor s2 = stored("blocks.0.att.value.weight", DType::bf16, N, K, rng, b2);
+  auto [xa, xg] = rand({T, K});
+  auto check = [&](const Tensor& wr, const Tensor& wg, const char* what) {
+    Tensor oa = ref->alloc(DType::f32, {T, N}), og = poisoned({T, N});
+    ref->linear(xa, wr, oa);
+    gpu->linear(xg, wg, og);
+    EXPECT_LE(err(oa, og), 5e-5) << what;
+  };
+  const void* first_address = nullptr;
+  {
+    Tensor wr = ref->upload_weight(s1, {N, K}), wg = gpu->upload_weight(s1, {N, K});
+    first_address = wg.data;
+    check(wr, wg, "first weight");
+    Tensor w2r = ref->upload_weight(s2, {N, K}), w2g = gpu->upload_weight(s2, {N, K});
+    ref->copy(w2r, wr), gpu->copy(w2g, wg);  // overwritten in place
+    check(wr, wg, "weight overwritten in place");
+  }
+  Tensor wr = ref->upload_weight(s2, {N, K}), wg = gpu->upload_weight(s2, {N, K});
+  check(wr, wg, wg.data == first_address ? "new weight at the freed address" : "new weight");
+}
+
 TEST_F(CudaOps, LinearOnRowViews) {
   // Row views start at arbitrary offsets (the model passes them): alignment below 16 bytes.
   std::vector<uint8_t> bytes;

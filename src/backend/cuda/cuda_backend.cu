@@ -155,6 +155,9 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
     rows_per_call_ = n;
   }
   workspace_ = scratch(size_t(32) << 20);
+  if (const char* c = std::getenv("RWKVX_CUDA_WEIGHT_COPIES"); c && std::string(c) == "0")
+    opt_.split_gemm_weight_copies = false;
+  doubled_budget_ = opt_.split_gemm_weight_copies ? prop.totalGlobalMem / 8 : 0;
 }
 
 namespace {
@@ -308,10 +311,12 @@ void CudaBackend::from_host(const float* src, Tensor& dst) {
 void CudaBackend::copy(const Tensor& src, Tensor& dst) {
   RWKVX_ASSERT(src.dtype == dst.dtype && src.numel() == dst.numel(), "copy: mismatched tensors");
   if (src.nbytes() == 0 || src.data == dst.data) return;
+  forget_doubled(dst);
   RWKVX_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream_));
 }
 
 void CudaBackend::fill_zero(Tensor& t) {
+  forget_doubled(t);
   if (t.nbytes()) RWKVX_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
 }
 
@@ -367,6 +372,24 @@ __global__ void to_bf16_kernel(const float* x, int64_t n, bool split, __nv_bfloa
     const __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
     y[i] = hi;
     if (split) y[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+  }
+}
+
+// Rows [hi | lo] of x [T, K]: the operand of the single split GEMM over 2K against a doubled weight.
+__global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T * K; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / K, j = i % K;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
+    y[t * 2 * K + j] = hi;
+    y[t * 2 * K + K + j] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+  }
+}
+
+// W [N, K] → [N, 2K] with rows [W_n | W_n].
+__global__ void double_rows_kernel(const __nv_bfloat16* w, int64_t N, int64_t K, __nv_bfloat16* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N * K; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / K, j = i % K;
+    out[n * 2 * K + j] = out[n * 2 * K + K + j] = w[i];
   }
 }
 
@@ -602,6 +625,15 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
   // products are exact in fp32 either way.
   const int64_t n = T * K;
   const bool split = !opt_.single_bf16_activations;
+  if (const void* W2 = split ? doubled_weight(trans_w, W, K, N) : nullptr) {
+    // One GEMM over 2K: [hi | lo] rows against the doubled weight (the fp32 output is written once).
+    Tensor xb = scratch(size_t(n) * 4);
+    to_bf16_split_rows_kernel<<<ew_grid(n), kThreads, 0, stream_>>>(static_cast<const float*>(x.data), T, K,
+                                                                     static_cast<__nv_bfloat16*>(xb.data));
+    RWKVX_CUDA_LAUNCHED();
+    gemm(trans_w, W2, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, 2 * K);
+    return;
+  }
   Tensor xb = scratch(size_t(n) * (split ? 4 : 2));
   to_bf16_kernel<<<ew_grid(n), kThreads, 0, stream_>>>(static_cast<const float*>(x.data), n, split,
                                                        static_cast<__nv_bfloat16*>(xb.data));
@@ -613,6 +645,53 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
   float* o = static_cast<float*>(out.data);
   gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, o, N, T, K);
   gemm(trans_w, W.data, CUDA_R_16BF, static_cast<const __nv_bfloat16*>(xb.data) + n, CUDA_R_16BF, o, N, T, K, true);
+}
+
+const void* CudaBackend::doubled_weight(bool trans_w, const Tensor& W, int64_t K, int64_t N) {
+  if (!W.storage) return nullptr;
+  const auto key = std::make_pair(static_cast<const void*>(W.data), trans_w);
+  if (auto it = doubled_.find(key); it != doubled_.end()) {
+    const DoubledWeight& d = it->second;
+    if (!d.owner.expired() && !d.owner.owner_before(W.storage) && !W.storage.owner_before(d.owner)) return d.copy.data;
+  }
+  // Copies of weights that are gone (or stale at this address) go first.
+  for (auto it = doubled_.begin(); it != doubled_.end();) {
+    const bool same_key = it->first == key;
+    if (it->second.owner.expired() || same_key) {
+      doubled_bytes_ -= it->second.copy.nbytes();
+      it = doubled_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  const size_t bytes = size_t(N * K) * 2 * sizeof(__nv_bfloat16);
+  if (doubled_bytes_ + bytes > doubled_budget_) return nullptr;
+  DoubledWeight d{W.storage, alloc_uninit(DType::bf16, {2 * N * K})};
+  const auto* src = static_cast<const __nv_bfloat16*>(W.data);
+  auto* dst = static_cast<__nv_bfloat16*>(d.copy.data);
+  if (trans_w) {
+    double_rows_kernel<<<ew_grid(N * K), kThreads, 0, stream_>>>(src, N, K, dst);
+    RWKVX_CUDA_LAUNCHED();
+  } else {
+    for (int c = 0; c < 2; ++c)
+      RWKVX_CUDA_CHECK(cudaMemcpyAsync(dst + c * N * K, src, size_t(N * K) * 2, cudaMemcpyDeviceToDevice, stream_));
+  }
+  doubled_bytes_ += bytes;
+  return doubled_.emplace(key, std::move(d)).first->second.copy.data;
+}
+
+void CudaBackend::forget_doubled(const Tensor& dst) {
+  if (dst.dtype != DType::bf16 || doubled_.empty()) return;
+  const auto* lo = static_cast<const uint8_t*>(dst.data);
+  for (auto it = doubled_.begin(); it != doubled_.end();) {
+    const auto* p = static_cast<const uint8_t*>(it->first.first);
+    if (p >= lo && p < lo + dst.nbytes()) {
+      doubled_bytes_ -= it->second.copy.nbytes();
+      it = doubled_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {

@@ -21,6 +21,11 @@ struct CudaBackendOptions {
   // activations stay split and the top-k gate stays fp64, so chunk choices agree with the reference.
   // `--device cuda` reads it from RWKVX_CUDA_ATTN_BF16=1.
   bool single_bf16_attention = false;
+  // Prefill GEMMs with bf16 weights and split activations run as one GEMM over 2K against a second copy of
+  // each weight laid out twice along K (made on first use, at most 1/8 of device memory: +1× the bf16
+  // weight bytes), instead of two GEMMs whose second adds into the first's fp32 output. false: no copies.
+  // `--device cuda` reads it from RWKVX_CUDA_WEIGHT_COPIES=0.
+  bool split_gemm_weight_copies = true;
   // Decode steps (one row per sequence) of supported models run as one fused step (cuda_decode.cu): false =
   // op by op. `decode_graph`: the fused step's kernels are captured once per batch size as a CUDA graph and
   // replayed; false = launched one by one (same kernels, same results). Environment: RWKVX_CUDA_STEP_DECODER=0

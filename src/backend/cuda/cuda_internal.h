@@ -135,6 +135,17 @@ class CudaBackend final : public Backend {
             int64_t n, int64_t k, bool accumulate = false);
   // out [T, N] = x [T, K] · Wᵀ (trans_w: W [N, K]) or x · W (W [K, N]), for fp32 or bf16 W.
   void weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K, int64_t N);
+  // The split (hi + lo) product of a bf16 weight as one GEMM over 2K: W laid out twice along K ([W | W] per
+  // row for trans_w, [W; W] otherwise), made on first use and kept while W's storage lives, within a budget
+  // of device memory (nullptr past it: two GEMMs instead). Writes into a bf16 tensor drop its copy.
+  const void* doubled_weight(bool trans_w, const Tensor& W, int64_t K, int64_t N);
+  void forget_doubled(const Tensor& dst);
+  struct DoubledWeight {
+    std::weak_ptr<const void> owner;  // W.storage: a new tensor at the same address is a different owner
+    Tensor copy;
+  };
+  std::map<std::pair<const void*, bool>, DoubledWeight> doubled_;
+  size_t doubled_bytes_ = 0, doubled_budget_ = 0;
 
   CudaBackendOptions opt_;
   int device_ = 0;
