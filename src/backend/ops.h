@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -108,6 +109,12 @@ class Backend {
   virtual void token_shift(const Tensor& x, Tensor& shift, const SeqBatch& batch, Tensor& delta) = 0;
   // out[t] = x[t] + delta[t] ⊙ mu; mu [C]. (The lerp of every token-shift mix.)
   virtual void shift_mix(const Tensor& x, const Tensor& delta, const Tensor& mu, Tensor& out) = 0;
+  // Several mixes of the same x and delta at once: outs[i] = x + delta ⊙ mus[i] (a time-mix block's six).
+  // A backend where reading x and delta dominates reads them once; the default is one shift_mix per mix.
+  virtual void shift_mix_n(const Tensor& x, const Tensor& delta, std::span<const Tensor* const> mus,
+                           std::span<Tensor* const> outs) {
+    for (size_t i = 0; i < mus.size(); ++i) shift_mix(x, delta, *mus[i], *outs[i]);
+  }
 
   // ---- RWKV-7 time mix pieces (spec §3) -------------------------------------------------------------
   // In place on [T, C] rows, per head of `head_size`:

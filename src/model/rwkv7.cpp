@@ -19,12 +19,9 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
   Tensor delta = act(C);
   be.token_shift(x, shift, batch, delta);
   Tensor xr = act(C), xw = act(C), xk = act(C), xv = act(C), xa = act(C), xg = act(C);
-  be.shift_mix(x, delta, w.x_r, xr);
-  be.shift_mix(x, delta, w.x_w, xw);
-  be.shift_mix(x, delta, w.x_k, xk);
-  be.shift_mix(x, delta, w.x_v, xv);
-  be.shift_mix(x, delta, w.x_a, xa);
-  be.shift_mix(x, delta, w.x_g, xg);
+  const Tensor* mus[] = {&w.x_r, &w.x_w, &w.x_k, &w.x_v, &w.x_a, &w.x_g};
+  Tensor* mixed[] = {&xr, &xw, &xk, &xv, &xa, &xg};
+  be.shift_mix_n(x, delta, mus, mixed);
 
   // 2. Projections: r, k, v are full Linear layers; decay, learning rate and gate are low-rank.
   Tensor r = act(C), k = act(C), v = act(C);

@@ -211,6 +211,26 @@ TEST_F(CudaOps, ElementwiseAndLayerNorm) {
       Tensor o = ref->alloc(DType::f32, {T, C}), og = poisoned({T, C});
       ref->shift_mix(x, d, mu, o), gpu->shift_mix(xg, dg, mug, og);
       EXPECT_LE(err(o, og), 1e-6) << "shift_mix";
+      // Ten mixes at once (two launches of up to eight), against one reference shift_mix each; then on row
+      // views, whose starts are not 16-byte aligned (the scalar path).
+      std::vector<std::pair<Tensor, Tensor>> mus, outs;
+      for (int i = 0; i < 10; ++i) mus.push_back(rand({C})), outs.emplace_back(ref->alloc(DType::f32, {T, C}), poisoned({T, C}));
+      for (int64_t r0 : {int64_t(0), int64_t(1)}) {
+        const Tensor xv = x.rows_view(r0, T - r0), xgv = xg.rows_view(r0, T - r0);
+        const Tensor dv = d.rows_view(r0, T - r0), dgv = dg.rows_view(r0, T - r0);
+        std::vector<const Tensor*> gm;
+        std::vector<Tensor> gov;
+        for (auto& m : mus) gm.push_back(&m.second);
+        for (auto& o2 : outs) gov.push_back(o2.second.rows_view(r0, T - r0));
+        std::vector<Tensor*> go;
+        for (auto& t : gov) go.push_back(&t);
+        gpu->shift_mix_n(xgv, dgv, gm, go);
+        for (size_t i = 0; i < mus.size(); ++i) {
+          Tensor ov = outs[i].first.rows_view(r0, T - r0);
+          ref->shift_mix(xv, dv, mus[i].first, ov);
+          EXPECT_LE(err(ov, gov[i]), 1e-6) << "shift_mix_n mix " << i << " C=" << C << " first row " << r0;
+        }
+      }
     }
     {
       auto [x, xg] = rand({T, C}, -3, 5);

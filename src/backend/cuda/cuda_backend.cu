@@ -375,13 +375,30 @@ __global__ void to_bf16_kernel(const float* x, int64_t n, bool split, __nv_bfloa
   }
 }
 
-// Rows [hi | lo] of x [T, K]: the operand of the single split GEMM over 2K against a doubled weight.
-__global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, __nv_bfloat16* y) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T * K; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / K, j = i % K;
-    const __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
-    y[t * 2 * K + j] = hi;
-    y[t * 2 * K + K + j] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+// Rows [hi | lo] of x [T, K]: the operand of the single split GEMM over 2K against a doubled weight. Grid
+// (column blocks, rows): each thread converts 4 consecutive values of a row (16-byte loads when K % 4 == 0
+// and x is aligned), with no index division; rows past gridDim.y loop.
+__global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, bool vec4, __nv_bfloat16* y) {
+  const int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (j >= K) return;
+  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+    const float* xr = x + t * K;
+    __nv_bfloat16* hr = y + t * 2 * K;
+    if (vec4 && j + 4 <= K) {
+      const float4 v = *reinterpret_cast<const float4*>(xr + j);
+      const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
+      const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+      const __nv_bfloat162 l01 = __floats2bfloat162_rn(v.x - f01.x, v.y - f01.y);
+      const __nv_bfloat162 l23 = __floats2bfloat162_rn(v.z - f23.x, v.w - f23.y);
+      *reinterpret_cast<__nv_bfloat162*>(hr + j) = h01, *reinterpret_cast<__nv_bfloat162*>(hr + j + 2) = h23;
+      *reinterpret_cast<__nv_bfloat162*>(hr + K + j) = l01, *reinterpret_cast<__nv_bfloat162*>(hr + K + j + 2) = l23;
+    } else {
+      for (int64_t c = j; c < j + 4 && c < K; ++c) {
+        const __nv_bfloat16 hi = __float2bfloat16_rn(xr[c]);
+        hr[c] = hi;
+        hr[K + c] = __float2bfloat16_rn(xr[c] - __bfloat162float(hi));
+      }
+    }
   }
 }
 
@@ -415,6 +432,33 @@ __global__ void add_kernel(float* x, const float* y, int64_t n) {
 __global__ void shift_mix_kernel(const float* x, const float* delta, const float* mu, int64_t n, int64_t C, float* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = x[i] + delta[i] * mu[i % C];
+}
+
+// Up to kMaxMixes mixes of one x and delta: grid (column blocks, rows), 4 columns per thread (16-byte
+// accesses when C % 4 == 0 and every tensor is aligned); rows past gridDim.y loop.
+constexpr int kMaxMixes = 8;
+struct MixSet {
+  const float* mu[kMaxMixes];
+  float* out[kMaxMixes];
+  int n;
+};
+__global__ void shift_mix_n_kernel(const float* x, const float* delta, MixSet m, int64_t T, int64_t C, bool vec4) {
+  const int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (j >= C) return;
+  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+    const int64_t o = t * C + j;
+    if (vec4) {
+      const float4 xv = *reinterpret_cast<const float4*>(x + o), dv = *reinterpret_cast<const float4*>(delta + o);
+      for (int i = 0; i < m.n; ++i) {
+        const float4 mu = *reinterpret_cast<const float4*>(m.mu[i] + j);
+        *reinterpret_cast<float4*>(m.out[i] + o) =
+            make_float4(xv.x + dv.x * mu.x, xv.y + dv.y * mu.y, xv.z + dv.z * mu.z, xv.w + dv.w * mu.w);
+      }
+    } else {
+      for (int64_t c = j; c < j + 4 && c < C; ++c)
+        for (int i = 0; i < m.n; ++i) m.out[i][t * C + c] = x[t * C + c] + delta[t * C + c] * m.mu[i][c];
+    }
+  }
 }
 
 __device__ int find_seq(const int64_t* row_start, int n_seq, int64_t t) {
@@ -628,8 +672,10 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
   if (const void* W2 = split ? doubled_weight(trans_w, W, K, N) : nullptr) {
     // One GEMM over 2K: [hi | lo] rows against the doubled weight (the fp32 output is written once).
     Tensor xb = scratch(size_t(n) * 4);
-    to_bf16_split_rows_kernel<<<ew_grid(n), kThreads, 0, stream_>>>(static_cast<const float*>(x.data), T, K,
-                                                                     static_cast<__nv_bfloat16*>(xb.data));
+    const bool vec4 = K % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
+    const dim3 grid(unsigned((K + 4 * kThreads - 1) / (4 * kThreads)), unsigned(std::min<int64_t>(T, 65535)));
+    to_bf16_split_rows_kernel<<<grid, kThreads, 0, stream_>>>(static_cast<const float*>(x.data), T, K, vec4,
+                                                               static_cast<__nv_bfloat16*>(xb.data));
     RWKVX_CUDA_LAUNCHED();
     gemm(trans_w, W2, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, 2 * K);
     return;
@@ -765,6 +811,33 @@ void CudaBackend::shift_mix(const Tensor& x, const Tensor& delta, const Tensor& 
       static_cast<const float*>(x.data), static_cast<const float*>(delta.data), static_cast<const float*>(mu.data),
       x.numel(), mu.numel(), static_cast<float*>(out.data));
   RWKVX_CUDA_LAUNCHED();
+}
+
+void CudaBackend::shift_mix_n(const Tensor& x, const Tensor& delta, std::span<const Tensor* const> mus,
+                              std::span<Tensor* const> outs) {
+  OpTimer timer_(this, "shift_mix");
+  RWKVX_ASSERT(mus.size() == outs.size(), "shift_mix_n: as many mixes as outputs");
+  const int64_t C = x.row_size(), T = x.rows();
+  bool vec4 = C % 4 == 0;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  vec4 = vec4 && aligned(x.data) && aligned(delta.data);
+  for (size_t g = 0; g < mus.size(); g += kMaxMixes) {  // groups of up to kMaxMixes
+    MixSet m{};
+    m.n = int(std::min<size_t>(kMaxMixes, mus.size() - g));
+    for (int i = 0; i < m.n; ++i) {
+      const Tensor &mu = *mus[g + size_t(i)], &out = *outs[g + size_t(i)];
+      RWKVX_ASSERT(x.numel() == delta.numel() && x.numel() == out.numel() && mu.numel() == C,
+                   "shift_mix_n: mismatched shapes");
+      m.mu[i] = static_cast<const float*>(mu.data);
+      m.out[i] = static_cast<float*>(out.data);
+      vec4 = vec4 && aligned(mu.data) && aligned(out.data);
+    }
+    if (T == 0 || C == 0) return;
+    const dim3 grid(unsigned((C + 4 * kThreads - 1) / (4 * kThreads)), unsigned(std::min<int64_t>(T, 65535)));
+    shift_mix_n_kernel<<<grid, kThreads, 0, stream_>>>(static_cast<const float*>(x.data),
+                                                      static_cast<const float*>(delta.data), m, T, C, vec4);
+    RWKVX_CUDA_LAUNCHED();
+  }
 }
 
 }  // namespace cuda
