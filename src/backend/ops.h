@@ -102,6 +102,13 @@ class Backend {
   virtual void sigmoid_(Tensor& x) = 0;
   virtual void relu_square_(Tensor& x) = 0;         // max(x, 0)²
   virtual void add_(Tensor& x, const Tensor& y) = 0;  // x += y, same shape
+  // out += x @ Wᵀ (a block's output projection into the residual stream). The default is linear into a
+  // temporary and add_; backends whose GEMMs can accumulate into out skip the temporary and the extra pass.
+  virtual void linear_add(const Tensor& x, const Tensor& W, Tensor& out) {
+    Tensor tmp = alloc_uninit(DType::f32, {out.rows(), out.row_size()});
+    linear(x, W, tmp);
+    add_(out, tmp);
+  }
 
   // ---- token shift ----------------------------------------------------------------------------------
   // For each sequence s: prev(t) = x[t-1] inside the sequence, shift[slot[s]] for its first row.

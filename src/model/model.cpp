@@ -181,12 +181,11 @@ Tensor Model::forward_rows(const int32_t* ids, const SeqBatch& batch, State& sta
   const ModelConfig& c = cfg_;
   Backend& be = *be_;
   const int64_t T = batch.n_rows(), C = c.n_embd;
-  // x, xn, dx: whole outputs of embedding / layer_norm / each block's last linear.
+  // x, xn: whole outputs of embedding / layer_norm (the blocks then add into x).
   Tensor x = be.alloc_uninit(DType::f32, {T, C}), xn = be.alloc_uninit(DType::f32, {T, C});
-  Tensor dx = be.alloc_uninit(DType::f32, {T, C});
   embed_rows(ids, T, x);
   Tensor v_first = be.alloc(DType::f32, {T, C});
-  for (size_t i = 0; i < c.exec_order.size(); ++i) run_block(i, x, xn, dx, v_first, batch, state);
+  for (size_t i = 0; i < c.exec_order.size(); ++i) run_block(i, x, xn, v_first, batch, state);
   for (int64_t s = 0; s < batch.n_seq(); ++s)
     state.pos[size_t(batch.slot[size_t(s)])] += batch.row_start[size_t(s) + 1] - batch.row_start[size_t(s)];
 
@@ -213,7 +212,7 @@ void Model::embed_rows(const int32_t* ids, int64_t n, Tensor& x) const {
   be_->layer_norm(x, w_.ln0.weight, w_.ln0.bias, 1e-5f, x);
 }
 
-void Model::run_block(size_t i, Tensor& x, Tensor& xn, Tensor& dx, Tensor& v_first, const SeqBatch& batch,
+void Model::run_block(size_t i, Tensor& x, Tensor& xn, Tensor& v_first, const SeqBatch& batch,
                       State& state) const {
   const ModelConfig& c = cfg_;
   Backend& be = *be_;
@@ -224,16 +223,14 @@ void Model::run_block(size_t i, Tensor& x, Tensor& xn, Tensor& dx, Tensor& v_fir
   be.layer_norm(x, ln1.weight, ln1.bias, 1e-5f, xn);
   if (rwkv) {
     rwkv7_time_mix(be, w_.rwkv[size_t(b.index)].att, c, xn, state.att_shift[size_t(b.index)],
-                   state.wkv[size_t(b.index)], batch, v_first, b.index == 0, dx);
+                   state.wkv[size_t(b.index)], batch, v_first, b.index == 0, x);
   } else {
-    sparse_attention_block(be, w_.sparse[size_t(b.index)], c, xn, state.kv[size_t(b.index)], batch, dx);
+    sparse_attention_block(be, w_.sparse[size_t(b.index)], c, xn, state.kv[size_t(b.index)], batch, x);
   }
-  be.add_(x, dx);
   be.layer_norm(x, ln2.weight, ln2.bias, 1e-5f, xn);
   const size_t ffn_slot = rwkv ? size_t(b.index) : size_t(c.n_rwkv + b.index);
   const ChannelMixWeights& ffn = rwkv ? w_.rwkv[size_t(b.index)].ffn : w_.sparse[size_t(b.index)].ffn;
-  rwkv7_channel_mix(be, ffn, xn, state.ffn_shift[ffn_slot], batch, dx);
-  be.add_(x, dx);
+  rwkv7_channel_mix(be, ffn, xn, state.ffn_shift[ffn_slot], batch, x);
 }
 
 void Model::head_row(const Tensor& x_row, Tensor& xn_row, Tensor& logits) const {

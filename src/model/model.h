@@ -46,10 +46,9 @@ class Model {
   // embed_rows: embedding + ln0 of `n` ids into x [n, C].
   void embed_rows(const int32_t* ids, int64_t n, Tensor& x) const;
   // Block exec_order[i] over the rows of x (in place: x += both residual updates), advancing that block's
-  // state (not State::pos). xn, dx: scratch [rows, C]; v_first [rows, C]: written by the first RWKV block,
+  // state (not State::pos). xn: scratch [rows, C]; v_first [rows, C]: written by the first RWKV block,
   // read by the later ones (so it must hold the same rows for every block of a window).
-  void run_block(size_t i, Tensor& x, Tensor& xn, Tensor& dx, Tensor& v_first, const SeqBatch& batch,
-                 State& state) const;
+  void run_block(size_t i, Tensor& x, Tensor& xn, Tensor& v_first, const SeqBatch& batch, State& state) const;
   // ln_out + head of one row x_row [1, C] into logits [1, V]; xn_row: scratch [1, C].
   void head_row(const Tensor& x_row, Tensor& xn_row, Tensor& logits) const;
 
@@ -65,8 +64,9 @@ class Model {
   mutable std::unique_ptr<StepDecoder> step_decoder_;
 };
 
-// Block bodies (rwkv7.cpp, sparse_block.cpp). `x` is the block input after its LayerNorm, `out` receives
-// the residual update. State tensors are the block's own.
+// Block bodies (rwkv7.cpp, sparse_block.cpp). `x` is the block input after its LayerNorm; the block adds
+// its residual update into `out` (the residual stream, through Backend::linear_add). State tensors are
+// the block's own.
 void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg, const Tensor& x, Tensor& shift,
                     Tensor& wkv, const SeqBatch& batch, Tensor& v_first, bool first_block, Tensor& out);
 void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x, Tensor& shift,

@@ -57,9 +57,9 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
   Tensor y = act(C);
   be.wkv7(r, decay, k, v, alpha, beta, wkv, batch, y, N);
 
-  // 8–10. Per-head GroupNorm, bonus (r·k·r_k) v, output gate, output projection.
+  // 8–10. Per-head GroupNorm, bonus (r·k·r_k) v, output gate, output projection (added into the residual).
   be.rwkv7_output(y, r, k, v, w.r_k, gate, w.ln_x.weight, w.ln_x.bias, kLnXEps, N);
-  be.linear(y, w.output, out);
+  be.linear_add(y, w.output, out);
 }
 
 void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x, Tensor& shift,
@@ -71,7 +71,7 @@ void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x,
   Tensor h = be.alloc_uninit(DType::f32, {T, F});
   be.linear(kx, w.key, h);
   be.relu_square_(h);
-  be.linear(h, w.value, out);
+  be.linear_add(h, w.value, out);
 }
 
 }  // namespace rwkvx

@@ -23,7 +23,7 @@ void sparse_attention_block(Backend& be, const SparseBlockWeights& w, const Mode
     be.kv_append(cache, k.rows_view(r0, n), v.rows_view(r0, n), cfg.sparse.chunk);
     be.sparse_attention(qs, cache, cfg.sparse, os);
   }
-  be.linear(o, w.output, out);
+  be.linear_add(o, w.output, out);
 }
 
 }  // namespace rwkvx

@@ -96,7 +96,7 @@ Tensor context_parallel_prefill(const Model& model, const int32_t* ids, int64_t 
   // The segment's activations stay resident between blocks: x (the residual stream) and v_first.
   Tensor x = be.alloc_uninit(DType::f32, {n, C});
   Tensor v_first = be.alloc(DType::f32, {n, C});
-  Tensor xn = be.alloc_uninit(DType::f32, {std::min(n, R), C}), dx = be.alloc_uninit(DType::f32, {std::min(n, R), C});
+  Tensor xn = be.alloc_uninit(DType::f32, {std::min(n, R), C});
   for (int64_t w0 = 0; w0 < n; w0 += R) {
     const int64_t wn = std::min(R, n - w0);
     Tensor xw = x.rows_view(w0, wn);
@@ -120,8 +120,8 @@ Tensor context_parallel_prefill(const Model& model, const int32_t* ids, int64_t 
     for (int64_t w0 = 0; w0 < n; w0 += R) {
       const int64_t wn = std::min(R, n - w0);
       Tensor xw = x.rows_view(w0, wn), vw = v_first.rows_view(w0, wn);
-      Tensor xnw = xn.rows_view(0, wn), dxw = dx.rows_view(0, wn);
-      model.run_block(i, xw, xnw, dxw, vw, SeqBatch::single(wn), state);
+      Tensor xnw = xn.rows_view(0, wn);
+      model.run_block(i, xw, xnw, vw, SeqBatch::single(wn), state);
     }
     if (rank < world - 1)
       for (const Tensor& t : block_state(c, state, i)) link->send(t, rank + 1);

@@ -121,6 +121,9 @@ TEST_F(CudaOps, LinearAndMatmulFp32AndBf16) {
         ref->linear(xa, wr, oa);
         gpu->linear(xg, wg, og);
         EXPECT_LE(err(oa, og), tol) << "linear mode " << mode << " " << T << "x" << K << "x" << N;
+        ref->linear_add(xa, wr, oa);  // out += x·Wᵀ on top of the first result
+        gpu->linear_add(xg, wg, og);
+        EXPECT_LE(err(oa, og), tol) << "linear_add mode " << mode << " " << T << "x" << K << "x" << N;
       }
       {
         StoredTensor st = stored("blocks.0.att.w1", dt, K, N, rng, bytes);

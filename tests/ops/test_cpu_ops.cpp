@@ -83,6 +83,11 @@ TEST_P(CpuOps, LinearAllFormatsAndShapes) {
       ref->linear(xr, wr, yr);
       fast->linear(xf, wf, yf);
       EXPECT_LE(err(yr, yf), 2e-6) << dtype_name(dt) << " T=" << T << " K=" << K << " N=" << N;
+      // linear_add adds into what out holds (the fast backend's GEMMs accumulate; the reference adds).
+      auto [rr, rf] = rand({T, N});
+      ref->linear_add(xr, wr, rr);
+      fast->linear_add(xf, wf, rf);
+      EXPECT_LE(err(rr, rf), 2e-6) << "linear_add " << dtype_name(dt) << " T=" << T << " K=" << K << " N=" << N;
     }
   }
 }

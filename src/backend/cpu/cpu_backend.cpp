@@ -114,12 +114,12 @@ void CpuBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, f
   });
 }
 
-void CpuBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
+void CpuBackend::linear_into(const Tensor& x, const Tensor& W, Tensor& out, bool accumulate) {
   const int64_t T = x.rows(), K = x.row_size(), N = W.rows();
   RWKVX_ASSERT(W.row_size() == K && out.rows() == T && out.row_size() == N,
                "linear: x " + x.shape_str() + " W " + W.shape_str() + " out " + out.shape_str());
   const WeightView w = weight_view(W);
-  auto run = [&](int64_t n0, int64_t n1) { k_->gemm_nt(x.f32(), K, T, w, n0, n1, out.f32(), N, false); };
+  auto run = [&](int64_t n0, int64_t n1) { k_->gemm_nt(x.f32(), K, T, w, n0, n1, out.f32(), N, accumulate); };
   if (T * K * N < (1 << 16)) return run(0, N);
   if (T <= 4 || k_->isa == Isa::scalar) return pool_.parallel_for(N, 64, run);  // decode: stream W once
   // Prefill: pack x into panels once (the threads share them), then threads claim column chunks as they
@@ -132,7 +132,7 @@ void CpuBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
   });
   const int64_t chunk = std::clamp<int64_t>((N / (4 * pool_.size()) + 63) / 64 * 64, 64, 256);
   pool_.parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
-    k_->gemm_nt_packed(a_panels_.data(), T, w, n0, n1, out.f32(), N, false);
+    k_->gemm_nt_packed(a_panels_.data(), T, w, n0, n1, out.f32(), N, accumulate);
   });
 }
 

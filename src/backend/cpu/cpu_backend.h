@@ -30,7 +30,8 @@ class CpuBackend final : public ref::ReferenceBackend {
   Tensor upload_weight(const StoredTensor& src, std::initializer_list<int64_t> shape) override;
   void embedding(const Tensor& E, const int32_t* ids, int64_t n, Tensor& out) override;
   void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) override;
-  void linear(const Tensor& x, const Tensor& W, Tensor& out) override;
+  void linear(const Tensor& x, const Tensor& W, Tensor& out) override { linear_into(x, W, out, false); }
+  void linear_add(const Tensor& x, const Tensor& W, Tensor& out) override { linear_into(x, W, out, true); }
   void matmul(const Tensor& x, const Tensor& W, Tensor& out) override;
   void tanh_(Tensor& x) override;
   void sigmoid_(Tensor& x) override;
@@ -49,6 +50,8 @@ class CpuBackend final : public ref::ReferenceBackend {
  private:
   // Splits rows [0, T) over the pool when the op is big enough to pay for the hand-off.
   void for_rows(int64_t T, int64_t work_per_row, const std::function<void(int64_t, int64_t)>& fn);
+  // out = x @ Wᵀ, or out += x @ Wᵀ when accumulate.
+  void linear_into(const Tensor& x, const Tensor& W, Tensor& out, bool accumulate);
   CpuBackendOptions opt_;
   const Kernels* k_;
   ThreadPool pool_;

@@ -647,8 +647,9 @@ void CudaBackend::gemm(bool trans_a, const void* A, cudaDataType ta, const void*
 }
 
 void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K,
-                              int64_t N) {
+                              int64_t N, bool accumulate) {
   if (T <= kGemvMaxRows) {
+    RWKVX_ASSERT(!accumulate, "weight_gemm: the GEMV path does not accumulate");
     const float* xp = static_cast<const float*>(x.data);
     float* op = static_cast<float*>(out.data);
     auto launch = [&](auto* w) {
@@ -661,7 +662,7 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
     return;
   }
   if (W.dtype == DType::f32) {
-    gemm(trans_w, W.data, CUDA_R_32F, x.data, CUDA_R_32F, static_cast<float*>(out.data), N, T, K);
+    gemm(trans_w, W.data, CUDA_R_32F, x.data, CUDA_R_32F, static_cast<float*>(out.data), N, T, K, accumulate);
     return;
   }
   // bf16 weights: the activations go in as bf16 pairs (hi, lo), and out = W·hi + W·lo (the second GEMM adds
@@ -677,7 +678,7 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
     to_bf16_split_rows_kernel<<<grid, kThreads, 0, stream_>>>(static_cast<const float*>(x.data), T, K, vec4,
                                                                static_cast<__nv_bfloat16*>(xb.data));
     RWKVX_CUDA_LAUNCHED();
-    gemm(trans_w, W2, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, 2 * K);
+    gemm(trans_w, W2, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, 2 * K, accumulate);
     return;
   }
   Tensor xb = scratch(size_t(n) * (split ? 4 : 2));
@@ -685,11 +686,11 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
                                                        static_cast<__nv_bfloat16*>(xb.data));
   RWKVX_CUDA_LAUNCHED();
   if (!split) {
-    gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, K);
+    gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, K, accumulate);
     return;
   }
   float* o = static_cast<float*>(out.data);
-  gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, o, N, T, K);
+  gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, o, N, T, K, accumulate);
   gemm(trans_w, W.data, CUDA_R_16BF, static_cast<const __nv_bfloat16*>(xb.data) + n, CUDA_R_16BF, o, N, T, K, true);
 }
 
@@ -748,6 +749,15 @@ void CudaBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
   if (T == 0) return;
   // Column-major view: out^T [N, T] = (W stored [K, N] col-major)^T · x^T [K, T].
   weight_gemm(true, x, W, out, T, K, N);
+}
+
+void CudaBackend::linear_add(const Tensor& x, const Tensor& W, Tensor& out) {
+  const int64_t T = x.rows(), K = x.row_size(), N = W.rows();
+  if (T <= kGemvMaxRows) return Backend::linear_add(x, W, out);  // GEMV kernels write, never add
+  OpTimer timer_(this, "linear_add");
+  RWKVX_ASSERT(W.row_size() == K && out.rows() == T && out.row_size() == N,
+               "linear_add: x " + x.shape_str() + " W " + W.shape_str() + " out " + out.shape_str());
+  weight_gemm(true, x, W, out, T, K, N, true);
 }
 
 void CudaBackend::matmul(const Tensor& x, const Tensor& W, Tensor& out) {

@@ -83,6 +83,7 @@ class CudaBackend final : public Backend {
   void embedding(const Tensor& E, const int32_t* ids, int64_t n, Tensor& out) override;
   void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) override;
   void linear(const Tensor& x, const Tensor& W, Tensor& out) override;
+  void linear_add(const Tensor& x, const Tensor& W, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& W, Tensor& out) override;
   void tanh_(Tensor& x) override;
   void sigmoid_(Tensor& x) override;
@@ -136,7 +137,9 @@ class CudaBackend final : public Backend {
   void gemm(bool trans_a, const void* A, cudaDataType ta, const void* B, cudaDataType tb, float* D, int64_t m,
             int64_t n, int64_t k, bool accumulate = false);
   // out [T, N] = x [T, K] · Wᵀ (trans_w: W [N, K]) or x · W (W [K, N]), for fp32 or bf16 W.
-  void weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K, int64_t N);
+  // accumulate: out += instead (GEMMs only: up to kGemvMaxRows rows, linear_add takes the default path).
+  void weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K, int64_t N,
+                   bool accumulate = false);
   // The split (hi + lo) product of a bf16 weight as one GEMM over 2K: W laid out twice along K ([W | W] per
   // row for trans_w, [W; W] otherwise), made on first use and kept while W's storage lives, within a budget
   // of device memory (nullptr past it: two GEMMs instead). Writes into a bf16 tensor drop its copy.
