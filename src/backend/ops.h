@@ -109,6 +109,15 @@ class Backend {
     linear(x, W, tmp);
     add_(out, tmp);
   }
+  // The ReLU² feed-forward of a channel mix: out += relu(x @ keyᵀ)² @ valueᵀ; key [F, C], value [C, F].
+  // The default is linear, relu_square_, linear_add; a backend may square while preparing the second
+  // product's operand instead of in a pass of its own.
+  virtual void relu_square_ffn(const Tensor& x, const Tensor& key, const Tensor& value, Tensor& out) {
+    Tensor h = alloc_uninit(DType::f32, {x.rows(), key.rows()});
+    linear(x, key, h);
+    relu_square_(h);
+    linear_add(h, value, out);
+  }
 
   // ---- token shift ----------------------------------------------------------------------------------
   // For each sequence s: prev(t) = x[t-1] inside the sequence, shift[slot[s]] for its first row.

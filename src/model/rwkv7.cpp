@@ -64,14 +64,11 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
 
 void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x, Tensor& shift,
                        const SeqBatch& batch, Tensor& out) {
-  const int64_t T = x.rows(), C = x.row_size(), F = w.key.rows();
+  const int64_t T = x.rows(), C = x.row_size();
   Tensor delta = be.alloc_uninit(DType::f32, {T, C}), kx = be.alloc_uninit(DType::f32, {T, C});
   be.token_shift(x, shift, batch, delta);
   be.shift_mix(x, delta, w.x_k, kx);
-  Tensor h = be.alloc_uninit(DType::f32, {T, F});
-  be.linear(kx, w.key, h);
-  be.relu_square_(h);
-  be.linear_add(h, w.value, out);
+  be.relu_square_ffn(kx, w.key, w.value, out);
 }
 
 }  // namespace rwkvx

@@ -170,6 +170,24 @@ TEST_F(CudaOps, Bf16SplitGemmFollowsItsWeight) {
   check(wr, wg, wg.data == first_address ? "new weight at the freed address" : "new weight");
 }
 
+// The channel mix's ReLU² feed-forward: with bf16 weights and more than 8 rows the GPU squares while it
+// splits the hidden rows for the value product (one pass fewer); otherwise the default op sequence.
+TEST_F(CudaOps, ReluSquareFfn) {
+  for (DType dt : {DType::bf16, DType::f32})
+    for (auto [T, C, F] : {std::tuple{5, 64, 256}, {37, 96, 384}, {130, 100, 300}}) {
+      std::vector<uint8_t> bk, bv;
+      StoredTensor sk = stored("blocks.0.ffn.key.weight", dt, F, C, rng, bk);
+      StoredTensor sv = stored("blocks.0.ffn.value.weight", dt, C, F, rng, bv);
+      Tensor kr = ref->upload_weight(sk, {F, C}), kg = gpu->upload_weight(sk, {F, C});
+      Tensor vr = ref->upload_weight(sv, {C, F}), vg = gpu->upload_weight(sv, {C, F});
+      auto [xa, xg] = rand({T, C});
+      auto [oa, og] = rand({T, C});  // the residual the result is added into
+      ref->relu_square_ffn(xa, kr, vr, oa);
+      gpu->relu_square_ffn(xg, kg, vg, og);
+      EXPECT_LE(err(oa, og), dt == DType::bf16 ? 5e-5 : 1e-5) << dtype_name(dt) << " T=" << T << " C=" << C;
+    }
+}
+
 TEST_F(CudaOps, LinearOnRowViews) {
   // Row views start at arbitrary offsets (the model passes them): alignment below 16 bytes.
   std::vector<uint8_t> bytes;

@@ -375,9 +375,14 @@ __global__ void to_bf16_kernel(const float* x, int64_t n, bool split, __nv_bfloa
   }
 }
 
-// Rows [hi | lo] of x [T, K]: the operand of the single split GEMM over 2K against a doubled weight. Grid
-// (column blocks, rows): each thread converts 4 consecutive values of a row (16-byte loads when K % 4 == 0
-// and x is aligned), with no index division; rows past gridDim.y loop.
+// Rows [hi | lo] of x [T, K] (of max(x, 0)² with kReluSquare): the operand of the single split GEMM over 2K
+// against a doubled weight. Grid (column blocks, rows): each thread converts 4 consecutive values of a row
+// (16-byte loads when K % 4 == 0 and x is aligned), with no index division; rows past gridDim.y loop.
+__device__ __forceinline__ float relu_sq(float v) {
+  v = fmaxf(v, 0.f);
+  return v * v;
+}
+template <bool kReluSquare>
 __global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, bool vec4, __nv_bfloat16* y) {
   const int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   if (j >= K) return;
@@ -385,7 +390,8 @@ __global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, 
     const float* xr = x + t * K;
     __nv_bfloat16* hr = y + t * 2 * K;
     if (vec4 && j + 4 <= K) {
-      const float4 v = *reinterpret_cast<const float4*>(xr + j);
+      float4 v = *reinterpret_cast<const float4*>(xr + j);
+      if (kReluSquare) v = make_float4(relu_sq(v.x), relu_sq(v.y), relu_sq(v.z), relu_sq(v.w));
       const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
       const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
       const __nv_bfloat162 l01 = __floats2bfloat162_rn(v.x - f01.x, v.y - f01.y);
@@ -394,9 +400,10 @@ __global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, 
       *reinterpret_cast<__nv_bfloat162*>(hr + K + j) = l01, *reinterpret_cast<__nv_bfloat162*>(hr + K + j + 2) = l23;
     } else {
       for (int64_t c = j; c < j + 4 && c < K; ++c) {
-        const __nv_bfloat16 hi = __float2bfloat16_rn(xr[c]);
+        const float v = kReluSquare ? relu_sq(xr[c]) : xr[c];
+        const __nv_bfloat16 hi = __float2bfloat16_rn(v);
         hr[c] = hi;
-        hr[K + c] = __float2bfloat16_rn(xr[c] - __bfloat162float(hi));
+        hr[K + c] = __float2bfloat16_rn(v - __bfloat162float(hi));
       }
     }
   }
@@ -671,14 +678,7 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
   const int64_t n = T * K;
   const bool split = !opt_.single_bf16_activations;
   if (const void* W2 = split ? doubled_weight(trans_w, W, K, N) : nullptr) {
-    // One GEMM over 2K: [hi | lo] rows against the doubled weight (the fp32 output is written once).
-    Tensor xb = scratch(size_t(n) * 4);
-    const bool vec4 = K % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
-    const dim3 grid(unsigned((K + 4 * kThreads - 1) / (4 * kThreads)), unsigned(std::min<int64_t>(T, 65535)));
-    to_bf16_split_rows_kernel<<<grid, kThreads, 0, stream_>>>(static_cast<const float*>(x.data), T, K, vec4,
-                                                               static_cast<__nv_bfloat16*>(xb.data));
-    RWKVX_CUDA_LAUNCHED();
-    gemm(trans_w, W2, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, 2 * K, accumulate);
+    split_gemm(trans_w, x, W2, out, T, K, N, accumulate, false);
     return;
   }
   Tensor xb = scratch(size_t(n) * (split ? 4 : 2));
@@ -692,6 +692,34 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
   float* o = static_cast<float*>(out.data);
   gemm(trans_w, W.data, CUDA_R_16BF, xb.data, CUDA_R_16BF, o, N, T, K, accumulate);
   gemm(trans_w, W.data, CUDA_R_16BF, static_cast<const __nv_bfloat16*>(xb.data) + n, CUDA_R_16BF, o, N, T, K, true);
+}
+
+// One GEMM over 2K: [hi | lo] rows of x (of relu(x)² with relu_square) against the doubled weight W2; the
+// fp32 output is written once.
+void CudaBackend::split_gemm(bool trans_w, const Tensor& x, const void* W2, Tensor& out, int64_t T, int64_t K,
+                             int64_t N, bool accumulate, bool relu_square) {
+  Tensor xb = scratch(size_t(T * K) * 4);
+  const bool vec4 = K % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
+  const dim3 grid(unsigned((K + 4 * kThreads - 1) / (4 * kThreads)), unsigned(std::min<int64_t>(T, 65535)));
+  const auto* xp = static_cast<const float*>(x.data);
+  auto* yp = static_cast<__nv_bfloat16*>(xb.data);
+  if (relu_square) to_bf16_split_rows_kernel<true><<<grid, kThreads, 0, stream_>>>(xp, T, K, vec4, yp);
+  else to_bf16_split_rows_kernel<false><<<grid, kThreads, 0, stream_>>>(xp, T, K, vec4, yp);
+  RWKVX_CUDA_LAUNCHED();
+  gemm(trans_w, W2, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, 2 * K, accumulate);
+}
+
+void CudaBackend::relu_square_ffn(const Tensor& x, const Tensor& key, const Tensor& value, Tensor& out) {
+  const int64_t T = x.rows(), F = key.rows(), C = value.rows();
+  const bool fused = T > kGemvMaxRows && value.dtype == DType::bf16 && !opt_.single_bf16_activations;
+  const void* V2 = fused ? doubled_weight(true, value, F, C) : nullptr;
+  if (!V2) return Backend::relu_square_ffn(x, key, value, out);
+  RWKVX_ASSERT(value.row_size() == F && out.rows() == T && out.row_size() == C,
+               "relu_square_ffn: key " + key.shape_str() + " value " + value.shape_str() + " out " + out.shape_str());
+  Tensor h = alloc_uninit(DType::f32, {T, F});
+  linear(x, key, h);
+  OpTimer timer_(this, "linear_add");
+  split_gemm(true, h, V2, out, T, F, C, true, true);  // relu² applied while splitting h
 }
 
 const void* CudaBackend::doubled_weight(bool trans_w, const Tensor& W, int64_t K, int64_t N) {

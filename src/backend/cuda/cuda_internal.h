@@ -84,6 +84,7 @@ class CudaBackend final : public Backend {
   void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) override;
   void linear(const Tensor& x, const Tensor& W, Tensor& out) override;
   void linear_add(const Tensor& x, const Tensor& W, Tensor& out) override;
+  void relu_square_ffn(const Tensor& x, const Tensor& key, const Tensor& value, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& W, Tensor& out) override;
   void tanh_(Tensor& x) override;
   void sigmoid_(Tensor& x) override;
@@ -144,6 +145,8 @@ class CudaBackend final : public Backend {
   // row for trans_w, [W; W] otherwise), made on first use and kept while W's storage lives, within a budget
   // of device memory (nullptr past it: two GEMMs instead). Writes into a bf16 tensor drop its copy.
   const void* doubled_weight(bool trans_w, const Tensor& W, int64_t K, int64_t N);
+  void split_gemm(bool trans_w, const Tensor& x, const void* W2, Tensor& out, int64_t T, int64_t K, int64_t N,
+                  bool accumulate, bool relu_square);
   void forget_doubled(const Tensor& dst);
   struct DoubledWeight {
     std::weak_ptr<const void> owner;  // W.storage: a new tensor at the same address is a different owner
