@@ -125,10 +125,13 @@ class Backend {
   virtual void token_shift(const Tensor& x, Tensor& shift, const SeqBatch& batch, Tensor& delta) = 0;
   // out[t] = x[t] + delta[t] ⊙ mu; mu [C]. (The lerp of every token-shift mix.)
   virtual void shift_mix(const Tensor& x, const Tensor& delta, const Tensor& mu, Tensor& out) = 0;
-  // Several mixes of the same x and delta at once: outs[i] = x + delta ⊙ mus[i] (a time-mix block's six).
-  // A backend where reading x and delta dominates reads them once; the default is one shift_mix per mix.
-  virtual void shift_mix_n(const Tensor& x, const Tensor& delta, std::span<const Tensor* const> mus,
-                           std::span<Tensor* const> outs) {
+  // token_shift, then shift_mix with each of mus into the matching outs (a time mix's six mixes, a channel
+  // mix's one), without delta. The default runs them one by one through a temporary delta; a backend may
+  // read x once and never write delta.
+  virtual void token_shift_mix_n(const Tensor& x, Tensor& shift, const SeqBatch& batch,
+                                 std::span<const Tensor* const> mus, std::span<Tensor* const> outs) {
+    Tensor delta = alloc_uninit(DType::f32, {x.rows(), x.row_size()});
+    token_shift(x, shift, batch, delta);
     for (size_t i = 0; i < mus.size(); ++i) shift_mix(x, delta, *mus[i], *outs[i]);
   }
 

@@ -16,12 +16,10 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
   auto act = [&](int64_t cols) { return be.alloc_uninit(DType::f32, {T, cols}); };
 
   // 1. Token shift: each projection sees a lerp between x_t and x_{t-1}.
-  Tensor delta = act(C);
-  be.token_shift(x, shift, batch, delta);
   Tensor xr = act(C), xw = act(C), xk = act(C), xv = act(C), xa = act(C), xg = act(C);
   const Tensor* mus[] = {&w.x_r, &w.x_w, &w.x_k, &w.x_v, &w.x_a, &w.x_g};
   Tensor* mixed[] = {&xr, &xw, &xk, &xv, &xa, &xg};
-  be.shift_mix_n(x, delta, mus, mixed);
+  be.token_shift_mix_n(x, shift, batch, mus, mixed);
 
   // 2. Projections: r, k, v are full Linear layers; decay, learning rate and gate are low-rank.
   Tensor r = act(C), k = act(C), v = act(C);
@@ -65,9 +63,10 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
 void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x, Tensor& shift,
                        const SeqBatch& batch, Tensor& out) {
   const int64_t T = x.rows(), C = x.row_size();
-  Tensor delta = be.alloc_uninit(DType::f32, {T, C}), kx = be.alloc_uninit(DType::f32, {T, C});
-  be.token_shift(x, shift, batch, delta);
-  be.shift_mix(x, delta, w.x_k, kx);
+  Tensor kx = be.alloc_uninit(DType::f32, {T, C});
+  const Tensor* mu[] = {&w.x_k};
+  Tensor* mixed[] = {&kx};
+  be.token_shift_mix_n(x, shift, batch, mu, mixed);
   be.relu_square_ffn(kx, w.key, w.value, out);
 }
 

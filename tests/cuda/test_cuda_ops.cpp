@@ -232,26 +232,6 @@ TEST_F(CudaOps, ElementwiseAndLayerNorm) {
       Tensor o = ref->alloc(DType::f32, {T, C}), og = poisoned({T, C});
       ref->shift_mix(x, d, mu, o), gpu->shift_mix(xg, dg, mug, og);
       EXPECT_LE(err(o, og), 1e-6) << "shift_mix";
-      // Ten mixes at once (two launches of up to eight), against one reference shift_mix each; then on row
-      // views, whose starts are not 16-byte aligned (the scalar path).
-      std::vector<std::pair<Tensor, Tensor>> mus, outs;
-      for (int i = 0; i < 10; ++i) mus.push_back(rand({C})), outs.emplace_back(ref->alloc(DType::f32, {T, C}), poisoned({T, C}));
-      for (int64_t r0 : {int64_t(0), int64_t(1)}) {
-        const Tensor xv = x.rows_view(r0, T - r0), xgv = xg.rows_view(r0, T - r0);
-        const Tensor dv = d.rows_view(r0, T - r0), dgv = dg.rows_view(r0, T - r0);
-        std::vector<const Tensor*> gm;
-        std::vector<Tensor> gov;
-        for (auto& m : mus) gm.push_back(&m.second);
-        for (auto& o2 : outs) gov.push_back(o2.second.rows_view(r0, T - r0));
-        std::vector<Tensor*> go;
-        for (auto& t : gov) go.push_back(&t);
-        gpu->shift_mix_n(xgv, dgv, gm, go);
-        for (size_t i = 0; i < mus.size(); ++i) {
-          Tensor ov = outs[i].first.rows_view(r0, T - r0);
-          ref->shift_mix(xv, dv, mus[i].first, ov);
-          EXPECT_LE(err(ov, gov[i]), 1e-6) << "shift_mix_n mix " << i << " C=" << C << " first row " << r0;
-        }
-      }
     }
     {
       auto [x, xg] = rand({T, C}, -3, 5);
@@ -287,6 +267,31 @@ TEST_F(CudaOps, TokenShiftBatchedInPermutedSlots) {
   ref->token_shift(x, s, b, d), gpu->token_shift(xg, sg, b, dg);
   EXPECT_EQ(err(d, dg), 0.0);
   EXPECT_EQ(err(s, sg), 0.0);
+}
+
+// token_shift_mix_n against the reference's token_shift + one shift_mix per mix: ten mixes (two launches
+// of up to eight), batched sequences in permuted slots with an empty one, widths with and without 16-byte
+// vectors, and rows of a view (the shift of its first row comes from the state, not the row before it).
+TEST_F(CudaOps, TokenShiftMixN) {
+  for (int64_t C : {100, 33, 768})
+    for (int64_t r0 : {int64_t(0), int64_t(1)}) {
+      SeqBatch b{{0, 3, 3, 40, 41}, {2, 0, 3, 1}};
+      auto [xa, xg] = rand({42, C});
+      auto [s, sg] = rand({4, C});
+      const Tensor x = xa.rows_view(r0, 41), xv = xg.rows_view(r0, 41);
+      std::vector<std::pair<Tensor, Tensor>> mus;
+      std::vector<Tensor> want, got;
+      std::vector<const Tensor*> gm;
+      std::vector<Tensor*> go;
+      for (int i = 0; i < 10; ++i) mus.push_back(rand({C})), want.push_back(ref->alloc(DType::f32, {41, C})), got.push_back(poisoned({41, C}));
+      for (int i = 0; i < 10; ++i) gm.push_back(&mus[size_t(i)].second), go.push_back(&got[size_t(i)]);
+      Tensor d = ref->alloc(DType::f32, {41, C});
+      ref->token_shift(x, s, b, d);
+      for (size_t i = 0; i < mus.size(); ++i) ref->shift_mix(x, d, mus[i].first, want[i]);
+      gpu->token_shift_mix_n(xv, sg, b, gm, go);
+      for (size_t i = 0; i < mus.size(); ++i) EXPECT_LE(err(want[i], got[i]), 1e-6) << "mix " << i << " C=" << C << " r0=" << r0;
+      EXPECT_EQ(err(s, sg), 0.0) << "shift state C=" << C << " r0=" << r0;
+    }
 }
 
 TEST_F(CudaOps, Rwkv7ElementwiseOps) {

@@ -441,33 +441,6 @@ __global__ void shift_mix_kernel(const float* x, const float* delta, const float
     out[i] = x[i] + delta[i] * mu[i % C];
 }
 
-// Up to kMaxMixes mixes of one x and delta: grid (column blocks, rows), 4 columns per thread (16-byte
-// accesses when C % 4 == 0 and every tensor is aligned); rows past gridDim.y loop.
-constexpr int kMaxMixes = 8;
-struct MixSet {
-  const float* mu[kMaxMixes];
-  float* out[kMaxMixes];
-  int n;
-};
-__global__ void shift_mix_n_kernel(const float* x, const float* delta, MixSet m, int64_t T, int64_t C, bool vec4) {
-  const int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
-  if (j >= C) return;
-  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
-    const int64_t o = t * C + j;
-    if (vec4) {
-      const float4 xv = *reinterpret_cast<const float4*>(x + o), dv = *reinterpret_cast<const float4*>(delta + o);
-      for (int i = 0; i < m.n; ++i) {
-        const float4 mu = *reinterpret_cast<const float4*>(m.mu[i] + j);
-        *reinterpret_cast<float4*>(m.out[i] + o) =
-            make_float4(xv.x + dv.x * mu.x, xv.y + dv.y * mu.y, xv.z + dv.z * mu.z, xv.w + dv.w * mu.w);
-      }
-    } else {
-      for (int64_t c = j; c < j + 4 && c < C; ++c)
-        for (int i = 0; i < m.n; ++i) m.out[i][t * C + c] = x[t * C + c] + delta[t * C + c] * m.mu[i][c];
-    }
-  }
-}
-
 __device__ int find_seq(const int64_t* row_start, int n_seq, int64_t t) {
   int lo = 0, hi = n_seq - 1;  // last s with row_start[s] <= t
   while (lo < hi) {
@@ -494,6 +467,41 @@ __global__ void token_shift_store_kernel(const float* x, DeviceBatch b, int64_t 
     const int s = int(i / C);
     const int64_t c = i % C, r0 = b.row_start[s], r1 = b.row_start[s + 1];
     if (r1 > r0) shift[int64_t(b.slot[s]) * C + c] = x[(r1 - 1) * C + c];
+  }
+}
+
+// token_shift + up to kMaxMixes shift_mix outputs without delta: grid (column blocks, rows), 4 columns per
+// thread (16-byte accesses when C % 4 == 0 and every tensor is aligned); rows past gridDim.y loop. The shift
+// state is read here (first rows) and written after, by token_shift_store_kernel.
+constexpr int kMaxMixes = 8;
+struct MixSet {
+  const float* mu[kMaxMixes];
+  float* out[kMaxMixes];
+  int n;
+};
+__global__ void token_shift_mix_kernel(const float* x, const float* shift, DeviceBatch b, MixSet m, int64_t C,
+                                       bool vec4) {
+  const int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (j >= C) return;
+  const int64_t T = b.row_start[b.n_seq];
+  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+    const int s = find_seq(b.row_start, b.n_seq, t);
+    const float* xr = x + t * C;
+    const float* prev = t == b.row_start[s] ? shift + int64_t(b.slot[s]) * C : xr - C;
+    if (vec4) {
+      const float4 xv = *reinterpret_cast<const float4*>(xr + j), pv = *reinterpret_cast<const float4*>(prev + j);
+      const float4 dv = make_float4(pv.x - xv.x, pv.y - xv.y, pv.z - xv.z, pv.w - xv.w);
+      for (int i = 0; i < m.n; ++i) {
+        const float4 mu = *reinterpret_cast<const float4*>(m.mu[i] + j);
+        *reinterpret_cast<float4*>(m.out[i] + t * C + j) =
+            make_float4(xv.x + dv.x * mu.x, xv.y + dv.y * mu.y, xv.z + dv.z * mu.z, xv.w + dv.w * mu.w);
+      }
+    } else {
+      for (int64_t c = j; c < j + 4 && c < C; ++c) {
+        const float d = prev[c] - xr[c];
+        for (int i = 0; i < m.n; ++i) m.out[i][t * C + c] = xr[c] + d * m.mu[i][c];
+      }
+    }
   }
 }
 
@@ -851,31 +859,35 @@ void CudaBackend::shift_mix(const Tensor& x, const Tensor& delta, const Tensor& 
   RWKVX_CUDA_LAUNCHED();
 }
 
-void CudaBackend::shift_mix_n(const Tensor& x, const Tensor& delta, std::span<const Tensor* const> mus,
-                              std::span<Tensor* const> outs) {
-  OpTimer timer_(this, "shift_mix");
-  RWKVX_ASSERT(mus.size() == outs.size(), "shift_mix_n: as many mixes as outputs");
+void CudaBackend::token_shift_mix_n(const Tensor& x, Tensor& shift, const SeqBatch& batch,
+                                    std::span<const Tensor* const> mus, std::span<Tensor* const> outs) {
+  OpTimer timer_(this, "token_shift_mix");
+  RWKVX_ASSERT(mus.size() == outs.size(), "token_shift_mix_n: as many mixes as outputs");
   const int64_t C = x.row_size(), T = x.rows();
-  bool vec4 = C % 4 == 0;
+  RWKVX_ASSERT(batch.n_rows() == T, "token_shift_mix_n: batch rows vs x " + x.shape_str());
+  if (batch.n_seq() == 0) return;
+  const DeviceBatch b = upload_batch(batch);
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  vec4 = vec4 && aligned(x.data) && aligned(delta.data);
-  for (size_t g = 0; g < mus.size(); g += kMaxMixes) {  // groups of up to kMaxMixes
+  const bool base_vec4 = C % 4 == 0 && aligned(x.data) && aligned(shift.data);
+  for (size_t g = 0; g < mus.size() && T > 0; g += kMaxMixes) {  // groups of up to kMaxMixes
     MixSet m{};
     m.n = int(std::min<size_t>(kMaxMixes, mus.size() - g));
+    bool vec4 = base_vec4;
     for (int i = 0; i < m.n; ++i) {
       const Tensor &mu = *mus[g + size_t(i)], &out = *outs[g + size_t(i)];
-      RWKVX_ASSERT(x.numel() == delta.numel() && x.numel() == out.numel() && mu.numel() == C,
-                   "shift_mix_n: mismatched shapes");
+      RWKVX_ASSERT(out.numel() == x.numel() && mu.numel() == C, "token_shift_mix_n: mismatched shapes");
       m.mu[i] = static_cast<const float*>(mu.data);
       m.out[i] = static_cast<float*>(out.data);
       vec4 = vec4 && aligned(mu.data) && aligned(out.data);
     }
-    if (T == 0 || C == 0) return;
     const dim3 grid(unsigned((C + 4 * kThreads - 1) / (4 * kThreads)), unsigned(std::min<int64_t>(T, 65535)));
-    shift_mix_n_kernel<<<grid, kThreads, 0, stream_>>>(static_cast<const float*>(x.data),
-                                                      static_cast<const float*>(delta.data), m, T, C, vec4);
+    token_shift_mix_kernel<<<grid, kThreads, 0, stream_>>>(static_cast<const float*>(x.data),
+                                                          static_cast<const float*>(shift.data), b, m, C, vec4);
     RWKVX_CUDA_LAUNCHED();
   }
+  token_shift_store_kernel<<<ew_grid(batch.n_seq() * C), kThreads, 0, stream_>>>(static_cast<const float*>(x.data), b, C,
+                                                                                  static_cast<float*>(shift.data));
+  RWKVX_CUDA_LAUNCHED();
 }
 
 }  // namespace cuda

@@ -92,8 +92,8 @@ class CudaBackend final : public Backend {
   void add_(Tensor& x, const Tensor& y) override;
   void token_shift(const Tensor& x, Tensor& shift, const SeqBatch& batch, Tensor& delta) override;
   void shift_mix(const Tensor& x, const Tensor& delta, const Tensor& mu, Tensor& out) override;
-  void shift_mix_n(const Tensor& x, const Tensor& delta, std::span<const Tensor* const> mus,
-                   std::span<Tensor* const> outs) override;
+  void token_shift_mix_n(const Tensor& x, Tensor& shift, const SeqBatch& batch, std::span<const Tensor* const> mus,
+                         std::span<Tensor* const> outs) override;
 
   void rwkv7_wkv_inputs(Tensor& w, Tensor& a, Tensor& k, Tensor& alpha, Tensor& beta, const Tensor& w0,
                         const Tensor& a0, const Tensor& k_k, const Tensor& k_a, int head_size) override;
