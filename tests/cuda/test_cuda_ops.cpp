@@ -202,7 +202,7 @@ TEST_F(CudaOps, LinearOnRowViews) {
 }
 
 TEST_F(CudaOps, ElementwiseAndLayerNorm) {
-  for (int64_t C : {1, 33, 768, 1000}) {
+  for (int64_t C : {1, 33, 768, 1000, 1500}) {  // 1500: LayerNorm's block kernel (rows over 1024)
     const int64_t T = 7;
     {
       auto [a, g] = rand({T, C}, -4, 4);

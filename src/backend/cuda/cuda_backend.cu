@@ -366,6 +366,37 @@ __global__ void layer_norm_kernel(const float* x, const float* w, const float* b
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) o[c] = (xi[c] - mean) * inv * w[c] + b[c];
 }
 
+// Rows of up to 32·kLnPerLane values: one warp per row, the row in registers (one read of x, shuffles only,
+// no block barriers); out may be x.
+constexpr int kLnPerLane = 32, kLnWarps = 8;
+__global__ void layer_norm_warp_kernel(const float* x, const float* w, const float* b, float eps, int64_t T, int64_t C,
+                                       float* out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t t = int64_t(blockIdx.x) * kLnWarps + threadIdx.x / 32;
+  if (t >= T) return;
+  const float* xi = x + t * C;
+  float* o = out + t * C;
+  float v[kLnPerLane];
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < kLnPerLane; ++i) {
+    const int64_t c = lane + 32 * i;
+    v[i] = c < C ? xi[c] : 0.f;
+    s += v[i];
+  }
+  const float mean = warp_sum(s) / float(C);
+  float q = 0.f;
+#pragma unroll
+  for (int i = 0; i < kLnPerLane; ++i)
+    if (lane + 32 * i < C) q += (v[i] - mean) * (v[i] - mean);
+  const float inv = rsqrtf(warp_sum(q) / float(C) + eps);
+#pragma unroll
+  for (int i = 0; i < kLnPerLane; ++i) {
+    const int64_t c = lane + 32 * i;
+    if (c < C) o[c] = (v[i] - mean) * inv * w[c] + b[c];
+  }
+}
+
 // x ≈ hi + lo with hi = bf16(x), lo = bf16(x - hi): y[0, n) = hi, y[n, 2n) = lo (when `split`).
 __global__ void to_bf16_kernel(const float* x, int64_t n, bool split, __nv_bfloat16* y) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -602,9 +633,14 @@ void CudaBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, 
   RWKVX_ASSERT(x.numel() == out.numel(), "layer_norm: shapes " + x.shape_str() + " vs " + out.shape_str());
   const int64_t C = w.numel(), T = x.numel() / C;
   if (T == 0) return;
-  layer_norm_kernel<<<unsigned(T), 256, 0, stream_>>>(static_cast<const float*>(x.data), static_cast<const float*>(w.data),
-                                                      static_cast<const float*>(b.data), eps, C,
-                                                      static_cast<float*>(out.data));
+  const auto* xp = static_cast<const float*>(x.data);
+  const auto* wp = static_cast<const float*>(w.data);
+  const auto* bp = static_cast<const float*>(b.data);
+  if (C <= 32 * kLnPerLane)
+    layer_norm_warp_kernel<<<unsigned((T + kLnWarps - 1) / kLnWarps), 32 * kLnWarps, 0, stream_>>>(
+        xp, wp, bp, eps, T, C, static_cast<float*>(out.data));
+  else
+    layer_norm_kernel<<<unsigned(T), 256, 0, stream_>>>(xp, wp, bp, eps, C, static_cast<float*>(out.data));
   RWKVX_CUDA_LAUNCHED();
 }
 
