@@ -743,8 +743,8 @@ void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Te
 void CudaBackend::split_gemm(bool trans_w, const Tensor& x, const void* W2, Tensor& out, int64_t T, int64_t K,
                              int64_t N, bool accumulate, bool relu_square) {
   Tensor xb = scratch(size_t(T * K) * 4);
-  const bool vec4 = K % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
-  const dim3 grid(unsigned((K + 4 * kThreads - 1) / (4 * kThreads)), unsigned(std::min<int64_t>(T, 65535)));
+  const bool vec4 = K % 4 == 0 && aligned16(x.data);
+  const dim3 grid = row_quads_grid(T, K, kThreads);
   const auto* xp = static_cast<const float*>(x.data);
   auto* yp = static_cast<__nv_bfloat16*>(xb.data);
   if (relu_square) to_bf16_split_rows_kernel<true><<<grid, kThreads, 0, stream_>>>(xp, T, K, vec4, yp);
@@ -903,8 +903,7 @@ void CudaBackend::token_shift_mix_n(const Tensor& x, Tensor& shift, const SeqBat
   RWKVX_ASSERT(batch.n_rows() == T, "token_shift_mix_n: batch rows vs x " + x.shape_str());
   if (batch.n_seq() == 0) return;
   const DeviceBatch b = upload_batch(batch);
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool base_vec4 = C % 4 == 0 && aligned(x.data) && aligned(shift.data);
+  const bool base_vec4 = C % 4 == 0 && aligned16(x.data) && aligned16(shift.data);
   for (size_t g = 0; g < mus.size() && T > 0; g += kMaxMixes) {  // groups of up to kMaxMixes
     MixSet m{};
     m.n = int(std::min<size_t>(kMaxMixes, mus.size() - g));
@@ -914,10 +913,9 @@ void CudaBackend::token_shift_mix_n(const Tensor& x, Tensor& shift, const SeqBat
       RWKVX_ASSERT(out.numel() == x.numel() && mu.numel() == C, "token_shift_mix_n: mismatched shapes");
       m.mu[i] = static_cast<const float*>(mu.data);
       m.out[i] = static_cast<float*>(out.data);
-      vec4 = vec4 && aligned(mu.data) && aligned(out.data);
+      vec4 = vec4 && aligned16(mu.data) && aligned16(out.data);
     }
-    const dim3 grid(unsigned((C + 4 * kThreads - 1) / (4 * kThreads)), unsigned(std::min<int64_t>(T, 65535)));
-    token_shift_mix_kernel<<<grid, kThreads, 0, stream_>>>(static_cast<const float*>(x.data),
+    token_shift_mix_kernel<<<row_quads_grid(T, C, kThreads), kThreads, 0, stream_>>>(static_cast<const float*>(x.data),
                                                           static_cast<const float*>(shift.data), b, m, C, vec4);
     RWKVX_CUDA_LAUNCHED();
   }

@@ -223,5 +223,12 @@ inline unsigned grid_for(int64_t n, int threads) {
   return unsigned(b < 1 ? 1 : (b > (1 << 30) ? (1 << 30) : b));
 }
 inline int round_up_warp(int64_t n) { return int((n + 31) / 32 * 32); }
+// 16-byte vector loads and stores need 16-byte aligned addresses.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Grid of row-wise element kernels that give each thread 4 consecutive columns of a row: x = column blocks
+// of `threads` threads, y = rows (at most 65535; the kernels loop over the rest).
+inline dim3 row_quads_grid(int64_t rows, int64_t cols, int threads) {
+  return dim3(unsigned((cols + 4 * threads - 1) / (4 * threads)), unsigned(rows < 65535 ? rows : 65535));
+}
 
 }  // namespace rwkvx::cuda

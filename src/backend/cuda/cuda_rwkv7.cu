@@ -5,7 +5,7 @@
 //   s_i ← s_i · G_t + v_i k_tᵀ,  G_t = diag(w_t) + α_t β_tᵀ   (sa_i = s_i·α reads row i only),
 // and y_i = s_i · r_t. The sequential kernel below walks a sequence's rows in order: 4 lanes share each
 // row (N/4 state columns each, in registers) and reduce sa_i and y_i with two shuffles; the per-token vectors
-// r, w, k, α, β are staged in shared memory 16 tokens at a time by cp.async, double-buffered. For decode and
+// r, w, k, α, β are staged in shared memory 16 tokens at a time (8 for N = 128) by cp.async, double-buffered. For decode and
 // short prefills a block owns 16 rows of one (sequence, head), one row per lane, but a long sequence is then
 // latency-bound (≈0.5 µs per token step, one step after the other).
 //
@@ -227,7 +227,8 @@ __global__ void __launch_bounds__(256) wkv7_chain_rows_kernel(const float* __res
   }
 }
 
-// Step 2 of the segment-parallel WKV-7: grid n_seq × H, 256 threads as a 16 × 16 grid of (N/16)² output
+// Step 2 of the segment-parallel WKV-7 for N = 128 (a column of P would not fit in a thread's registers,
+// so the whole state walks in one block): grid n_seq × H, 256 threads as a 16 × 16 grid of (N/16)² output
 // tiles; dynamic shared memory holds two N × N states and one P. Segments g0..g1-1 of sequence s: starts[g]
 // gets the state segment g starts from; transitions[g] holds E then P (rows N..2N-1). The walk is
 // sequential, so each step's E and P are fetched into registers during the step before (a step is then
@@ -404,6 +405,18 @@ void CudaBackend::rwkv7_value_residual(Tensor& v, const Tensor& v_first, const T
 
 namespace {
 
+// wkv7_kernel's tiling, 64 threads per block either way. Sequential calls (decode, short prefills) are
+// latency-bound: one row per lane, 16 rows per block, a head spread over N/16 blocks. The segment passes
+// have rows to spare and are bound by arithmetic: RT rows per lane, RB rows per block.
+template <int N>
+struct WkvTiling {
+  static constexpr int kSeqRows = 16;
+  static constexpr int RT = N == 64 ? 4 : 2, RB = 16 * RT;
+};
+constexpr int wkv_segment_block_rows(int64_t N) {
+  return N == 32 ? WkvTiling<32>::RB : N == 64 ? WkvTiling<64>::RB : WkvTiling<128>::RB;
+}
+
 // Segment length for the segment-parallel WKV-7 (0: run sequentially): about kWkvWarpsPerSm warps per
 // multiprocessor in the output pass (each (segment, head) there is 2·N/RB warps), between 64 rows (shorter
 // segments spend more on the chain than they save) and 1024. Swept on an H100 at the 0.2B shapes: a
@@ -412,7 +425,7 @@ namespace {
 constexpr int64_t kWkvWarpsPerSm = 8;
 int64_t wkv_segment_length(int option, int64_t rows, int64_t longest, int64_t H, int64_t N, int sm_count) {
   if (option >= 0) return option == 0 || longest <= option ? 0 : option;
-  const int64_t rb = N == 64 ? 64 : 32;  // WkvTiling<N>::RB
+  const int64_t rb = wkv_segment_block_rows(N);
   const int64_t target_warps = kWkvWarpsPerSm * int64_t(sm_count);
   const int64_t L = std::clamp<int64_t>((rows * H * (2 * N / rb) + target_warps - 1) / target_warps, 64, 1024);
   return longest <= L ? 0 : (L + 15) / 16 * 16;
@@ -429,15 +442,6 @@ struct WkvSegmentRun {
   const int64_t* seq_first_segment;
   float* transitions;  // per (segment, head): E then P, 2N × N
   float* starts;       // per (segment, head): the state it starts from, N × N
-};
-
-// wkv7_kernel's tiling, 64 threads per block either way. Sequential calls (decode, short prefills) are
-// latency-bound: one row per lane, 16 rows per block, a head spread over N/16 blocks. The segment passes
-// have rows to spare and are bound by arithmetic: RT rows per lane, RB rows per block.
-template <int N>
-struct WkvTiling {
-  static constexpr int kSeqRows = 16;
-  static constexpr int RT = N == 64 ? 4 : 2, RB = 16 * RT;
 };
 
 // The sequential kernel over `b`'s sequences with their states in `state`.
@@ -487,7 +491,7 @@ void CudaBackend::wkv7(const Tensor& r, const Tensor& w, const Tensor& k, const 
   float* out = static_cast<float*>(y.data);
   // The tiled kernels read 16-byte vectors: every row start must be 16-byte aligned.
   bool aligned = C % 4 == 0;
-  for (const Tensor* t : {&r, &w, &k, &v, &alpha, &beta}) aligned = aligned && reinterpret_cast<uintptr_t>(t->data) % 16 == 0;
+  for (const Tensor* t : {&r, &w, &k, &v, &alpha, &beta}) aligned = aligned && aligned16(t->data);
   if (!aligned || (N != 32 && N != 64 && N != 128)) {
     const DeviceBatch b = upload_batch(batch);
     wkv7_generic_kernel<<<unsigned(batch.n_seq() * H), round_up_warp(N), 0, stream()>>>(
