@@ -3,6 +3,14 @@
 #include <cstdlib>
 #include <mutex>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "core/error.h"
 
 namespace rwkvx {
@@ -15,7 +23,26 @@ Isa parse_isa(const std::string& s) {
   if (s == "scalar") return Isa::scalar;
   if (s == "avx2") return Isa::avx2;
   if (s == "avx512") return Isa::avx512;
-  throw Error("unknown instruction set '" + s + "' (use scalar, avx2 or avx512)");
+  if (s == "amx") return Isa::amx;
+  throw Error("unknown instruction set '" + s + "' (use scalar, avx2, avx512 or amx)");
+}
+
+// AMX-BF16 tiles: CPUID leaf 7 reports AMX-TILE (EDX bit 24), AMX-BF16 (EDX bit 22) and, in sub-leaf 1,
+// AVX512-BF16 (EAX bit 5, used to split activations); Linux then hands out the 8 KB of tile state per
+// thread only to processes that ask for it (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18).
+bool amx_usable() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -25,6 +52,7 @@ const char* isa_name(Isa isa) {
     case Isa::scalar: return "scalar";
     case Isa::avx2: return "avx2";
     case Isa::avx512: return "avx512";
+    case Isa::amx: return "amx";
   }
   return "?";
 }
@@ -38,6 +66,7 @@ bool cpu_supports(Isa isa) {
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::amx: return cpu_supports(Isa::avx512) && amx_usable();
   }
   return false;
 #else
@@ -58,6 +87,7 @@ Isa active_isa() {
     if (const char* env = std::getenv("RWKVX_ISA"); env && *env && g_forced.empty()) set_forced_isa(env);
   });
   if (!g_forced.empty()) return parse_isa(g_forced);
+  if (cpu_supports(Isa::amx)) return Isa::amx;
   if (cpu_supports(Isa::avx512)) return Isa::avx512;
   if (cpu_supports(Isa::avx2)) return Isa::avx2;
   return Isa::scalar;
@@ -66,7 +96,7 @@ Isa active_isa() {
 std::string cpu_description() {
   std::string s = isa_name(active_isa());
   s += std::string(" (supported: scalar") + (cpu_supports(Isa::avx2) ? ", avx2" : "") +
-       (cpu_supports(Isa::avx512) ? ", avx512" : "") + ")";
+       (cpu_supports(Isa::avx512) ? ", avx512" : "") + (cpu_supports(Isa::amx) ? ", amx" : "") + ")";
   return s;
 }
 

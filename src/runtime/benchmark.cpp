@@ -81,6 +81,16 @@ MachineFloors measure_machine_floors(int threads) {
     best_peak = std::max(best_peak, 2.0 * double(iters) * cpu::kFmaPeakChains * k.lanes * f.threads / dt / 1e9);
   }
   f.peak_gflops = best_peak;
+  if (k.tile_peak) {
+    const int64_t tile_iters = 2'000'000;
+    for (int pass = 0; pass < 3; ++pass) {
+      std::vector<float> sink(size_t(f.threads));
+      auto t0 = Clock::now();
+      pool.run([&](int t, int) { sink[size_t(t)] = k.tile_peak(tile_iters); });
+      const double dt = seconds_since(t0);
+      f.tile_peak_gflops = std::max(f.tile_peak_gflops, double(tile_iters) * cpu::kTilePeakFlops * f.threads / dt / 1e9);
+    }
+  }
   return f;
 }
 

@@ -14,6 +14,9 @@ namespace rwkvx {
 struct MachineFloors {
   double mem_gbps = 0;     // multi-threaded streaming read
   double peak_gflops = 0;  // fp32 FMA throughput of all threads (register-only loop)
+  // AMX bf16 tile throughput of all threads (0 without AMX). The prefill GEMMs run three tile products
+  // per fp32 term (exact products), so their exact-fp32 ceiling is a third of this.
+  double tile_peak_gflops = 0;
   int threads = 1;
   std::string isa;
 };

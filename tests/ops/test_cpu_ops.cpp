@@ -334,7 +334,7 @@ TEST_P(CpuOps, Bf16KvCacheEqualsRoundedF32Cache) {
   EXPECT_EQ(back, kh);
 }
 
-INSTANTIATE_TEST_SUITE_P(Isa, CpuOps, testing::Values(Isa::scalar, Isa::avx2, Isa::avx512),
+INSTANTIATE_TEST_SUITE_P(Isa, CpuOps, testing::Values(Isa::scalar, Isa::avx2, Isa::avx512, Isa::amx),
                          [](const auto& i) { return std::string(isa_name(i.param)); });
 
 }  // namespace

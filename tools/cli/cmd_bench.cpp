@@ -47,13 +47,16 @@ void run_bench(const BenchArgs& a) {
   nlohmann::json out = {{"model", a.model.path},
                         {"backend", be->name()},
                         {"machine", {{"threads", f.threads}, {"isa", f.isa}, {"mem_gbps", f.mem_gbps},
-                                     {"peak_gflops", f.peak_gflops}}},
+                                     {"peak_gflops", f.peak_gflops}, {"tile_peak_gflops", f.tile_peak_gflops}}},
                         {"prefill", nlohmann::json::array()},
                         {"decode", nlohmann::json::array()}};
   if (!a.json) {
-    if (cpu_floors)
-      std::printf("backend %s | machine: %d threads, %s, memory %.1f GB/s, fp32 FMA peak %.1f GFLOP/s\n",
+    if (cpu_floors) {
+      std::printf("backend %s | machine: %d threads, %s, memory %.1f GB/s, fp32 FMA peak %.1f GFLOP/s",
                   be->name().c_str(), f.threads, f.isa.c_str(), f.mem_gbps, f.peak_gflops);
+      if (f.tile_peak_gflops > 0) std::printf(", AMX bf16 peak %.0f GFLOP/s", f.tile_peak_gflops);
+      std::printf("\n");
+    }
     else
       std::printf("backend %s (no floors measured: 'of floor' shows 0)\n", be->name().c_str());
     std::printf("model: %s, %.1f M body params, decode reads %.1f MB/token\n\n", a.model.path.c_str(),
@@ -116,7 +119,7 @@ void register_bench_commands(CLI::App& app) {
       ->check(CLI::Range(int64_t(0), int64_t(1) << 30))
       ->default_val(0);
   cmd->add_flag("--int8", a.int8, "quantize Linear weights to int8 (one scale per output channel)");
-  cmd->add_option("--isa", a.isa, "force an instruction set: scalar, avx2, avx512");
+  cmd->add_option("--isa", a.isa, "force an instruction set: scalar, avx2, avx512, amx");
   cmd->add_flag("--json", a.json, "print one JSON object instead of the table");
   cmd->callback([] { run_bench(a); });
 }

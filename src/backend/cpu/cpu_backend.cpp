@@ -114,6 +114,13 @@ void CpuBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, f
   });
 }
 
+void CpuBackend::pack_tiles(const Tensor& x, int64_t T, int64_t K) {
+  a_tiles_.resize(size_t(k_->tile_a_size(T, K)));
+  pool_.parallel_chunks(k_->tile_a_rows(T), 32, [&](int64_t r0, int64_t r1) {
+    k_->tile_pack_a(x.f32(), K, T, K, r0, r1, a_tiles_.data());
+  });
+}
+
 void CpuBackend::linear_into(const Tensor& x, const Tensor& W, Tensor& out, bool accumulate) {
   const int64_t T = x.rows(), K = x.row_size(), N = W.rows();
   RWKVX_ASSERT(W.row_size() == K && out.rows() == T && out.row_size() == N,
@@ -125,12 +132,19 @@ void CpuBackend::linear_into(const Tensor& x, const Tensor& W, Tensor& out, bool
   // Prefill: pack x into panels once (the threads share them), then threads claim column chunks as they
   // come free, so a core slowed by the VM's neighbours holds no one up. About four chunks per thread, at
   // least 64 columns (each chunk streams all of the packed x) and at most 256.
+  const int64_t chunk = std::clamp<int64_t>((N / (4 * pool_.size()) + 63) / 64 * 64, 64, 256);
+  if (k_->tile_gemm_nt && w.fmt == WFormat::bf16) {  // AMX: x split into three bf16 parts, packed once
+    pack_tiles(x, T, K);
+    pool_.parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
+      k_->tile_gemm_nt(a_tiles_.data(), T, w, n0, n1, out.f32(), N, accumulate);
+    });
+    return;
+  }
   const int64_t mr = k_->a_panel_rows, panels = (T + mr - 1) / mr;
   a_panels_.resize(size_t(k_->packed_a_size(T, K)));
   pool_.parallel_chunks(panels, 8, [&](int64_t p0, int64_t p1) {
     k_->pack_a_panels(x.f32(), K, T, K, p0, p1, a_panels_.data());
   });
-  const int64_t chunk = std::clamp<int64_t>((N / (4 * pool_.size()) + 63) / 64 * 64, 64, 256);
   pool_.parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
     k_->gemm_nt_packed(a_panels_.data(), T, w, n0, n1, out.f32(), N, accumulate);
   });
@@ -143,6 +157,13 @@ void CpuBackend::matmul(const Tensor& x, const Tensor& W, Tensor& out) {
   const WeightView w = weight_view(W);
   // Low-rank products are small: split over rows of x when there are many, else over columns.
   if (T * K * N < (1 << 17)) return k_->gemm_nn(x.f32(), K, T, w, 0, N, out.f32(), N, false);
+  if (k_->tile_gemm_nn && w.fmt == WFormat::bf16 && T > 4) {
+    pack_tiles(x, T, K);
+    pool_.parallel_chunks(N, 32, [&](int64_t n0, int64_t n1) {
+      k_->tile_gemm_nn(a_tiles_.data(), T, w, n0, n1, out.f32(), N, false);
+    });
+    return;
+  }
   if (T >= 2 * pool_.size()) {
     const int64_t rows = std::clamp<int64_t>(T / (2 * pool_.size()), 16, 96);  // W is repacked per chunk
     pool_.parallel_chunks(T, rows, [&](int64_t t0, int64_t t1) {

@@ -13,7 +13,7 @@ namespace rwkvx {
 struct CpuBackendOptions {
   int n_threads = 0;          // 0: one per hardware thread
   bool quantize_int8 = false; // Linear weights (not embedding, not low-rank) to int8, one scale per row
-  std::string isa;            // "" = best available; else scalar | avx2 | avx512
+  std::string isa;            // "" = best available; else scalar | avx2 | avx512 | amx
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& options = {});
@@ -52,10 +52,13 @@ class CpuBackend final : public ref::ReferenceBackend {
   void for_rows(int64_t T, int64_t work_per_row, const std::function<void(int64_t, int64_t)>& fn);
   // out = x @ Wᵀ, or out += x @ Wᵀ when accumulate.
   void linear_into(const Tensor& x, const Tensor& W, Tensor& out, bool accumulate);
+  // x [T, K] into a_tiles_ for the AMX tile GEMMs (rows split over the pool).
+  void pack_tiles(const Tensor& x, int64_t T, int64_t K);
   CpuBackendOptions opt_;
   const Kernels* k_;
   ThreadPool pool_;
   std::vector<float> a_panels_;  // linear's packed activations (ops run one at a time)
+  std::vector<uint16_t> a_tiles_;  // the same for the AMX tile GEMM
 };
 
 WeightView weight_view(const Tensor& t);

@@ -1,5 +1,6 @@
 // The CPU backend's kernels, one table per instruction set (kernels_scalar.cpp, kernels_avx2.cpp,
-// kernels_avx512.cpp all compile kernels_impl.h with their own flags). cpu_backend.cpp picks the table
+// kernels_avx512.cpp all compile kernels_impl.h with their own flags; kernels_amx.cpp adds AMX tile GEMMs
+// to the AVX-512 table). cpu_backend.cpp picks the table
 // once (core/cpu_features.h) and splits work across threads; kernels themselves are single-threaded.
 #pragma once
 #include <cstdint>
@@ -67,7 +68,26 @@ struct Kernels {
   // Performs iters · kFmaPeakChains · lanes FMAs.
   float (*fma_peak)(int64_t iters);
   int lanes;  // fp32 lanes per vector
+
+  // AMX tile GEMMs (Isa::amx only; null elsewhere): C (+)= A · Wᵀ for bf16 W, as gemm_nt_packed. A is
+  // packed once per call as three bf16 parts whose sum is each fp32 value exactly (hi, mid, lo: 8 + 8 + 8
+  // mantissa bits), so every product is exact and the tiles accumulate in fp32, like the FMA kernels.
+  // tile_pack_a writes rows [r0, r1) of tile_a_rows(M) (rows ≥ M become zeros; threads may pack disjoint
+  // ranges at once) into tile_a_size(M, K) uint16 values; tile_gemm_nt computes columns [n0, n1).
+  int64_t (*tile_a_rows)(int64_t M) = nullptr;
+  int64_t (*tile_a_size)(int64_t M, int64_t K) = nullptr;
+  void (*tile_pack_a)(const float* A, int64_t lda, int64_t M, int64_t K, int64_t r0, int64_t r1,
+                      uint16_t* packed) = nullptr;
+  void (*tile_gemm_nt)(const uint16_t* packed, int64_t M, const WeightView& W, int64_t n0, int64_t n1, float* C,
+                       int64_t ldc, bool accumulate) = nullptr;
+  // The same for C (+)= A · W with W [K, N] as stored (gemm_nn: low-rank matrices).
+  void (*tile_gemm_nn)(const uint16_t* packed, int64_t M, const WeightView& W, int64_t n0, int64_t n1, float* C,
+                       int64_t ldc, bool accumulate) = nullptr;
+  // Register-only tile multiply loop (the AMX ceiling of one core): iters · kTilePeakFlops FLOPs.
+  float (*tile_peak)(int64_t iters) = nullptr;
 };
+
+constexpr int64_t kTilePeakFlops = 4 * 2 * 16 * 16 * 32;
 
 constexpr int kFmaPeakChains = 12;
 
@@ -75,5 +95,6 @@ const Kernels& kernels_for(Isa isa);
 const Kernels& scalar_kernels();
 const Kernels& avx2_kernels();
 const Kernels& avx512_kernels();
+const Kernels& amx_kernels();  // the AVX-512 table plus the tile GEMM
 
 }  // namespace rwkvx::cpu
