@@ -133,7 +133,7 @@ void CpuBackend::linear_into(const Tensor& x, const Tensor& W, Tensor& out, bool
   // come free, so a core slowed by the VM's neighbours holds no one up. About four chunks per thread, at
   // least 64 columns (each chunk streams all of the packed x) and at most 256.
   const int64_t chunk = std::clamp<int64_t>((N / (4 * pool_.size()) + 63) / 64 * 64, 64, 256);
-  if (k_->tile_gemm_nt && w.fmt == WFormat::bf16) {  // AMX: x split into three bf16 parts, packed once
+  if (k_->tile_gemm_nt && (w.fmt == WFormat::bf16 || w.fmt == WFormat::q8)) {  // AMX: x in three bf16 parts
     pack_tiles(x, T, K);
     pool_.parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
       k_->tile_gemm_nt(a_tiles_.data(), T, w, n0, n1, out.f32(), N, accumulate);

@@ -69,7 +69,8 @@ struct Kernels {
   float (*fma_peak)(int64_t iters);
   int lanes;  // fp32 lanes per vector
 
-  // AMX tile GEMMs (Isa::amx only; null elsewhere): C (+)= A · Wᵀ for bf16 W, as gemm_nt_packed. A is
+  // AMX tile GEMMs (Isa::amx only; null elsewhere): C (+)= A · Wᵀ for bf16 or q8 W (int8 values are exact
+  // in bf16; the row scales multiply the sums), as gemm_nt_packed. A is
   // packed once per call as three bf16 parts whose sum is each fp32 value exactly (hi, mid, lo: 8 + 8 + 8
   // mantissa bits), so every product is exact and the tiles accumulate in fp32, like the FMA kernels.
   // tile_pack_a writes rows [r0, r1) of tile_a_rows(M) (rows ≥ M become zeros; threads may pack disjoint

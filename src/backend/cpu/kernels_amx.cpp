@@ -1,16 +1,17 @@
-// AMX tile GEMMs for prefill with bf16 weights (compile flags in CMakeLists.txt: AVX-512 + BF16 + AMX).
-// One TDPBF16PS multiplies a 16 × 32 bf16 tile of A by a 32 × 16 tile of B into 16 × 16 fp32 sums, ~14×
-// the fp32 FMA rate of a core. The weights are bf16 already; each fp32 activation a is split into three
-// bf16 parts, hi = bf16(a), mid = bf16(a − hi), lo = a − hi − mid, whose sum is a exactly (8 mantissa
-// bits each), so every product is exact and the tiles accumulate in fp32: the result is the fp32 GEMM's
-// up to summation order, at three tile products per term.
+// AMX tile GEMMs for prefill with bf16 or int8 weights (compile flags in CMakeLists.txt: AVX-512 + BF16 +
+// AMX). One TDPBF16PS multiplies a 16 × 32 bf16 tile of A by a 32 × 16 tile of B into 16 × 16 fp32 sums,
+// ~14× the fp32 FMA rate of a core. bf16 weights go in as they are, int8 ones as bf16 integers (exact) with
+// their row scale applied to the sums. Each fp32 activation a is split into three bf16 parts, hi = bf16(a),
+// mid = bf16(a − hi), lo = a − hi − mid, whose sum is a exactly (8 significant bits each), so every product
+// is exact and the tiles accumulate in fp32: the result is the fp32 GEMM's up to summation order, at three
+// tile products per term.
 //
 // Layouts. Packed A: for each part, 16 × 32 tiles stored whole (1 KB, contiguous: loads touch 16
 // consecutive cache lines), row tile by row tile and K block by K block within; K is rounded up to 32
-// (zeros past K) and M to 32 rows (zeros past M). Packed B (per call, thread-local): for each K block of 32 and each
-// pair of 16-column tiles, the tile in the "VNNI" order TDPBF16PS reads: row i holds, for each of the 16
-// columns n, the pair W[n][k + 2i], W[n][k + 2i + 1] (a 16 × 16 transpose of 32-bit pairs). C is computed
-// in 32 × 32 blocks (four accumulator tiles).
+// (zeros past K) and M to 32 rows (zeros past M). Packed B (per call, thread-local): for each K block of
+// 32 and each pair of 16-column tiles, the tile in the "VNNI" order TDPBF16PS reads: row i holds, for each
+// of the 16 columns n, the pair W[n][k + 2i], W[n][k + 2i + 1]. C is computed in 32 × 32 blocks (four
+// accumulator tiles), each over the whole K.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -92,7 +93,15 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// Columns [n0, n1) of bf16 W as B tiles: tile (kb, pair, t) at ((kb · pairs + pair) · 2 + t) · 512 values.
+// 32 int8 weights as bf16 (exact: integers up to 256 fit bf16's 8-bit significand); masked-off lanes are 0.
+inline __m512i q8_as_bf16(const int8_t* q, __mmask32 valid) {
+  const __m256i raw = _mm256_maskz_loadu_epi8(valid, q);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// Columns [n0, n1) of bf16 (or int8) W as B tiles: tile (kb, pair, t) at ((kb · pairs + pair) · 2 + t) · 512 values.
 // Transposed (gemm_nt): W [N, K], rows of W are output columns; each tile is a 16 × 16 transpose of
 // 32-bit pairs. As stored (gemm_nn): W [K, N]; tile row i interleaves rows k + 2i and k + 2i + 1.
 void pack_b(const WeightView& w, bool transposed, int64_t n0, int64_t n1, int64_t pairs, uint16_t* out) {
@@ -112,7 +121,9 @@ void pack_b(const WeightView& w, bool transposed, int64_t n0, int64_t n1, int64_
           const __mmask32 valid = left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
           __m512i r[16];
           for (int j = 0; j < 16; ++j)
-            r[j] = j < ncols ? _mm512_maskz_loadu_epi16(valid, W + (nb + j) * w.ld + k) : _mm512_setzero_si512();
+            r[j] = j >= ncols                ? _mm512_setzero_si512()
+                   : w.fmt == WFormat::q8 ? q8_as_bf16(static_cast<const int8_t*>(w.data) + (nb + j) * w.ld + k, valid)
+                                          : _mm512_maskz_loadu_epi16(valid, W + (nb + j) * w.ld + k);
           transpose16(r);
           for (int i = 0; i < 16; ++i) _mm512_storeu_si512(o + i * 32, r[i]);
         } else {
@@ -145,9 +156,20 @@ inline void c_edge_out(float* C, int64_t ldc, int64_t m, int64_t n, int64_t rows
   for (int64_t i = 0; i < std::min<int64_t>(rows, 16); ++i)
     std::memcpy(C + (m + i) * ldc + n, edge + i * 16, size_t(std::min<int64_t>(cols, 16)) * 4);
 }
+// int8 weights: the tile sums Σ a · q; C (+)= scale[n] · sum, applied on the way out.
+inline void c_scaled_out(float* C, int64_t ldc, int64_t m, int64_t n, int64_t rows, int64_t cols, const float* edge,
+                         const float* scales, bool accumulate) {
+  const __mmask16 valid = __mmask16((1u << std::min<int64_t>(cols, 16)) - 1);
+  const __m512 s = _mm512_maskz_loadu_ps(valid, scales + n);
+  for (int64_t i = 0; i < std::min<int64_t>(rows, 16); ++i) {
+    float* c = C + (m + i) * ldc + n;
+    const __m512 base = accumulate ? _mm512_maskz_loadu_ps(valid, c) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(c, valid, _mm512_fmadd_ps(_mm512_load_ps(edge + i * 16), s, base));
+  }
+}
 #define RWKVX_C_IN(T, m, n, rows, cols)                                             \
   do {                                                                              \
-    if (!accumulate) {                                                              \
+    if (!accumulate || scales) {                                                    \
       _tile_zero(T);                                                                \
     } else {                                                                        \
       int64_t st;                                                                   \
@@ -157,7 +179,12 @@ inline void c_edge_out(float* C, int64_t ldc, int64_t m, int64_t n, int64_t rows
   } while (0)
 #define RWKVX_C_OUT(T, m, n, rows, cols)                                            \
   do {                                                                              \
-    if ((rows) >= 16 && (cols) >= 16) {                                             \
+    if (scales) {                                                                   \
+      if ((rows) > 0 && (cols) > 0) {                                               \
+        _tile_stored(T, edge[T], 64);                                               \
+        c_scaled_out(C, ldc, m, n, rows, cols, edge[T], scales, accumulate);        \
+      }                                                                             \
+    } else if ((rows) >= 16 && (cols) >= 16) {                                      \
       _tile_stored(T, C + (m) * ldc + (n), ldc * 4);                                \
     } else if ((rows) > 0 && (cols) > 0) {                                          \
       _tile_stored(T, edge[T], 64);                                                 \
@@ -174,6 +201,7 @@ void tile_gemm(const uint16_t* packed, int64_t M, const WeightView& w, bool tran
   pack_b(w, transposed, n0, n1, pairs, b.data());
   configure_tiles();
   alignas(64) float edge[4][16 * 16];
+  const float* scales = w.fmt == WFormat::q8 ? w.scales : nullptr;
   // Each 32 × 32 block of C takes the whole K in one pass (C is written once: passes over K blocks
   // cost more in C traffic than they saved); a row pair's A tiles are reused from L2 by every column pair.
   for (int64_t m = 0; m < Mp; m += 32) {
