@@ -2,8 +2,9 @@
 // over the complete past chunks and a top-(k-1) selection (ties: lower chunk). Then:
 //  * decode (few queries): one flash-style pass per (query, head) over the selected chunks + own chunk;
 //  * prefill: per (head, block of queries), the queries that chose a chunk are gathered and attend to
-//    it with two small GEMMs (Q·Kᵀ, P·V) per block of 256 keys under an online softmax, and the causal own
-//    chunk likewise. Prefill cost per token is then flat in the context length, at GEMM speed.
+//    it 256 keys at a time under an online softmax (Kernels::attend_block: the queries sit in vector
+//    lanes, so K and V are read in place, unpacked), and the causal own chunk likewise. Prefill cost per
+//    token is then flat in the context length.
 #include <algorithm>
 #include <cmath>
 
@@ -12,8 +13,8 @@
 namespace rwkvx::cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 128;       // queries per score GEMM (packing K and V is paid once per block)
-constexpr int64_t kKeyBlock = 256;       // keys per score GEMM: a 128 × 256 score tile is 128 KB
+constexpr int64_t kRowBlock = 128;       // queries per group in lanes
+constexpr int64_t kKeyBlock = 256;       // keys per online-softmax step: a 256 × 128 score tile is 128 KB
 constexpr int64_t kGroupedMinRows = 16;  // below this, the per-query path is cheaper
 
 // Chooses the top-(k-1) past chunks for query head `qh` (sorted by chunk index).
@@ -90,8 +91,9 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
     std::vector<double> score;
     std::vector<int64_t> chosen, rows;
     std::vector<std::vector<int64_t>> by_chunk;
-    std::vector<float> qbuf(size_t(kRowBlock * D)), sbuf(size_t(kRowBlock * kKeyBlock)), pv(size_t(kRowBlock * D));
-    std::vector<float> corr(static_cast<size_t>(kRowBlock));
+    // A group of ≤ kRowBlock queries in lanes: transposed queries and accumulators, running max and sum,
+    // per-query key counts of the current key block, and the scores of that block.
+    std::vector<float> qT, accT, gm, gl, lim, sbuf(size_t(kKeyBlock * kRowBlock));
     OnlineSoftmax st;
     for (int64_t job = j0; job < j1; ++job) {
       const int64_t h = job % H, q0 = first + (job / H) * block, q1 = std::min(cache.len, q0 + block);
@@ -105,27 +107,38 @@ void CpuBackend::sparse_attention(const Tensor& q, const KvCache& cache, const S
       }
 
       // Queries `rows` (block-relative, at most kRowBlock, ascending) attend to key slots [k0, k1); with
-      // `causal`, query slot t sees only slots ≤ t.
+      // `causal`, query slot t sees only slots ≤ t. Their softmax state moves into lanes and back.
       auto attend_rows = [&](const int64_t* rows_p, int64_t m, int64_t k0, int64_t k1, bool causal) {
-        for (int64_t i = 0; i < m; ++i) std::copy_n(qrow(q0 + rows_p[i]), D, qbuf.data() + i * D);
+        const int64_t mp = (m + k.attn_lanes - 1) / k.attn_lanes * k.attn_lanes;
+        qT.assign(size_t(D * mp), 0.f);
+        accT.assign(size_t(D * mp), 0.f);
+        gm.assign(size_t(mp), -INFINITY);
+        gl.assign(size_t(mp), 0.f);
+        lim.assign(size_t(mp), 0.f);
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t r = rows_p[i];
+          const float* qr = qrow(q0 + r);
+          for (int64_t d = 0; d < D; ++d) {
+            qT[size_t(d * mp + i)] = qr[d];
+            accT[size_t(d * mp + i)] = st.acc[size_t(r * D + d)];
+          }
+          gm[size_t(i)] = st.m[size_t(r)];
+          gl[size_t(i)] = st.l[size_t(r)];
+        }
         const int64_t last_slot = q0 + rows_p[m - 1];
         for (int64_t b0 = k0; b0 < k1; b0 += kKeyBlock) {
           if (causal && b0 > last_slot) break;
           const int64_t nk = std::min(kKeyBlock, k1 - b0);
-          const WeightView keys{kv_fmt, kv_ptr(cache.k, b0 * C + h * D), nullptr, nk, D, C};
-          k.gemm_nt(qbuf.data(), D, m, keys, 0, nk, sbuf.data(), nk, false);
-          for (int64_t i = 0; i < m; ++i) {
-            const int64_t r = rows_p[i];
-            const int64_t valid = causal ? std::clamp<int64_t>(q0 + r - b0 + 1, 0, nk) : nk;
-            corr[size_t(i)] = k.online_softmax(sbuf.data() + i * nk, valid, nk, scale, &st.m[size_t(r)], &st.l[size_t(r)]);
-          }
-          const WeightView vals{kv_fmt, kv_ptr(cache.v, b0 * C + h * D), nullptr, nk, D, C};
-          k.gemm_nn(sbuf.data(), nk, m, vals, 0, D, pv.data(), D, false);
-          for (int64_t i = 0; i < m; ++i) {
-            float* a = st.acc.data() + rows_p[i] * D;
-            const float f = corr[size_t(i)];
-            for (int64_t d = 0; d < D; ++d) a[d] = a[d] * f + pv[size_t(i * D + d)];
-          }
+          for (int64_t i = 0; i < m; ++i)
+            lim[size_t(i)] = float(causal ? std::clamp<int64_t>(q0 + rows_p[i] - b0 + 1, 0, nk) : nk);
+          k.attend_block(qT.data(), mp, D, kv_ptr(cache.k, b0 * C + h * D), kv_ptr(cache.v, b0 * C + h * D), kv_fmt, C,
+                         nk, lim.data(), scale, sbuf.data(), gm.data(), gl.data(), accT.data());
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t r = rows_p[i];
+          for (int64_t d = 0; d < D; ++d) st.acc[size_t(r * D + d)] = accT[size_t(d * mp + i)];
+          st.m[size_t(r)] = gm[size_t(i)];
+          st.l[size_t(r)] = gl[size_t(i)];
         }
       };
       auto attend_all = [&](const std::vector<int64_t>& rs, int64_t k0, int64_t k1, bool causal) {

@@ -49,6 +49,7 @@ inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+inline vf vselect_lt(vf a, vf b, vf x, vf y) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x); }
 inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
 inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vf vpow2i(vf n) {  // 2^n for integral n in [-126, 127]
@@ -76,6 +77,7 @@ inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
 inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+inline vf vselect_lt(vf a, vf b, vf x, vf y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
 inline float vhsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -103,6 +105,7 @@ inline vf vmul(vf a, vf b) { return a * b; }
 inline vf vdiv(vf a, vf b) { return a / b; }
 inline vf vmax(vf a, vf b) { return std::max(a, b); }
 inline vf vmin(vf a, vf b) { return std::min(a, b); }
+inline vf vselect_lt(vf a, vf b, vf x, vf y) { return a < b ? x : y; }  // a < b ? x : y, per lane
 inline float vhsum(vf v) { return v; }
 inline vf vround(vf x) { return std::nearbyint(x); }
 inline vf vpow2i(vf n) { return std::ldexp(1.0f, int(n)); }
@@ -914,6 +917,111 @@ void attend_t(const float* q, const KV* k, const KV* v, int64_t ld, const int64_
   for (int64_t d = 0; d < D; ++d) out[d] = acc[size_t(d)] * inv;
 }
 
+// Prefill attention, one block of nk keys for a group of queries held in vector lanes (see
+// Kernels::attend_block). Laid out this way no operand is packed: K and V rows are read in place (one
+// broadcast per element), the scores of a key are a row of s across queries, and the online softmax runs
+// down the rows with the queries' running max and sum in lanes.
+constexpr int kAttnLanes = W;  // mp is a multiple of one vector; panels take two vectors, the last may take one
+
+// s[j0 + i][q0 ..] = Σ_d k[j0 + i][d] · qT[d][q0 ..] for i < jr (rows ≥ jr repeat the last key, unstored).
+template <int NV, class KV>
+inline void qk_panel(const float* qT, int64_t mp, int64_t D, const KV* const* rows, int jr, int64_t j0, int64_t q0,
+                     float* s) {
+  vf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
+  for (int64_t d = 0; d < D; ++d) {
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(qT + d * mp + q0 + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const vf a = vset1(kv_scalar(rows[i] + d));
+      for (int v = 0; v < NV; ++v) acc[i][v] = vfma(a, b[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < jr; ++i)
+    for (int v = 0; v < NV; ++v) vstore(s + (j0 + i) * mp + q0 + v * W, acc[i][v]);
+}
+
+// accT[d0 + i][q0 ..] += Σ_j v[j][d0 + i] · s[j][q0 ..] for i < dr.
+template <int NV, class KV>
+inline void pv_panel(const float* s, int64_t mp, const KV* v, int64_t ld, int64_t nk, int64_t d0, int dr, int64_t q0,
+                     float* accT) {
+  vf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int u = 0; u < NV; ++u) acc[i][u] = vload(accT + (d0 + std::min(i, dr - 1)) * mp + q0 + u * W);
+  for (int64_t j = 0; j < nk; ++j) {
+    vf p[NV];
+    for (int u = 0; u < NV; ++u) p[u] = vload(s + j * mp + q0 + u * W);
+    const KV* vr = v + j * ld + d0;
+    for (int i = 0; i < MR; ++i) {
+      const vf a = vset1(kv_scalar(vr + std::min(i, dr - 1)));
+      for (int u = 0; u < NV; ++u) acc[i][u] = vfma(a, p[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < dr; ++i)
+    for (int u = 0; u < NV; ++u) vstore(accT + (d0 + i) * mp + q0 + u * W, acc[i][u]);
+}
+
+template <class KV>
+void attend_block_t(const float* qT, int64_t mp, int64_t D, const KV* k, const KV* v, int64_t ld, int64_t nk,
+                    const float* valid, float scale, float* s, float* m, float* l, float* accT) {
+  // The block's K and V rows (D values each, ld apart) are usually in DRAM at long contexts: ask for all
+  // of them now, so the misses overlap instead of stalling the register blocks one row at a time.
+  const int64_t row_bytes = D * int64_t(sizeof(KV));
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(k + j * ld) + b);
+      __builtin_prefetch(reinterpret_cast<const char*>(v + j * ld) + b);
+    }
+  // Scores, MR keys × (up to) two vectors of queries per register block.
+  for (int64_t j0 = 0; j0 < nk; j0 += MR) {
+    const int jr = int(std::min<int64_t>(MR, nk - j0));
+    const KV* rows[MR];
+    for (int i = 0; i < MR; ++i) rows[i] = k + (j0 + std::min(i, jr - 1)) * ld;
+    int64_t q0 = 0;
+    for (; q0 + 2 * W <= mp; q0 += 2 * W) qk_panel<2>(qT, mp, D, rows, jr, j0, q0, s);
+    if (q0 < mp) qk_panel<1>(qT, mp, D, rows, jr, j0, q0, s);
+  }
+  // Online softmax per query lane over its first valid[q] keys; the others get weight 0.
+  const vf sc = vset1(scale), lowest = vset1(-3.4028235e38f);
+  for (int64_t q0 = 0; q0 < mp; q0 += W) {
+    const vf lim = vload(valid + q0), m_old = vload(m + q0);
+    vf mx = m_old;
+    for (int64_t j = 0; j < nk; ++j) mx = vselect_lt(vset1(float(j)), lim, vmax(mx, vmul(vload(s + j * mp + q0), sc)), mx);
+    const vf base = vmax(mx, lowest);  // finite even for a lane with no key yet (its weights are all 0)
+    vf sum = vzero();
+    for (int64_t j = 0; j < nk; ++j) {
+      const vf e = vselect_lt(vset1(float(j)), lim, vexp(vsub(vmul(vload(s + j * mp + q0), sc), base)), vzero());
+      vstore(s + j * mp + q0, e);
+      sum = vadd(sum, e);
+    }
+    const vf corr = vexp(vsub(m_old, base));  // ~0 when m_old = -inf (then l and acc are 0 anyway)
+    vstore(m + q0, mx);
+    vstore(l + q0, vfma(vload(l + q0), corr, sum));
+    for (int64_t d = 0; d < D; ++d) vstore(accT + d * mp + q0, vmul(vload(accT + d * mp + q0), corr));
+  }
+  // Weighted values, MR dimensions × (up to) two vectors of queries (a panel of s stays in L1 across the
+  // dimension blocks).
+  for (int64_t q0 = 0; q0 < mp; q0 += 2 * W) {
+    const bool two = q0 + 2 * W <= mp;
+    for (int64_t d0 = 0; d0 < D; d0 += MR) {
+      const int dr = int(std::min<int64_t>(MR, D - d0));
+      if (two) pv_panel<2>(s, mp, v, ld, nk, d0, dr, q0, accT);
+      else pv_panel<1>(s, mp, v, ld, nk, d0, dr, q0, accT);
+    }
+  }
+}
+
+inline void attend_block(const float* qT, int64_t mp, int64_t D, const void* k, const void* v, WFormat kv, int64_t ld,
+                         int64_t nk, const float* valid, float scale, float* s, float* m, float* l, float* accT) {
+  if (kv == WFormat::bf16)
+    attend_block_t(qT, mp, D, static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v), ld, nk, valid, scale, s,
+                   m, l, accT);
+  else
+    attend_block_t(qT, mp, D, static_cast<const float*>(k), static_cast<const float*>(v), ld, nk, valid, scale, s, m, l,
+                   accT);
+}
+
 inline void attend(const float* q, const void* k, const void* v, WFormat kv, int64_t ld, const int64_t* ranges,
                    int n_ranges, int64_t D, float scale, float* out) {
   if (kv == WFormat::bf16)
@@ -938,7 +1046,7 @@ inline Kernels make_kernels() {
   return Kernels{isa,        gemm_nt,   gemm_nn,           packed_a_size, pack_a_panels,  gemm_nt_packed,
                  MR,         row_to_f32, wkv7_rows,        int(kWkvRowBlock), dot_f64,    attend,
                  online_softmax, exp_,   sigmoid_,          tanh_,         relu_square_,   normalize,
-                 fma_peak,   W};
+                 fma_peak,   W,          attend_block,      kAttnLanes};
 }
 
 }  // namespace rwkvx::cpu::RWKVX_ISA_NS
