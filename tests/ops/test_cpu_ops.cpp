@@ -334,6 +334,75 @@ TEST_P(CpuOps, Bf16KvCacheEqualsRoundedF32Cache) {
   EXPECT_EQ(back, kh);
 }
 
+// The AMX tile GEMMs split activations into three bf16 parts whose sum is exact, so against an fp64
+// reference they must be as accurate as the AVX-512 FMA kernels (fp32 sums in another order). Two parts
+// would leave a 2^-17 relative error per product, several times the fp32 summation error here.
+TEST(AmxTiles, AsAccurateAsFmaKernels) {
+  if (!cpu_supports(Isa::amx)) GTEST_SKIP() << "this CPU lacks amx";
+  auto backend = [](const char* isa, bool int8) {
+    CpuBackendOptions o;
+    o.isa = isa;
+    o.n_threads = 2;
+    o.quantize_int8 = int8;
+    auto be = make_cpu_backend(o);
+    set_forced_isa("");
+    return be;
+  };
+  std::mt19937 rng{77};
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  auto host = [](Backend& be, const Tensor& t) {
+    std::vector<float> v(static_cast<size_t>(t.numel()));
+    be.to_host(t, v.data());
+    return v;
+  };
+  // y[t][n] = Σ_k x[t][k] · w(n, k) in fp64.
+  auto reference = [](const std::vector<float>& x, int64_t T, int64_t K, int64_t N, auto w) {
+    std::vector<double> y(static_cast<size_t>(T * N));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        double acc = 0;
+        for (int64_t k = 0; k < K; ++k) acc += double(x[size_t(t * K + k)]) * w(n, k);
+        y[size_t(t * N + n)] = acc;
+      }
+    return y;
+  };
+  for (bool int8 : {false, true}) {
+    auto amx = backend("amx", int8), fma = backend("avx512", int8);
+    for (auto [T, K, N] : {std::tuple{5, 768, 64}, {33, 3072, 100}, {512, 768, 768}, {70, 64, 768}}) {
+      std::vector<uint8_t> bytes;
+      StoredTensor st = stored("blocks.0.ffn.key.weight", DType::bf16, N, K, rng, bytes);
+      Tensor wa = amx->upload_weight(st, {N, K}), wf = fma->upload_weight(st, {N, K});
+      std::vector<float> x(static_cast<size_t>(T * K));
+      for (float& v : x) v = u(rng);
+      Tensor xa = amx->alloc(DType::f32, {T, K}), xf = fma->alloc(DType::f32, {T, K});
+      amx->from_host(x.data(), xa);
+      fma->from_host(x.data(), xf);
+      Tensor ya = amx->alloc(DType::f32, {T, N}), yf = fma->alloc(DType::f32, {T, N});
+      amx->linear(xa, wa, ya);
+      fma->linear(xf, wf, yf);
+      const std::vector<float> wv = st.to_f32();
+      const auto* q = static_cast<const int8_t*>(wa.data);
+      const std::vector<double> want =
+          int8 ? reference(x, T, K, N, [&](int64_t n, int64_t k) { return double(q[n * K + k]) * wa.scales[n]; })
+               : reference(x, T, K, N, [&](int64_t n, int64_t k) { return double(wv[size_t(n * K + k)]); });
+      const double e_amx = test::rel_max_err(host(*amx, ya), want), e_fma = test::rel_max_err(host(*fma, yf), want);
+      EXPECT_LE(e_amx, 2 * e_fma + 1e-7) << (int8 ? "int8" : "bf16") << " linear T=" << T << " K=" << K << " N=" << N
+                                         << ": amx " << e_amx << ", fma " << e_fma;
+      if (int8) continue;
+      // Low-rank products: W [K, N] as stored.
+      StoredTensor lr = stored("blocks.0.att.w1", DType::bf16, K, N, rng, bytes);
+      Tensor la = amx->upload_weight(lr, {K, N}), lf = fma->upload_weight(lr, {K, N});
+      amx->matmul(xa, la, ya);
+      fma->matmul(xf, lf, yf);
+      const std::vector<float> lv = lr.to_f32();
+      const std::vector<double> want_lr = reference(x, T, K, N, [&](int64_t n, int64_t k) { return double(lv[size_t(k * N + n)]); });
+      const double l_amx = test::rel_max_err(host(*amx, ya), want_lr), l_fma = test::rel_max_err(host(*fma, yf), want_lr);
+      EXPECT_LE(l_amx, 2 * l_fma + 1e-7) << "matmul T=" << T << " K=" << K << " N=" << N << ": amx " << l_amx
+                                         << ", fma " << l_fma;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Isa, CpuOps, testing::Values(Isa::scalar, Isa::avx2, Isa::avx512, Isa::amx),
                          [](const auto& i) { return std::string(isa_name(i.param)); });
 

@@ -858,6 +858,16 @@ inline vf vload_kv(const uint16_t* p) { return vload_bf16(p); }
 inline float kv_scalar(const float* p) { return *p; }
 inline float kv_scalar(const uint16_t* p) { return bf16_to_f32(*p); }
 
+// Rows [0, n) of D values, ld apart: ask for them ahead of use. Attention reads one head's slice of each
+// key and value row (D values of C), rows far apart, which the hardware prefetcher does not follow; at
+// long contexts they come from DRAM and the misses must overlap.
+template <class KV>
+inline void prefetch_rows(const KV* p, int64_t ld, int64_t n, int64_t D) {
+  const int64_t row_bytes = D * int64_t(sizeof(KV));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p + j * ld) + b);
+}
+
 template <class KV>
 void attend_t(const float* q, const KV* k, const KV* v, int64_t ld, const int64_t* ranges, int n_ranges, int64_t D,
               float scale, float* out) {
@@ -868,8 +878,12 @@ void attend_t(const float* q, const KV* k, const KV* v, int64_t ld, const int64_
   acc.assign(size_t(D), 0.f);
   const bool vec = D % W == 0;
   for (int r = 0; r < n_ranges; ++r) {
+    if (ranges[2 * r] < ranges[2 * r + 1]) prefetch_rows(k + ranges[2 * r] * ld, ld, std::min(B, ranges[2 * r + 1] - ranges[2 * r]), D);
     for (int64_t b0 = ranges[2 * r]; b0 < ranges[2 * r + 1]; b0 += B) {
       const int64_t nb = std::min(B, ranges[2 * r + 1] - b0);
+      // This block's values (used after its scores) and the next block's keys.
+      prefetch_rows(v + b0 * ld, ld, nb, D);
+      prefetch_rows(k + (b0 + nb) * ld, ld, std::min(B, ranges[2 * r + 1] - b0 - nb), D);
       float mb = -INFINITY;
       for (int64_t i = 0; i < nb; ++i) {
         const KV* kr = k + (b0 + i) * ld;
@@ -965,14 +979,10 @@ inline void pv_panel(const float* s, int64_t mp, const KV* v, int64_t ld, int64_
 template <class KV>
 void attend_block_t(const float* qT, int64_t mp, int64_t D, const KV* k, const KV* v, int64_t ld, int64_t nk,
                     const float* valid, float scale, float* s, float* m, float* l, float* accT) {
-  // The block's K and V rows (D values each, ld apart) are usually in DRAM at long contexts: ask for all
-  // of them now, so the misses overlap instead of stalling the register blocks one row at a time.
-  const int64_t row_bytes = D * int64_t(sizeof(KV));
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(k + j * ld) + b);
-      __builtin_prefetch(reinterpret_cast<const char*>(v + j * ld) + b);
-    }
+  // The block's K and V rows are usually in DRAM at long contexts: ask for all of them now, so the misses
+  // overlap instead of stalling the register blocks one row at a time.
+  prefetch_rows(k, ld, nk, D);
+  prefetch_rows(v, ld, nk, D);
   // Scores, MR keys × (up to) two vectors of queries per register block.
   for (int64_t j0 = 0; j0 < nk; j0 += MR) {
     const int jr = int(std::min<int64_t>(MR, nk - j0));
