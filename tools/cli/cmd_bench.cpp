@@ -56,9 +56,9 @@ void run_bench(const BenchArgs& a) {
                   be->name().c_str(), f.threads, f.isa.c_str(), f.mem_gbps, f.peak_gflops);
       if (f.tile_peak_gflops > 0) std::printf(", AMX bf16 peak %.0f GFLOP/s", f.tile_peak_gflops);
       std::printf("\n");
-    }
-    else
+    } else {
       std::printf("backend %s (no floors measured: 'of floor' shows 0)\n", be->name().c_str());
+    }
     std::printf("model: %s, %.1f M body params, decode reads %.1f MB/token\n\n", a.model.path.c_str(),
                 cost.matrix_flops_per_token / 2e6, cost.decode_weight_bytes / 1e6);
     std::printf("%-22s %12s %12s %12s %10s %10s\n", "run", "tokens/s", "ms/token", "GFLOP/s|GB/s", "of floor", "RSS MB");

@@ -129,9 +129,9 @@ void CpuBackend::linear_into(const Tensor& x, const Tensor& W, Tensor& out, bool
   auto run = [&](int64_t n0, int64_t n1) { k_->gemm_nt(x.f32(), K, T, w, n0, n1, out.f32(), N, accumulate); };
   if (T * K * N < (1 << 16)) return run(0, N);
   if (T <= 4 || k_->isa == Isa::scalar) return pool_.parallel_for(N, 64, run);  // decode: stream W once
-  // Prefill: pack x into panels once (the threads share them), then threads claim column chunks as they
-  // come free, so a core slowed by the VM's neighbours holds no one up. About four chunks per thread, at
-  // least 64 columns (each chunk streams all of the packed x) and at most 256.
+  // Prefill: pack x once (fp32 panels, or bf16 tiles on AMX; the threads share them), then threads claim
+  // column chunks as they come free, so a core slowed by the VM's neighbours holds no one up. About four
+  // chunks per thread, at least 64 columns (each chunk streams all of the packed x) and at most 256.
   const int64_t chunk = std::clamp<int64_t>((N / (4 * pool_.size()) + 63) / 64 * 64, 64, 256);
   if (k_->tile_gemm_nt && (w.fmt == WFormat::bf16 || w.fmt == WFormat::q8)) {  // AMX: x in three bf16 parts
     pack_tiles(x, T, K);

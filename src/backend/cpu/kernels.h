@@ -1,7 +1,7 @@
 // The CPU backend's kernels, one table per instruction set (kernels_scalar.cpp, kernels_avx2.cpp,
 // kernels_avx512.cpp all compile kernels_impl.h with their own flags; kernels_amx.cpp adds AMX tile GEMMs
-// to the AVX-512 table). cpu_backend.cpp picks the table
-// once (core/cpu_features.h) and splits work across threads; kernels themselves are single-threaded.
+// to the AVX-512 table). cpu_backend.cpp picks the table once (core/cpu_features.h) and splits work
+// across threads; kernels themselves are single-threaded.
 #pragma once
 #include <cstdint>
 
@@ -77,9 +77,9 @@ struct Kernels {
   int attn_lanes;
 
   // AMX tile GEMMs (Isa::amx only; null elsewhere): C (+)= A · Wᵀ for bf16 or q8 W (int8 values are exact
-  // in bf16; the row scales multiply the sums), as gemm_nt_packed. A is
-  // packed once per call as three bf16 parts whose sum is each fp32 value exactly (hi, mid, lo: 8 + 8 + 8
-  // mantissa bits), so every product is exact and the tiles accumulate in fp32, like the FMA kernels.
+  // in bf16; the row scales multiply the sums), as gemm_nt_packed. A is packed once per call as three
+  // bf16 parts whose sum is each fp32 value exactly (hi, mid, lo: 8 + 8 + 8 significant bits), so every
+  // product is exact and the tiles accumulate in fp32, like the FMA kernels.
   // tile_pack_a writes rows [r0, r1) of tile_a_rows(M) (rows ≥ M become zeros; threads may pack disjoint
   // ranges at once) into tile_a_size(M, K) uint16 values; tile_gemm_nt computes columns [n0, n1).
   int64_t (*tile_a_rows)(int64_t M) = nullptr;

@@ -878,8 +878,9 @@ void attend_t(const float* q, const KV* k, const KV* v, int64_t ld, const int64_
   acc.assign(size_t(D), 0.f);
   const bool vec = D % W == 0;
   for (int r = 0; r < n_ranges; ++r) {
-    if (ranges[2 * r] < ranges[2 * r + 1]) prefetch_rows(k + ranges[2 * r] * ld, ld, std::min(B, ranges[2 * r + 1] - ranges[2 * r]), D);
-    for (int64_t b0 = ranges[2 * r]; b0 < ranges[2 * r + 1]; b0 += B) {
+    const int64_t r0 = ranges[2 * r], r1 = ranges[2 * r + 1];
+    if (r0 < r1) prefetch_rows(k + r0 * ld, ld, std::min(B, r1 - r0), D);
+    for (int64_t b0 = r0; b0 < r1; b0 += B) {
       const int64_t nb = std::min(B, ranges[2 * r + 1] - b0);
       // This block's values (used after its scores) and the next block's keys.
       prefetch_rows(v + b0 * ld, ld, nb, D);
