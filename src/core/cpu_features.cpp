@@ -16,7 +16,7 @@
 namespace rwkvx {
 namespace {
 
-std::string g_forced;
+std::string g_forced, g_env;
 std::once_flag g_env_once;
 
 Isa parse_isa(const std::string& s) {
@@ -83,10 +83,21 @@ void set_forced_isa(const std::string& name) {
 }
 
 Isa active_isa() {
+  // Only read the variable under call_once: an exception must not unwind through pthread_once (with a
+  // statically linked libgcc that aborts), so a bad value is reported below, on every call.
   std::call_once(g_env_once, [] {
-    if (const char* env = std::getenv("RWKVX_ISA"); env && *env && g_forced.empty()) set_forced_isa(env);
+    if (const char* env = std::getenv("RWKVX_ISA")) g_env = env;
   });
   if (!g_forced.empty()) return parse_isa(g_forced);
+  if (!g_env.empty()) {
+    try {
+      const Isa isa = parse_isa(g_env);
+      if (!cpu_supports(isa)) throw Error(std::string("this CPU does not support ") + isa_name(isa));
+      return isa;
+    } catch (const Error& e) {
+      throw Error(std::string("RWKVX_ISA: ") + e.what());
+    }
+  }
   if (cpu_supports(Isa::amx)) return Isa::amx;
   if (cpu_supports(Isa::avx512)) return Isa::avx512;
   if (cpu_supports(Isa::avx2)) return Isa::avx2;

@@ -56,8 +56,9 @@ class CliErrors : public ::testing::Test {
     return q;
   }
 
-  RunResult run(const std::vector<std::string>& args) const {
-    std::string cmd = quote(RWKVX_BINARY);
+  // `env`: assignments put before the command, e.g. "RWKVX_ISA=avx2".
+  RunResult run(const std::vector<std::string>& args, const std::string& env = "") const {
+    std::string cmd = (env.empty() ? "" : env + " ") + quote(RWKVX_BINARY);
     for (const std::string& a : args) cmd.append(" ").append(quote(a));
     const std::string log = path("log.txt");
     cmd.append(" > ").append(quote(log)).append(" 2>&1 < /dev/null");
@@ -107,6 +108,14 @@ TEST_F(CliErrors, TokenIdOutsideVocabulary) {
   const std::string out = path("out.f32");
   RunResult r = logits(model(), tokens, out);
   expect_one_line_error(r, {tokens, "token 3", "id 300", "[0, 300)"});
+  expect_no_out_file(out);
+}
+
+TEST_F(CliErrors, UnknownInstructionSetInEnvironment) {
+  const std::string tokens = write("tokens.txt", "1 2 3");
+  const std::string out = path("out.f32");
+  RunResult r = run({"logits", "--model", model(), "--tokens-file", tokens, "--out", out}, "RWKVX_ISA=bogus");
+  expect_one_line_error(r, {"RWKVX_ISA", "'bogus'", "avx512"});
   expect_no_out_file(out);
 }
 
