@@ -936,7 +936,14 @@ void attend_t(const float* q, const KV* k, const KV* v, int64_t ld, const int64_
 // Kernels::attend_block). Laid out this way no operand is packed: K and V rows are read in place (one
 // broadcast per element), the scores of a key are a row of s across queries, and the online softmax runs
 // down the rows with the queries' running max and sum in lanes.
-constexpr int kAttnLanes = W;  // mp is a multiple of one vector; panels take two vectors, the last may take one
+constexpr int kAttnLanes = W;  // mp is a multiple of one vector
+// Vectors of queries per register panel for `left` remaining lanes: up to 3 with AVX-512's 32 registers
+// (MR × 3 accumulators), up to 2 elsewhere; 4 left go as 2 + 2 rather than 3 + 1.
+inline int panel_vectors(int64_t left) {
+  const int64_t n = left / W;
+  if (RWKVX_KERNEL_ISA == 2 && n >= 3 && n != 4) return 3;
+  return n >= 2 ? 2 : 1;
+}
 
 // s[j0 + i][q0 ..] = Σ_d k[j0 + i][d] · qT[d][q0 ..] for i < jr (rows ≥ jr repeat the last key, unstored).
 template <int NV, class KV>
@@ -989,9 +996,13 @@ void attend_block_t(const float* qT, int64_t mp, int64_t D, const KV* k, const K
     const int jr = int(std::min<int64_t>(MR, nk - j0));
     const KV* rows[MR];
     for (int i = 0; i < MR; ++i) rows[i] = k + (j0 + std::min(i, jr - 1)) * ld;
-    int64_t q0 = 0;
-    for (; q0 + 2 * W <= mp; q0 += 2 * W) qk_panel<2>(qT, mp, D, rows, jr, j0, q0, s);
-    if (q0 < mp) qk_panel<1>(qT, mp, D, rows, jr, j0, q0, s);
+    for (int64_t q0 = 0; q0 < mp;) {
+      const int nv = panel_vectors(mp - q0);
+      if (nv == 3) qk_panel<3>(qT, mp, D, rows, jr, j0, q0, s);
+      else if (nv == 2) qk_panel<2>(qT, mp, D, rows, jr, j0, q0, s);
+      else qk_panel<1>(qT, mp, D, rows, jr, j0, q0, s);
+      q0 += nv * W;
+    }
   }
   // Online softmax per query lane over its first valid[q] keys; the others get weight 0.
   const vf sc = vset1(scale), lowest = vset1(-3.4028235e38f);
@@ -1013,13 +1024,15 @@ void attend_block_t(const float* qT, int64_t mp, int64_t D, const KV* k, const K
   }
   // Weighted values, MR dimensions × (up to) two vectors of queries (a panel of s stays in L1 across the
   // dimension blocks).
-  for (int64_t q0 = 0; q0 < mp; q0 += 2 * W) {
-    const bool two = q0 + 2 * W <= mp;
+  for (int64_t q0 = 0; q0 < mp;) {
+    const int nv = panel_vectors(mp - q0);
     for (int64_t d0 = 0; d0 < D; d0 += MR) {
       const int dr = int(std::min<int64_t>(MR, D - d0));
-      if (two) pv_panel<2>(s, mp, v, ld, nk, d0, dr, q0, accT);
+      if (nv == 3) pv_panel<3>(s, mp, v, ld, nk, d0, dr, q0, accT);
+      else if (nv == 2) pv_panel<2>(s, mp, v, ld, nk, d0, dr, q0, accT);
       else pv_panel<1>(s, mp, v, ld, nk, d0, dr, q0, accT);
     }
+    q0 += nv * W;
   }
 }
 
