@@ -53,10 +53,6 @@ struct Kernels {
   // k and v, which hold `kv` values (f32 or bf16).
   void (*attend)(const float* q, const void* k, const void* v, WFormat kv, int64_t ld, const int64_t* ranges,
                  int n_ranges, int64_t D, float scale, float* out);
-  // One row of attention scores under an online softmax: s[j] ← e^{scale·s[j] − m'} for j < valid and 0
-  // for valid ≤ j < n, where m' = max(m, scale·max s); then l ← l·e^{m − m'} + Σ s and m ← m'. Returns the
-  // factor e^{m − m'} that earlier accumulators must be rescaled by (1 when valid = 0).
-  float (*online_softmax)(float* s, int64_t valid, int64_t n, float scale, float* m, float* l);
   // Elementwise maths, n values.
   void (*exp_)(float* x, int64_t n);      // x ← e^x
   void (*sigmoid_)(float* x, int64_t n);  // x ← 1 / (1 + e^-x)

@@ -740,40 +740,6 @@ inline void exp_(float* x, int64_t n) {
   for (; i + W <= n; i += W) vstore(x + i, vexp(vload(x + i)));
   for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
-inline float online_softmax(float* s, int64_t valid, int64_t n, float scale, float* m, float* l) {
-  if (valid <= 0) {
-    std::fill(s, s + n, 0.f);
-    return 1.f;
-  }
-  const vf sc = vset1(scale);
-  vf mx = vset1(-INFINITY);
-  int64_t j = 0;
-  for (; j + W <= valid; j += W) {
-    const vf x = vmul(vload(s + j), sc);
-    vstore(s + j, x);
-    mx = vmax(mx, x);
-  }
-  alignas(64) float lanes[W];
-  vstore(lanes, mx);
-  float mb = -INFINITY;
-  for (int i = 0; i < W; ++i) mb = std::max(mb, lanes[i]);
-  for (; j < valid; ++j) mb = std::max(mb, s[j] *= scale);
-  const float m_new = std::max(*m, mb);
-  const float corr = std::exp(*m - m_new);  // 0 when m was -inf
-  const vf mv = vset1(m_new);
-  vf sum = vzero();
-  for (j = 0; j + W <= valid; j += W) {
-    const vf e = vexp(vsub(vload(s + j), mv));
-    vstore(s + j, e);
-    sum = vadd(sum, e);
-  }
-  float total = vhsum(sum);
-  for (; j < valid; ++j) total += (s[j] = std::exp(s[j] - m_new));
-  std::fill(s + valid, s + n, 0.f);
-  *m = m_new;
-  *l = *l * corr + total;
-  return corr;
-}
 inline void sigmoid_(float* x, int64_t n) {
   int64_t i = 0;
   const vf one = vset1(1.0f);
@@ -1069,8 +1035,8 @@ inline Kernels make_kernels() {
   Isa isa = RWKVX_KERNEL_ISA == 2 ? Isa::avx512 : RWKVX_KERNEL_ISA == 1 ? Isa::avx2 : Isa::scalar;
   return Kernels{isa,        gemm_nt,   gemm_nn,           packed_a_size, pack_a_panels,  gemm_nt_packed,
                  MR,         row_to_f32, wkv7_rows,        int(kWkvRowBlock), dot_f64,    attend,
-                 online_softmax, exp_,   sigmoid_,          tanh_,         relu_square_,   normalize,
-                 fma_peak,   W,          attend_block,      kAttnLanes};
+                 exp_,       sigmoid_,  tanh_,             relu_square_,  normalize,      fma_peak,
+                 W,          attend_block, kAttnLanes};
 }
 
 }  // namespace rwkvx::cpu::RWKVX_ISA_NS
