@@ -138,7 +138,8 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
   pool_ = std::make_shared<DevicePool>(device);
   RWKVX_CUBLAS_CHECK(cublasLtCreate(&lt_));
   const char* prof = std::getenv("RWKVX_CUDA_PROFILE");
-  profile_ = prof && std::string(prof) == "1";
+  profile_ = prof && (std::string(prof) == "1" || std::string(prof) == "sync");
+  profile_sync_ = prof && std::string(prof) == "sync";
   if (const char* seg = std::getenv("RWKVX_CUDA_WKV_SEGMENT"); seg && *seg && opt_.wkv_segment_rows < 0) {
     char* end = nullptr;
     const long rows = std::strtol(seg, &end, 10);
@@ -162,17 +163,55 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
 
 namespace {
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(s, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone;
+}
 }  // namespace
 
 CudaBackend::OpTimer::OpTimer(CudaBackend* b, const char* o) : be(b), op(o) {
-  if (!be->profile_) return;
-  be->synchronize();
-  t0 = now_s();
+  if (!be->profile_ || capturing(be->stream_)) return;
+  if (be->profile_sync_) {
+    be->synchronize();
+    t0 = now_s();
+    return;
+  }
+  start = be->profile_event();
+  RWKVX_CUDA_CHECK(cudaEventRecord(start, be->stream_));
 }
 CudaBackend::OpTimer::~OpTimer() {
   if (!be->profile_) return;
-  cudaStreamSynchronize(be->stream_);
-  be->count_op(op, now_s() - t0);
+  if (be->profile_sync_) {
+    if (t0 > 0 && cudaStreamSynchronize(be->stream_) == cudaSuccess) be->count_op(op, now_s() - t0);
+    return;
+  }
+  if (!start) return;
+  cudaEvent_t end = be->profile_event();
+  if (cudaEventRecord(end, be->stream_) != cudaSuccess) return;
+  be->profile_marks_.push_back({op, start, end});
+  if (be->profile_marks_.size() >= 4096) be->profile_resolve();
+}
+cudaEvent_t CudaBackend::profile_event() {
+  if (!profile_events_.empty()) {
+    cudaEvent_t e = profile_events_.back();
+    profile_events_.pop_back();
+    return e;
+  }
+  cudaEvent_t e = nullptr;
+  RWKVX_CUDA_CHECK(cudaEventCreate(&e));
+  return e;
+}
+void CudaBackend::profile_resolve() {
+  if (profile_marks_.empty()) return;
+  cudaEventSynchronize(profile_marks_.back().end);
+  for (const ProfileMark& m : profile_marks_) {
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, m.start, m.end) == cudaSuccess) count_op(m.op, ms * 1e-3);
+    profile_events_.push_back(m.start);
+    profile_events_.push_back(m.end);
+  }
+  profile_marks_.clear();
 }
 void CudaBackend::count_op(const char* op, double seconds) {
   auto& e = profile_table_[op];
@@ -181,6 +220,8 @@ void CudaBackend::count_op(const char* op, double seconds) {
 
 CudaBackend::~CudaBackend() {
   cudaStreamSynchronize(stream_);
+  profile_resolve();
+  for (cudaEvent_t e : profile_events_) cudaEventDestroy(e);
   if (profile_ && !profile_table_.empty()) {
     double total = 0;
     for (auto& [k, v] : profile_table_) total += v.second;
@@ -692,10 +733,12 @@ void CudaBackend::gemm(bool trans_a, const void* A, cudaDataType ta, const void*
     RWKVX_CUDA_LAUNCHED();
     return;
   }
+  OpTimer timer_(this, "gemm (cuBLASLt)");
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   RWKVX_CUBLAS_CHECK(cublasLtMatmul(lt_, p.op, &alpha, A, p.a, B, p.b, &beta, D, p.d, D, p.d, &p.algo,
                                     workspace_.data, workspace_.nbytes(), stream_));
 }
+
 
 void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K,
                               int64_t N, bool accumulate) {
@@ -747,9 +790,12 @@ void CudaBackend::split_gemm(bool trans_w, const Tensor& x, const void* W2, Tens
   const dim3 grid = row_quads_grid(T, K, kThreads);
   const auto* xp = static_cast<const float*>(x.data);
   auto* yp = static_cast<__nv_bfloat16*>(xb.data);
-  if (relu_square) to_bf16_split_rows_kernel<true><<<grid, kThreads, 0, stream_>>>(xp, T, K, vec4, yp);
-  else to_bf16_split_rows_kernel<false><<<grid, kThreads, 0, stream_>>>(xp, T, K, vec4, yp);
-  RWKVX_CUDA_LAUNCHED();
+  {
+    OpTimer timer_(this, "to_bf16_split");
+    if (relu_square) to_bf16_split_rows_kernel<true><<<grid, kThreads, 0, stream_>>>(xp, T, K, vec4, yp);
+    else to_bf16_split_rows_kernel<false><<<grid, kThreads, 0, stream_>>>(xp, T, K, vec4, yp);
+    RWKVX_CUDA_LAUNCHED();
+  }
   gemm(trans_w, W2, CUDA_R_16BF, xb.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, 2 * K, accumulate);
 }
 

@@ -115,14 +115,17 @@ class CudaBackend final : public Backend {
   // Uninitialised device scratch of `bytes`, returned to the pool when the Tensor is dropped.
   Tensor scratch(size_t bytes);
   DeviceBatch upload_batch(const SeqBatch& batch);
-  // With RWKVX_CUDA_PROFILE=1 every op synchronises before and after and adds its wall time to a per-op
-  // table printed to stderr when the backend is destroyed (a coarse profile that needs no tools).
+  // With RWKVX_CUDA_PROFILE=1 each op records a CUDA event before and after its kernels (nothing waits) and
+  // its GPU time goes into a per-op table printed to stderr when the backend is destroyed (a profile that
+  // needs no tools; an op inside another counts in both). RWKVX_CUDA_PROFILE=sync instead synchronises
+  // around every op and counts wall time (host overhead included).
   struct OpTimer {
     OpTimer(CudaBackend* be, const char* op);
     ~OpTimer();
     CudaBackend* be;
     const char* op;
     double t0 = 0;
+    cudaEvent_t start = nullptr;
   };
   void count_op(const char* op, double seconds);
   void synchronize();
@@ -164,8 +167,16 @@ class CudaBackend final : public Backend {
   cublasLtHandle_t lt_ = nullptr;
   Tensor workspace_;
   std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t, int>, std::shared_ptr<GemmPlan>> plans_;
-  bool profile_ = false;
+  bool profile_ = false, profile_sync_ = false;
   std::map<std::string, std::pair<int64_t, double>> profile_table_;
+  struct ProfileMark {
+    const char* op;
+    cudaEvent_t start, end;
+  };
+  std::vector<ProfileMark> profile_marks_;  // recorded, not yet read
+  std::vector<cudaEvent_t> profile_events_;  // free for reuse
+  cudaEvent_t profile_event();
+  void profile_resolve();  // waits for the recorded marks and adds their times to the table
   // upload_batch cache
   std::vector<int64_t> batch_host_;
   Tensor batch_dev_;
