@@ -89,6 +89,14 @@ class Backend {
   virtual void fill_zero(Tensor& t) = 0;
 
   // ---- dense ops ----------------------------------------------------------------------------------
+  // The dtype in which this backend's GEMMs (linear, linear_add, matmul, relu_square_ffn's x) best take an
+  // activation of `rows` rows that is multiplied by each of `weights`: f32 (the default, and always
+  // accepted), or bf16x2 (core/dtype.h), which then token_shift_mix_n may write and the GEMMs read without a
+  // conversion pass of their own. Only ops that say so accept bf16x2.
+  virtual DType gemm_input_dtype(std::span<const Tensor* const> weights, int64_t rows) const {
+    (void)weights, (void)rows;
+    return DType::f32;
+  }
   // out[t] = E[ids[t]]; E [V, C] weight, ids n host ints (checked < V by the caller), out [n, C].
   virtual void embedding(const Tensor& E, const int32_t* ids, int64_t n, Tensor& out) = 0;
   // out[t] = (x[t] - mean) / sqrt(var + eps) * w + b over the last dim; biased variance. x may alias out.
@@ -127,7 +135,7 @@ class Backend {
   virtual void shift_mix(const Tensor& x, const Tensor& delta, const Tensor& mu, Tensor& out) = 0;
   // token_shift, then shift_mix with each of mus into the matching outs (a time mix's six mixes, a channel
   // mix's one), without delta. The default runs them one by one through a temporary delta; a backend may
-  // read x once and never write delta.
+  // read x once and never write delta. An out may be bf16x2 where gemm_input_dtype offers it.
   virtual void token_shift_mix_n(const Tensor& x, Tensor& shift, const SeqBatch& batch,
                                  std::span<const Tensor* const> mus, std::span<Tensor* const> outs) {
     Tensor delta = alloc_uninit(DType::f32, {x.rows(), x.row_size()});

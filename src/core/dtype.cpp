@@ -6,8 +6,9 @@ void convert_to_f32(DType t, const void* src, float* dst, size_t n) {
   if (n == 0) return;
   const auto* p = static_cast<const unsigned char*>(src);
   switch (t) {
-    case DType::q8:
-      break;  // needs per-row scales: not a plain element type
+    case DType::q8:      // needs per-row scales: not a plain element type
+    case DType::bf16x2:  // row-structured device operand form: never converted here
+      break;
     case DType::f32:
       std::memcpy(dst, p, n * 4);
       return;

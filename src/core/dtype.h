@@ -8,11 +8,20 @@ namespace rwkvx {
 
 // q8: int8 weights with one fp32 scale per row (value = scale[row] * q), produced by the CPU backend's
 // optional weight quantization; never found in checkpoint files.
-enum class DType : uint8_t { f32, f16, bf16, q8 };
+// bf16x2: fp32 activations as two bf16 halves per value, each row of K values stored [hi (K) | lo (K)] with
+// hi = bf16(x), lo = bf16(x - hi): the operand form of the CUDA backend's split GEMMs, written directly by
+// the ops that produce GEMM inputs (Backend::gemm_input_dtype); never in files. Its size is one fp32.
+enum class DType : uint8_t { f32, f16, bf16, q8, bf16x2 };
 
-constexpr size_t dtype_size(DType t) { return t == DType::f32 ? 4 : t == DType::q8 ? 1 : 2; }
+constexpr size_t dtype_size(DType t) {
+  return t == DType::f32 || t == DType::bf16x2 ? 4 : t == DType::q8 ? 1 : 2;
+}
 constexpr std::string_view dtype_name(DType t) {
-  return t == DType::f32 ? "f32" : t == DType::f16 ? "f16" : t == DType::bf16 ? "bf16" : "q8";
+  return t == DType::f32    ? "f32"
+         : t == DType::f16  ? "f16"
+         : t == DType::bf16 ? "bf16"
+         : t == DType::q8   ? "q8"
+                            : "bf16x2";
 }
 
 // bf16 is the upper half of an fp32: the conversion is exact.

@@ -15,8 +15,15 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
   // Every activation below is the whole output of the op that first writes it.
   auto act = [&](int64_t cols) { return be.alloc_uninit(DType::f32, {T, cols}); };
 
+  // A GEMM input in the form the backend's GEMMs take it for these weights (f32, or CUDA prefill's bf16x2).
+  auto gemm_input = [&](std::initializer_list<const Tensor*> weights) {
+    return be.alloc_uninit(be.gemm_input_dtype(std::span(weights.begin(), weights.size()), T), {T, C});
+  };
+
   // 1. Token shift: each projection sees a lerp between x_t and x_{t-1}.
-  Tensor xr = act(C), xw = act(C), xk = act(C), xv = act(C), xa = act(C), xg = act(C);
+  Tensor xr = gemm_input({&w.receptance}), xw = gemm_input({&w.w1}), xk = gemm_input({&w.key});
+  Tensor xv = first_block ? gemm_input({&w.value}) : gemm_input({&w.value, &w.v1});
+  Tensor xa = gemm_input({&w.a1}), xg = gemm_input({&w.g1});
   const Tensor* mus[] = {&w.x_r, &w.x_w, &w.x_k, &w.x_v, &w.x_a, &w.x_g};
   Tensor* mixed[] = {&xr, &xw, &xk, &xv, &xa, &xg};
   be.token_shift_mix_n(x, shift, batch, mus, mixed);
@@ -63,7 +70,8 @@ void rwkv7_time_mix(Backend& be, const TimeMixWeights& w, const ModelConfig& cfg
 void rwkv7_channel_mix(Backend& be, const ChannelMixWeights& w, const Tensor& x, Tensor& shift,
                        const SeqBatch& batch, Tensor& out) {
   const int64_t T = x.rows(), C = x.row_size();
-  Tensor kx = be.alloc_uninit(DType::f32, {T, C});
+  const Tensor* key[] = {&w.key};
+  Tensor kx = be.alloc_uninit(be.gemm_input_dtype(key, T), {T, C});
   const Tensor* mu[] = {&w.x_k};
   Tensor* mixed[] = {&kx};
   be.token_shift_mix_n(x, shift, batch, mu, mixed);

@@ -294,6 +294,78 @@ TEST_F(CudaOps, TokenShiftMixN) {
     }
 }
 
+// GEMM inputs written pre-split (bf16x2: rows [hi | lo]) by token_shift_mix_n: the halves are exactly the
+// rounding of the fp32 mix, and the GEMMs give bit for bit what they give for the fp32 mix (≤ 8 rows and
+// fp32 weights take hi + lo back to fp32: within the split's 2^-16).
+TEST_F(CudaOps, SplitGemmInputs) {
+  std::vector<uint8_t> bw, bm, bf;
+  auto diff = [&](const Tensor& a, const Tensor& b) {  // two GPU tensors; NaN anywhere fails
+    std::vector<float> x = host(*gpu, a), y = host(*gpu, b);
+    for (float v : y)
+      if (!std::isfinite(v)) return double(INFINITY);
+    return test::rel_max_err(y, x);
+  };
+  for (int64_t C : {int64_t(768), int64_t(100), int64_t(33)})
+    for (int64_t T : {int64_t(41), int64_t(5)})
+      for (int64_t r0 : {int64_t(0), int64_t(1)}) {
+        const int64_t N = 72;
+        SCOPED_TRACE("C=" + std::to_string(C) + " T=" + std::to_string(T) + " r0=" + std::to_string(r0));
+        StoredTensor sw = stored("blocks.0.att.key.weight", DType::bf16, N, C, rng, bw);
+        StoredTensor sm = stored("blocks.0.att.w1", DType::bf16, C, N, rng, bm);
+        StoredTensor sf = stored("blocks.0.att.value.weight", DType::f32, N, C, rng, bf);
+        Tensor W = gpu->upload_weight(sw, {N, C}), M = gpu->upload_weight(sm, {C, N}), F = gpu->upload_weight(sf, {N, C});
+        const Tensor* bf16_weights[] = {&W, &M};
+        const Tensor* with_f32[] = {&W, &F};
+        EXPECT_EQ(gpu->gemm_input_dtype(bf16_weights, T), T > 8 ? DType::bf16x2 : DType::f32);
+        EXPECT_EQ(gpu->gemm_input_dtype(with_f32, T), DType::f32);
+
+        SeqBatch b{{0, 2, T}, {1, 0}};
+        auto [xa, xg] = rand({T + 1, C});
+        const Tensor x = xg.rows_view(r0, T);
+        std::vector<float> shift0 = random(2 * C);
+        auto [mu, mug] = rand({C});
+        Tensor s1 = gpu->alloc(DType::f32, {2, C}), s2 = gpu->alloc(DType::f32, {2, C});
+        gpu->from_host(shift0.data(), s1), gpu->from_host(shift0.data(), s2);
+        Tensor xf = poisoned({T, C}), xs = poisoned({T, C});
+        xs.dtype = DType::bf16x2;
+        const Tensor* mus[] = {&mug};
+        Tensor* of[] = {&xf};
+        Tensor* os[] = {&xs};
+        gpu->token_shift_mix_n(x, s1, b, mus, of);
+        gpu->token_shift_mix_n(x, s2, b, mus, os);
+
+        // The halves, read back as raw bits.
+        std::vector<float> f = host(*gpu, xf), raw(size_t(T * C));
+        Tensor bits = xs;
+        bits.dtype = DType::f32;
+        gpu->to_host(bits, raw.data());
+        std::vector<uint16_t> h(size_t(2 * T * C));
+        std::memcpy(h.data(), raw.data(), h.size() * 2);
+        int64_t bad = 0;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t c = 0; c < C; ++c) {
+            const float v = f[size_t(t * C + c)];
+            const uint16_t hi = f32_to_bf16(v), lo = f32_to_bf16(v - bf16_to_f32(hi));
+            bad += h[size_t(t * 2 * C + c)] != hi || h[size_t(t * 2 * C + C + c)] != lo;
+          }
+        EXPECT_EQ(bad, 0) << "halves that are not the rounding of the fp32 mix";
+        EXPECT_EQ(diff(s1, s2), 0.0) << "shift state";
+
+        const double tol = T > 8 ? 0.0 : 1e-5;
+        Tensor o1 = poisoned({T, N}), o2 = poisoned({T, N});
+        gpu->linear(xf, W, o1), gpu->linear(xs, W, o2);
+        EXPECT_LE(diff(o1, o2), tol) << "linear";
+        gpu->linear_add(xf, W, o1), gpu->linear_add(xs, W, o2);
+        EXPECT_LE(diff(o1, o2), tol) << "linear_add";
+        Tensor m1 = poisoned({T, N}), m2 = poisoned({T, N});
+        gpu->matmul(xf, M, m1), gpu->matmul(xs, M, m2);
+        EXPECT_LE(diff(m1, m2), tol) << "matmul";
+        Tensor f1 = poisoned({T, N}), f2 = poisoned({T, N});
+        gpu->linear(xf, F, f1), gpu->linear(xs, F, f2);
+        EXPECT_LE(diff(f1, f2), 1e-5) << "fp32 weight";
+      }
+}
+
 TEST_F(CudaOps, Rwkv7ElementwiseOps) {
   for (int N : {64, 32, 48}) {
     const int64_t H = 3, C = H * N, T = 9;

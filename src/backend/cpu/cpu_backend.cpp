@@ -28,6 +28,7 @@ WeightView weight_view(const Tensor& t) {
     case DType::f16: w.fmt = WFormat::f16; break;
     case DType::bf16: w.fmt = WFormat::bf16; break;
     case DType::q8: w.fmt = WFormat::q8; break;
+    case DType::bf16x2: RWKVX_ASSERT(false, "weight_view: bf16x2 is an activation form, not a weight type");
   }
   w.data = t.data;
   w.scales = t.scales;

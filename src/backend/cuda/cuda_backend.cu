@@ -262,7 +262,8 @@ Tensor CudaBackend::scratch(size_t bytes) {
 Tensor CudaBackend::alloc_uninit(DType dtype, std::initializer_list<int64_t> shape) {
   OpTimer timer_(this, "alloc");
   RWKVX_ASSERT(shape.size() <= 4, "too many dimensions");
-  RWKVX_ASSERT(dtype == DType::f32 || dtype == DType::bf16, std::string("CUDA alloc: unsupported dtype ") + std::string(dtype_name(dtype)));
+  RWKVX_ASSERT(dtype == DType::f32 || dtype == DType::bf16 || dtype == DType::bf16x2,
+               std::string("CUDA alloc: unsupported dtype ") + std::string(dtype_name(dtype)));
   Tensor t;
   t.device = Device::cuda;
   t.dtype = dtype;
@@ -274,7 +275,7 @@ Tensor CudaBackend::alloc_uninit(DType dtype, std::initializer_list<int64_t> sha
   std::shared_ptr<DevicePool> pool = pool_;
   t.storage = std::shared_ptr<void>(p, [pool, rounded](void* q) { pool->put(q, rounded); });
   t.data = p;
-  if (opt_.poison_uninit) RWKVX_CUDA_CHECK(cudaMemsetAsync(p, 0xff, t.nbytes(), stream_));  // NaN in f32 and bf16
+  if (opt_.poison_uninit) RWKVX_CUDA_CHECK(cudaMemsetAsync(p, 0xff, t.nbytes(), stream_));  // NaN in every dtype
   return t;
 }
 
@@ -481,6 +482,15 @@ __global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, 
   }
 }
 
+// bf16x2 rows [hi | lo] of [T, K] → fp32 hi + lo (an exact sum: both are multiples of the last place of the
+// fp32 value they were split from, and it is below 2^24 of those).
+__global__ void from_bf16x2_kernel(const __nv_bfloat16* x, int64_t T, int64_t K, float* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T * K; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / K, c = i % K;
+    y[i] = __bfloat162float(x[t * 2 * K + c]) + __bfloat162float(x[t * 2 * K + K + c]);
+  }
+}
+
 // W [N, K] → [N, 2K] with rows [W_n | W_n].
 __global__ void double_rows_kernel(const __nv_bfloat16* w, int64_t N, int64_t K, __nv_bfloat16* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N * K; i += int64_t(gridDim.x) * blockDim.x) {
@@ -548,9 +558,21 @@ __global__ void token_shift_store_kernel(const float* x, DeviceBatch b, int64_t 
 constexpr int kMaxMixes = 8;
 struct MixSet {
   const float* mu[kMaxMixes];
-  float* out[kMaxMixes];
+  void* out[kMaxMixes];
+  unsigned split;  // bit i: out[i] is bf16x2 (rows [hi | lo]), else fp32
   int n;
 };
+// Value v of column c of row t into a mix output, fp32 or bf16x2.
+__device__ __forceinline__ void store_mix(void* out, bool split, int64_t t, int64_t C, int64_t c, float v) {
+  if (!split) {
+    static_cast<float*>(out)[t * C + c] = v;
+    return;
+  }
+  __nv_bfloat16* row = static_cast<__nv_bfloat16*>(out) + t * 2 * C;
+  const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+  row[c] = hi;
+  row[C + c] = __float2bfloat16_rn(v - __bfloat162float(hi));
+}
 __global__ void token_shift_mix_kernel(const float* x, const float* shift, DeviceBatch b, MixSet m, int64_t C,
                                        bool vec4) {
   const int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
@@ -565,13 +587,22 @@ __global__ void token_shift_mix_kernel(const float* x, const float* shift, Devic
       const float4 dv = make_float4(pv.x - xv.x, pv.y - xv.y, pv.z - xv.z, pv.w - xv.w);
       for (int i = 0; i < m.n; ++i) {
         const float4 mu = *reinterpret_cast<const float4*>(m.mu[i] + j);
-        *reinterpret_cast<float4*>(m.out[i] + t * C + j) =
-            make_float4(xv.x + dv.x * mu.x, xv.y + dv.y * mu.y, xv.z + dv.z * mu.z, xv.w + dv.w * mu.w);
+        const float4 o = make_float4(xv.x + dv.x * mu.x, xv.y + dv.y * mu.y, xv.z + dv.z * mu.z, xv.w + dv.w * mu.w);
+        if (m.split >> i & 1) {
+          __nv_bfloat16* row = static_cast<__nv_bfloat16*>(m.out[i]) + t * 2 * C;
+          const __nv_bfloat162 h01 = __floats2bfloat162_rn(o.x, o.y), h23 = __floats2bfloat162_rn(o.z, o.w);
+          const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+          *reinterpret_cast<__nv_bfloat162*>(row + j) = h01, *reinterpret_cast<__nv_bfloat162*>(row + j + 2) = h23;
+          *reinterpret_cast<__nv_bfloat162*>(row + C + j) = __floats2bfloat162_rn(o.x - f01.x, o.y - f01.y);
+          *reinterpret_cast<__nv_bfloat162*>(row + C + j + 2) = __floats2bfloat162_rn(o.z - f23.x, o.w - f23.y);
+        } else {
+          *reinterpret_cast<float4*>(static_cast<float*>(m.out[i]) + t * C + j) = o;
+        }
       }
     } else {
       for (int64_t c = j; c < j + 4 && c < C; ++c) {
         const float d = prev[c] - xr[c];
-        for (int i = 0; i < m.n; ++i) m.out[i][t * C + c] = xr[c] + d * m.mu[i][c];
+        for (int i = 0; i < m.n; ++i) store_mix(m.out[i], m.split >> i & 1, t, C, c, xr[c] + d * m.mu[i][c]);
       }
     }
   }
@@ -742,6 +773,22 @@ void CudaBackend::gemm(bool trans_a, const void* A, cudaDataType ta, const void*
 
 void CudaBackend::weight_gemm(bool trans_w, const Tensor& x, const Tensor& W, Tensor& out, int64_t T, int64_t K,
                               int64_t N, bool accumulate) {
+  if (x.dtype == DType::bf16x2) {
+    // Already split: the doubled weight's GEMM takes it as it is; any other path gets hi + lo back as fp32.
+    if (const void* W2 = T > kGemvMaxRows && W.dtype == DType::bf16 && !opt_.single_bf16_activations
+                             ? doubled_weight(trans_w, W, K, N)
+                             : nullptr) {
+      gemm(trans_w, W2, CUDA_R_16BF, x.data, CUDA_R_16BF, static_cast<float*>(out.data), N, T, 2 * K, accumulate);
+      return;
+    }
+    Tensor xf = alloc_uninit(DType::f32, {T, K});
+    from_bf16x2_kernel<<<ew_grid(T * K), kThreads, 0, stream_>>>(static_cast<const __nv_bfloat16*>(x.data), T, K,
+                                                                 static_cast<float*>(xf.data));
+    RWKVX_CUDA_LAUNCHED();
+    weight_gemm(trans_w, xf, W, out, T, K, N, accumulate);
+    return;
+  }
+  RWKVX_ASSERT(x.dtype == DType::f32, "GEMM input must be f32 or bf16x2, got " + std::string(dtype_name(x.dtype)));
   if (T <= kGemvMaxRows) {
     RWKVX_ASSERT(!accumulate, "weight_gemm: the GEMV path does not accumulate");
     const float* xp = static_cast<const float*>(x.data);
@@ -869,6 +916,14 @@ void CudaBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
   weight_gemm(true, x, W, out, T, K, N);
 }
 
+DType CudaBackend::gemm_input_dtype(std::span<const Tensor* const> weights, int64_t rows) const {
+  if (rows <= kGemvMaxRows || opt_.single_bf16_activations || doubled_budget_ == 0 || weights.empty())
+    return DType::f32;
+  for (const Tensor* w : weights)
+    if (w->dtype != DType::bf16) return DType::f32;
+  return DType::bf16x2;
+}
+
 void CudaBackend::linear_add(const Tensor& x, const Tensor& W, Tensor& out) {
   const int64_t T = x.rows(), K = x.row_size(), N = W.rows();
   if (T <= kGemvMaxRows) return Backend::linear_add(x, W, out);  // GEMV kernels write, never add
@@ -957,8 +1012,10 @@ void CudaBackend::token_shift_mix_n(const Tensor& x, Tensor& shift, const SeqBat
     for (int i = 0; i < m.n; ++i) {
       const Tensor &mu = *mus[g + size_t(i)], &out = *outs[g + size_t(i)];
       RWKVX_ASSERT(out.numel() == x.numel() && mu.numel() == C, "token_shift_mix_n: mismatched shapes");
+      RWKVX_ASSERT(out.dtype == DType::f32 || out.dtype == DType::bf16x2, "token_shift_mix_n: outputs are f32 or bf16x2");
       m.mu[i] = static_cast<const float*>(mu.data);
-      m.out[i] = static_cast<float*>(out.data);
+      m.out[i] = out.data;
+      if (out.dtype == DType::bf16x2) m.split |= 1u << i;
       vec4 = vec4 && aligned16(mu.data) && aligned16(out.data);
     }
     token_shift_mix_kernel<<<row_quads_grid(T, C, kThreads), kThreads, 0, stream_>>>(static_cast<const float*>(x.data),

@@ -84,6 +84,8 @@ class CudaBackend final : public Backend {
   void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) override;
   void linear(const Tensor& x, const Tensor& W, Tensor& out) override;
   void linear_add(const Tensor& x, const Tensor& W, Tensor& out) override;
+  // bf16x2 for prefill rows against bf16 weights whose doubled copies are allowed (the split GEMM's operand).
+  DType gemm_input_dtype(std::span<const Tensor* const> weights, int64_t rows) const override;
   void relu_square_ffn(const Tensor& x, const Tensor& key, const Tensor& value, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& W, Tensor& out) override;
   void tanh_(Tensor& x) override;
