@@ -235,6 +235,7 @@ CudaBackend::~CudaBackend() {
   }
   plans_.clear();
   workspace_ = Tensor{};
+  kv_split_ = Tensor{};
   batch_dev_ = Tensor{};
   for (cudaEvent_t& e : stage_ev_)
     if (e) cudaEventDestroy(e);

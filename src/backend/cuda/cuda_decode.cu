@@ -1211,6 +1211,7 @@ class CudaStepDecoder final : public StepDecoder {
         if ((kc.k.empty() ? kc.dtype : kc.k.dtype) != c_.kv_dtype) return false;
         if (kc.len > 0 && kc.chunk != c_.sparse.chunk) return false;
       }
+    be_.drop_prefill_scratch();
     for (int m = 0; m < S; ++m)
       for (int s = 0; s < B; ++s) grow(state.kv[size_t(m)][size_t(batch.slot[size_t(s)])]);
 

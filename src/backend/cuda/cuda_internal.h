@@ -106,6 +106,7 @@ class CudaBackend final : public Backend {
                     const Tensor& g, const Tensor& ln_w, const Tensor& ln_b, float eps, int head_size) override;
 
   void kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) override;
+  void kv_reserve(KvCache& cache, int64_t rows, int64_t C, int chunk) override;
   void sparse_attention(const Tensor& q, const KvCache& cache, const SparseAttnParams& p, Tensor& out) override;
   void kv_evict(KvCache& cache, const Tensor& q, const KvEvictionParams& e, const SparseAttnParams& p) override;
   // cuda_decode.cu: fused kernels for a whole decode step, replayed as a CUDA graph (nullptr when the model's
@@ -131,6 +132,9 @@ class CudaBackend final : public Backend {
   };
   void count_op(const char* op, double seconds);
   void synchronize();
+  // Memory only prefill uses between calls (the attention's bf16 copy of the KV rows), given back when decode
+  // starts.
+  void drop_prefill_scratch() { kv_split_ = Tensor{}; }
   int sm_count() const { return sm_count_; }
   // Device copy of `host` (int64 words), uploaded only when it differs from `cached_host` (the last upload
   // into `dev`): an upload from pageable memory waits for the stream, so repeated tables must not re-upload.
@@ -182,6 +186,12 @@ class CudaBackend final : public Backend {
   // upload_batch cache
   std::vector<int64_t> batch_host_;
   Tensor batch_dev_;
+  // Prefill attention's bf16 (hi, lo) copy of an fp32 KV cache's rows: kept from call to call, made for
+  // `hint` bytes (the cache's capacity) or grown by half again when too small, dropped when decode starts.
+  // (Fresh each call, a block of hundreds of MB went back to the driver with a device-wide synchronisation
+  // every time.)
+  void* kv_split_buffer(size_t bytes, size_t hint);
+  Tensor kv_split_;
   // wkv7's segment table, re-uploaded only when it changes (every layer of a prefill window reuses it)
   std::vector<int64_t> wkv_segments_host_;
   Tensor wkv_segments_dev_;

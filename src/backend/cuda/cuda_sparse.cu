@@ -818,6 +818,26 @@ void update_means(CudaBackend& be, KvCache& c, int64_t from) {
 
 }  // namespace
 
+void CudaBackend::kv_reserve(KvCache& cache, int64_t rows, int64_t C, int chunk) {
+  RWKVX_ASSERT(chunk > 0 && (cache.len == 0 || cache.chunk == chunk), "kv_reserve: chunk size changed");
+  RWKVX_ASSERT(cache.dtype == DType::f32 || cache.dtype == DType::bf16, "kv_reserve: KV dtype must be f32 or bf16");
+  RWKVX_ASSERT(cache.k.empty() || cache.k.row_size() == C, "kv_reserve: row size changed");
+  if (!cache.k.empty() && rows <= cache.k.rows()) return;
+  const int64_t cap = (rows + chunk - 1) / chunk * chunk;
+  // Rows past len are never read: no need to clear them.
+  Tensor nk = alloc_uninit(cache.dtype, {cap, C}), nv = alloc_uninit(cache.dtype, {cap, C});
+  Tensor nm = alloc_uninit(DType::f32, {cap / chunk, C});
+  if (cache.len > 0) {
+    const size_t row = size_t(C) * dtype_size(cache.dtype);
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(nk.data, cache.k.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, stream()));
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(nv.data, cache.v.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, stream()));
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(nm.data, cache.chunk_mean.data, size_t(cache.n_chunks * C) * 4,
+                                     cudaMemcpyDeviceToDevice, stream()));
+  }
+  cache.k = nk, cache.v = nv, cache.chunk_mean = nm;
+  cache.chunk = chunk;
+}
+
 void CudaBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) {
   OpTimer timer_(this, "kv_append");
   const int64_t T = k.rows(), C = k.row_size();
@@ -827,20 +847,7 @@ void CudaBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, in
   cache.chunk = chunk;
   const int64_t need = cache.len + T;
   const int64_t cap = cache.k.empty() ? 0 : cache.k.rows();
-  if (need > cap) {
-    int64_t new_cap = std::max<int64_t>(need, 2 * cap);
-    new_cap = (new_cap + chunk - 1) / chunk * chunk;
-    Tensor nk = alloc(cache.dtype, {new_cap, C}), nv = alloc(cache.dtype, {new_cap, C});
-    Tensor nm = alloc(DType::f32, {new_cap / chunk, C});
-    if (cache.len > 0) {
-      const size_t row = size_t(C) * dtype_size(cache.dtype);
-      RWKVX_CUDA_CHECK(cudaMemcpyAsync(nk.data, cache.k.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, stream()));
-      RWKVX_CUDA_CHECK(cudaMemcpyAsync(nv.data, cache.v.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, stream()));
-      RWKVX_CUDA_CHECK(cudaMemcpyAsync(nm.data, cache.chunk_mean.data, size_t(cache.n_chunks * C) * 4,
-                                       cudaMemcpyDeviceToDevice, stream()));
-    }
-    cache.k = nk, cache.v = nv, cache.chunk_mean = nm;
-  }
+  if (need > cap) kv_reserve(cache, std::max<int64_t>(need, 2 * cap), C, chunk);
   if (T > 0) {
     with_kv_type(cache.dtype, [&]<typename KT>() {
       const unsigned g = std::min<unsigned>(grid_for(T * C, 256), 65536u);
@@ -851,6 +858,15 @@ void CudaBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, in
   }
   cache.len = need;
   update_means(*this, cache, cache.n_chunks);
+}
+
+void* CudaBackend::kv_split_buffer(size_t bytes, size_t hint) {
+  if (kv_split_.empty() || kv_split_.nbytes() < bytes) {
+    const size_t want = std::max({bytes, hint, kv_split_.empty() ? 0 : kv_split_.nbytes() / 2 * 3});
+    kv_split_ = Tensor{};  // the old one goes back first
+    kv_split_ = scratch(want);
+  }
+  return kv_split_.data;
 }
 
 void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const SparseAttnParams& p, Tensor& out) {
@@ -913,13 +929,13 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
       RWKVX_CUDA_LAUNCHED();
     }
     // The tiles read bf16: a bf16 cache as it is; an fp32 one rounded (and split) once here, for the rows read.
-    Tensor kv_bf16;
     KvSource kvs{};
     if (f32_kv) {
       OpTimer convert_timer(this, "sparse_attention.kv_bf16");
       const int64_t L = cache.len, n = L * C;
-      kv_bf16 = scratch(size_t(n) * 2 * (kv_lo ? 4 : 2));
-      auto* b = static_cast<__nv_bfloat16*>(kv_bf16.data);
+      // Sized for the cache's capacity (the rows a reserved prefill will reach), so it is made once.
+      auto* b = static_cast<__nv_bfloat16*>(kv_split_buffer(size_t(n) * 2 * (kv_lo ? 4 : 2),
+                                                            size_t(cache.k.rows() * C) * 2 * (kv_lo ? 4 : 2)));
       kvs = {b, b + n, kv_lo ? b + 2 * n : nullptr, kv_lo ? b + 3 * n : nullptr};
       RWKVX_ASSERT(C % 4 == 0, "sparse_attention: C must be a multiple of 4");
       kv_to_bf16_kernel<<<unsigned(L), 128, 0, stream()>>>(ptr<float>(cache.k), ptr<float>(cache.v), C, c,
@@ -959,7 +975,9 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
     return;
   }
   // Decode / other head sizes: split each query's keys over S blocks (≈ 512 keys each, enough blocks to
-  // fill the GPU when few queries are in flight), then merge.
+  // fill the GPU when few queries are in flight), then merge. Prefill's bf16 copy of the cache is not
+  // needed here: give its memory back.
+  kv_split_ = Tensor{};
   const int64_t max_keys = int64_t(Kmax) * c + c;
   int64_t S = std::min<int64_t>((max_keys + 511) / 512, std::max<int64_t>(1, 4 * sm_count() / (T * H)));
   S = std::max<int64_t>(1, std::min<int64_t>(S, 64));
