@@ -166,9 +166,6 @@ class Backend {
   // ---- sparse attention (spec §5) -------------------------------------------------------------------
   // Appends k, v rows [T, C] to the cache (growing it) and stores the means of chunks completed by them.
   virtual void kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) = 0;
-  // Room for `rows` rows of C values in k, v and the chunk means, contents kept (a no-op if there is). A
-  // cache that kv_append must grow doubles, copying what it holds; a long prefill reserves its rows first.
-  virtual void kv_reserve(KvCache& cache, int64_t rows, int64_t C, int chunk) = 0;
   // Queries q [T, C] are the last T slots of the cache. For each query slot t and head h: own chunk
   // j = ⌊t/c⌋; past chunks n < j scored q·mean_n (fp32 gate, unscaled); the top min(k-1, j) per head
   // (ties: lower n) plus own-chunk slots j·c..t form one softmax(q·k/√D) over which v is averaged.

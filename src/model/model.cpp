@@ -146,14 +146,6 @@ Tensor Model::forward(const int32_t* ids, const SeqBatch& batch, State& state, L
 
   // Long input: consecutive windows of rows, each a SeqBatch of the sequence parts it covers. Logits of a
   // window land in the rows (::all) or sequences (::last, where the sequence ends inside it) they belong to.
-  // The KV caches get room for all of their sequence's rows first, instead of doubling (and copying) as the
-  // windows arrive (not with eviction, which keeps them bounded).
-  if (c.eviction.max_len == 0)
-    for (auto& caches : state.kv)
-      for (int64_t s = 0; s < batch.n_seq(); ++s) {
-        KvCache& kv = caches[size_t(batch.slot[size_t(s)])];
-        be.kv_reserve(kv, kv.len + batch.row_start[size_t(s) + 1] - batch.row_start[size_t(s)], c.n_embd, c.sparse.chunk);
-      }
   Tensor logits;
   if (mode == LogitsMode::all) logits = be.alloc(DType::f32, {T, c.n_vocab});
   if (mode == LogitsMode::last) logits = be.alloc(DType::f32, {batch.n_seq(), c.n_vocab});

@@ -465,19 +465,11 @@ struct Caches {
 
 class CudaSparse : public CudaOps {
  protected:
-  // reserve > 0: kv_reserve for that many rows after the first piece (no growth after it).
   Caches build(int64_t C, int chunk, const std::vector<int64_t>& pieces, DType kv, std::vector<float>* last_q,
-               int64_t q_rows, int64_t reserve = 0) {
+               int64_t q_rows) {
     Caches c;
     c.g.dtype = kv;
     for (int64_t n : pieces) {
-      if (reserve > 0 && c.g.len > 0) {
-        const int64_t len = c.g.len;
-        gpu->kv_reserve(c.g, reserve, C, chunk), ref->kv_reserve(c.r, reserve, C, chunk);
-        EXPECT_EQ(c.g.len, len);
-        EXPECT_GE(c.g.k.rows(), reserve);
-        reserve = 0;
-      }
       std::vector<float> k = random(n * C), v = random(n * C);
       auto [kr, kg] = both(kv == DType::bf16 ? round_bf16(k) : k, {n, C});
       auto [vr, vg] = both(kv == DType::bf16 ? round_bf16(v) : v, {n, C});
@@ -491,23 +483,18 @@ class CudaSparse : public CudaOps {
 };
 
 TEST_F(CudaSparse, AppendKeepsKeysAndChunkMeans) {
-  for (DType kv : {DType::f32, DType::bf16})
-    for (int64_t reserve : {int64_t(0), int64_t(200)}) {
-      SCOPED_TRACE("reserve " + std::to_string(reserve));
-      std::vector<float> q;
-      Caches c = build(96, 7, {5, 30, 1, 50}, kv, &q, 1, reserve);
-      if (reserve) {
-        EXPECT_EQ(c.g.k.rows(), 203) << "reserved capacity (chunk multiple) was not kept";
-      }
-      EXPECT_EQ(c.g.len, c.r.len);
-      EXPECT_EQ(c.g.n_chunks, c.r.n_chunks);
-      EXPECT_EQ(c.g.k.dtype, kv);
-      EXPECT_LE(err(c.r.chunk_mean.rows_view(0, c.r.n_chunks), c.g.chunk_mean.rows_view(0, c.g.n_chunks)), 1e-6);
-      if (kv == DType::f32) {
-        EXPECT_EQ(err(c.r.k.rows_view(0, c.r.len), c.g.k.rows_view(0, c.g.len)), 0.0);
-        EXPECT_EQ(err(c.r.v.rows_view(0, c.r.len), c.g.v.rows_view(0, c.g.len)), 0.0);
-      }
+  for (DType kv : {DType::f32, DType::bf16}) {
+    std::vector<float> q;
+    Caches c = build(96, 7, {5, 30, 1, 50}, kv, &q, 1);
+    EXPECT_EQ(c.g.len, c.r.len);
+    EXPECT_EQ(c.g.n_chunks, c.r.n_chunks);
+    EXPECT_EQ(c.g.k.dtype, kv);
+    EXPECT_LE(err(c.r.chunk_mean.rows_view(0, c.r.n_chunks), c.g.chunk_mean.rows_view(0, c.g.n_chunks)), 1e-6);
+    if (kv == DType::f32) {
+      EXPECT_EQ(err(c.r.k.rows_view(0, c.r.len), c.g.k.rows_view(0, c.g.len)), 0.0);
+      EXPECT_EQ(err(c.r.v.rows_view(0, c.r.len), c.g.v.rows_view(0, c.g.len)), 0.0);
     }
+  }
 }
 
 struct AttnCase {

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <random>
 
-#include "backend/cpu/cpu_backend.h"
 #include "backend/ops.h"
 #include "support/test_util.h"
 
@@ -128,50 +127,6 @@ TEST(SparseAttnRef, TiesPickLowerChunk) {
   std::vector<float> o(static_cast<size_t>(C));
   be->to_host(out, o.data());
   EXPECT_NEAR(o[0], 1.0f, 1e-6);  // (0 + 0 + 3) / 3
-}
-
-// kv_reserve makes room without changing what the cache holds; appends after it neither move it nor
-// change a result (reference and fast CPU backends).
-TEST(SparseAttnRef, ReserveKeepsContents) {
-  for (auto make : {+[] { return make_reference_backend(); }, +[] { return make_cpu_backend(); }}) {
-    auto be = make();
-    const int64_t C = 128, chunk = 8;
-    std::mt19937 rng(7);
-    std::normal_distribution<float> nd(0.f, 1.f);
-    auto rows = [&](int64_t n) {
-      std::vector<float> h(size_t(n * C));
-      for (float& x : h) x = nd(rng);
-      Tensor t = be->alloc(DType::f32, {n, C});
-      be->from_host(h.data(), t);
-      return t;
-    };
-    const Tensor k1 = rows(11), v1 = rows(11), k2 = rows(30), v2 = rows(30), q = rows(30);
-    SparseAttnParams p;
-    p.chunk = int(chunk);
-    KvCache grown, reserved;
-    be->kv_append(grown, k1, v1, p.chunk), be->kv_append(reserved, k1, v1, p.chunk);
-    be->kv_reserve(reserved, 100, C, p.chunk);
-    EXPECT_EQ(reserved.len, 11);
-    EXPECT_EQ(reserved.k.rows(), 104);  // a multiple of the chunk
-    const void* at = reserved.k.data;
-    be->kv_reserve(reserved, 50, C, p.chunk);  // already room: nothing moves
-    EXPECT_EQ(reserved.k.data, at);
-    be->kv_append(grown, k2, v2, p.chunk), be->kv_append(reserved, k2, v2, p.chunk);
-    EXPECT_EQ(reserved.k.data, at);
-    ASSERT_EQ(reserved.len, grown.len);
-    ASSERT_EQ(reserved.n_chunks, grown.n_chunks);
-    auto host = [&](const Tensor& t) {
-      std::vector<float> h(size_t(t.numel()));
-      be->to_host(t, h.data());
-      return h;
-    };
-    EXPECT_EQ(host(reserved.k.rows_view(0, 41)), host(grown.k.rows_view(0, 41)));
-    EXPECT_EQ(host(reserved.v.rows_view(0, 41)), host(grown.v.rows_view(0, 41)));
-    EXPECT_EQ(host(reserved.chunk_mean.rows_view(0, 5)), host(grown.chunk_mean.rows_view(0, 5)));
-    Tensor o1 = be->alloc(DType::f32, {30, C}), o2 = be->alloc(DType::f32, {30, C});
-    be->sparse_attention(q, grown, p, o1), be->sparse_attention(q, reserved, p, o2);
-    EXPECT_EQ(host(o1), host(o2));
-  }
 }
 
 }  // namespace

@@ -39,7 +39,6 @@ class ReferenceBackend : public Backend {
                     const Tensor& g, const Tensor& ln_w, const Tensor& ln_b, float eps, int head_size) override;
 
   void kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) override;
-  void kv_reserve(KvCache& cache, int64_t rows, int64_t C, int chunk) override;
   void sparse_attention(const Tensor& q, const KvCache& cache, const SparseAttnParams& p, Tensor& out) override;
   void kv_evict(KvCache& cache, const Tensor& q, const KvEvictionParams& e, const SparseAttnParams& p) override;
 };

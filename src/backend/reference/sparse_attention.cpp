@@ -40,16 +40,16 @@ void update_chunk_means(KvCache& c, int64_t from) {
 
 }  // namespace
 
-void ReferenceBackend::kv_reserve(KvCache& cache, int64_t rows, int64_t C, int chunk) {
-  RWKVX_ASSERT(chunk > 0 && (cache.len == 0 || cache.chunk == chunk), "kv_reserve: chunk size changed");
-  RWKVX_ASSERT(cache.dtype == DType::f32 || cache.dtype == DType::bf16, "kv_reserve: KV cache must be f32 or bf16");
-  RWKVX_ASSERT(cache.k.empty() || cache.k.row_size() == C, "kv_reserve: row size changed");
-  if (!cache.k.empty() && rows <= cache.k.rows()) return;
+namespace {
+
+// Room for `rows` rows of C values in k, v and the chunk means (a multiple of the chunk), contents kept.
+void grow_cache(Backend& be, KvCache& cache, int64_t rows, int64_t C, int chunk) {
+  RWKVX_ASSERT(cache.k.empty() || cache.k.row_size() == C, "kv_append: row size changed");
   const int64_t cap = (rows + chunk - 1) / chunk * chunk;
   const size_t es = dtype_size(cache.dtype);
   // Rows past len are never read: no need to clear them.
-  Tensor nk = alloc_uninit(cache.dtype, {cap, C}), nv = alloc_uninit(cache.dtype, {cap, C});
-  Tensor nm = alloc_uninit(DType::f32, {cap / chunk, C});
+  Tensor nk = be.alloc_uninit(cache.dtype, {cap, C}), nv = be.alloc_uninit(cache.dtype, {cap, C});
+  Tensor nm = be.alloc_uninit(DType::f32, {cap / chunk, C});
   if (cache.len > 0) {
     std::memcpy(nk.data, cache.k.data, size_t(cache.len * C) * es);
     std::memcpy(nv.data, cache.v.data, size_t(cache.len * C) * es);
@@ -58,8 +58,9 @@ void ReferenceBackend::kv_reserve(KvCache& cache, int64_t rows, int64_t C, int c
   cache.k = nk;
   cache.v = nv;
   cache.chunk_mean = nm;
-  cache.chunk = chunk;
 }
+
+}  // namespace
 
 void ReferenceBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) {
   const int64_t T = k.rows(), C = k.row_size();
@@ -68,7 +69,7 @@ void ReferenceBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& 
   cache.chunk = chunk;
   const int64_t need = cache.len + T;
   const int64_t cap = cache.k.empty() ? 0 : cache.k.rows();
-  if (need > cap) kv_reserve(cache, std::max<int64_t>(need, 2 * cap), C, chunk);
+  if (need > cap) grow_cache(*this, cache, std::max<int64_t>(need, 2 * cap), C, chunk);
   kv_store(cache.k, cache.len * C, k.f32(), T * C);
   kv_store(cache.v, cache.len * C, v.f32(), T * C);
   cache.len = need;
