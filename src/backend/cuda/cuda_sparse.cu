@@ -816,10 +816,6 @@ void update_means(CudaBackend& be, KvCache& c, int64_t from) {
   c.n_chunks = n_chunks;
 }
 
-}  // namespace
-
-namespace {
-
 // Room for `rows` rows of C values in k, v and the chunk means (a multiple of the chunk), contents kept.
 void grow_cache(CudaBackend& be, KvCache& cache, int64_t rows, int64_t C, int chunk) {
   RWKVX_ASSERT(cache.k.empty() || cache.k.row_size() == C, "kv_append: row size changed");
