@@ -1320,19 +1320,7 @@ class CudaStepDecoder final : public StepDecoder {
     cache.chunk = chunk;
     const int64_t need = cache.len + 1, cap = cache.k.empty() ? 0 : cache.k.rows();
     if (need <= cap && !cache.chunk_mean.empty() && cache.chunk_mean.rows() * chunk >= need) return;
-    int64_t new_cap = std::max<int64_t>(need, 2 * cap);
-    new_cap = (new_cap + chunk - 1) / chunk * chunk;
-    Tensor nk = be_.alloc(cache.dtype, {new_cap, C}), nv = be_.alloc(cache.dtype, {new_cap, C});
-    Tensor nm = be_.alloc(DType::f32, {new_cap / chunk, C});
-    if (cache.len > 0) {
-      const size_t row = size_t(C) * dtype_size(cache.dtype);
-      RWKVX_CUDA_CHECK(cudaMemcpyAsync(nk.data, cache.k.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, be_.stream()));
-      RWKVX_CUDA_CHECK(cudaMemcpyAsync(nv.data, cache.v.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, be_.stream()));
-      if (cache.n_chunks > 0)
-        RWKVX_CUDA_CHECK(cudaMemcpyAsync(nm.data, cache.chunk_mean.data, size_t(cache.n_chunks * C) * 4,
-                                         cudaMemcpyDeviceToDevice, be_.stream()));
-    }
-    cache.k = nk, cache.v = nv, cache.chunk_mean = nm;
+    be_.grow_kv_cache(cache, std::max<int64_t>(need, 2 * cap), C, int(chunk));
   }
 
   Tensor buf(size_t floats) {

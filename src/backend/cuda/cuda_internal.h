@@ -131,6 +131,9 @@ class CudaBackend final : public Backend {
   };
   void count_op(const char* op, double seconds);
   void synchronize();
+  // Room for `rows` rows of C values in a cache's k, v and chunk means (rounded up to whole chunks), its
+  // contents kept and the new rows left uninitialised (no kernel reads past len).
+  void grow_kv_cache(KvCache& cache, int64_t rows, int64_t C, int chunk);
   // Memory only prefill uses between calls (the attention's bf16 copy of the KV rows), given back when decode
   // starts.
   void drop_prefill_scratch() { kv_split_ = Tensor{}; }

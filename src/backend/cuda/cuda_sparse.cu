@@ -816,24 +816,23 @@ void update_means(CudaBackend& be, KvCache& c, int64_t from) {
   c.n_chunks = n_chunks;
 }
 
-// Room for `rows` rows of C values in k, v and the chunk means (a multiple of the chunk), contents kept.
-void grow_cache(CudaBackend& be, KvCache& cache, int64_t rows, int64_t C, int chunk) {
-  RWKVX_ASSERT(cache.k.empty() || cache.k.row_size() == C, "kv_append: row size changed");
+}  // namespace
+
+void CudaBackend::grow_kv_cache(KvCache& cache, int64_t rows, int64_t C, int chunk) {
+  RWKVX_ASSERT(cache.k.empty() || cache.k.row_size() == C, "kv cache: row size changed");
   const int64_t cap = (rows + chunk - 1) / chunk * chunk;
   // Rows past len are never read: no need to clear them.
-  Tensor nk = be.alloc_uninit(cache.dtype, {cap, C}), nv = be.alloc_uninit(cache.dtype, {cap, C});
-  Tensor nm = be.alloc_uninit(DType::f32, {cap / chunk, C});
+  Tensor nk = alloc_uninit(cache.dtype, {cap, C}), nv = alloc_uninit(cache.dtype, {cap, C});
+  Tensor nm = alloc_uninit(DType::f32, {cap / chunk, C});
   if (cache.len > 0) {
     const size_t row = size_t(C) * dtype_size(cache.dtype);
-    RWKVX_CUDA_CHECK(cudaMemcpyAsync(nk.data, cache.k.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, be.stream()));
-    RWKVX_CUDA_CHECK(cudaMemcpyAsync(nv.data, cache.v.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, be.stream()));
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(nk.data, cache.k.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, stream()));
+    RWKVX_CUDA_CHECK(cudaMemcpyAsync(nv.data, cache.v.data, size_t(cache.len) * row, cudaMemcpyDeviceToDevice, stream()));
     RWKVX_CUDA_CHECK(cudaMemcpyAsync(nm.data, cache.chunk_mean.data, size_t(cache.n_chunks * C) * 4,
-                                     cudaMemcpyDeviceToDevice, be.stream()));
+                                     cudaMemcpyDeviceToDevice, stream()));
   }
   cache.k = nk, cache.v = nv, cache.chunk_mean = nm;
 }
-
-}  // namespace
 
 void CudaBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, int chunk) {
   OpTimer timer_(this, "kv_append");
@@ -844,7 +843,7 @@ void CudaBackend::kv_append(KvCache& cache, const Tensor& k, const Tensor& v, in
   cache.chunk = chunk;
   const int64_t need = cache.len + T;
   const int64_t cap = cache.k.empty() ? 0 : cache.k.rows();
-  if (need > cap) grow_cache(*this, cache, std::max<int64_t>(need, 2 * cap), C, chunk);
+  if (need > cap) grow_kv_cache(cache, std::max<int64_t>(need, 2 * cap), C, chunk);
   if (T > 0) {
     with_kv_type(cache.dtype, [&]<typename KT>() {
       const unsigned g = std::min<unsigned>(grid_for(T * C, 256), 65536u);
