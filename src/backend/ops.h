@@ -76,6 +76,14 @@ class Backend {
   // Rows per model forward call that suit this backend; longer calls run in windows of this many rows.
   // CPU: activations of 512 rows stay in cache. A GPU wants fewer, larger launches.
   virtual int64_t preferred_rows_per_call() const { return 512; }
+  // The device's own ceilings, measured now, for benchmarks to compare against: memory bandwidth (GB/s)
+  // and dense matrix throughput (GFLOP/s) in the precision the backend's GEMMs use. A backend without a
+  // measurement of its own returns zeros (the CPU's floors come from runtime/benchmark.h).
+  struct DeviceFloors {
+    double mem_gbps = 0, matrix_gflops = 0;
+    std::string how;  // what was timed, for the report
+  };
+  virtual DeviceFloors measure_floors() { return {}; }
 
   // ---- memory -------------------------------------------------------------------------------------
   virtual Tensor alloc(DType dtype, std::initializer_list<int64_t> shape) = 0;  // zero-filled

@@ -1,5 +1,6 @@
-// `rwkvx bench`: prefill tokens/s and decode ms/token on the fast CPU backend, with this machine's
-// memory bandwidth and FMA peak measured in the same run and every result given as a ratio to its floor.
+// `rwkvx bench`: prefill tokens/s and decode ms/token, with the machine's memory bandwidth and matrix peak
+// measured in the same run (the CPU's, or the GPU's with --device cuda) and every result given as a ratio
+// to its floor.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -34,13 +35,18 @@ void run_bench(const BenchArgs& a) {
   o.isa = a.isa;
   std::unique_ptr<Backend> be =
       a.model.device == "cpu" ? make_cpu_backend(o) : make_backend(a.model.device, a.int8);  // int8: CPU only
-  // The CPU floors (memory bandwidth, FMA peak) describe the CPU backends only; on a GPU they stay 0 (not shown).
+  // The CPU floors (memory bandwidth, FMA peak) describe the CPU backends; a GPU backend measures its own
+  // (HBM bandwidth, tensor-core GEMM rate). The reference backend has none ('of floor' shows 0).
   const bool cpu_floors = be->name().rfind("cpu", 0) == 0;
   const bool tty = isatty(STDERR_FILENO);
   MachineFloors f;
+  Backend::DeviceFloors dev;
+  if (!a.json) std::fprintf(stderr, "measuring machine floors...\n");
   if (cpu_floors) {
-    if (!a.json) std::fprintf(stderr, "measuring machine floors...\n");
     f = measure_machine_floors(a.threads);
+  } else {
+    dev = be->measure_floors();
+    f.mem_gbps = dev.mem_gbps, f.peak_gflops = dev.matrix_gflops;
   }
   auto model = Model::load(a.model.path, a.model.options, *be);
   ModelCost cost = count_model_cost(*model);
@@ -50,12 +56,16 @@ void run_bench(const BenchArgs& a) {
                                      {"peak_gflops", f.peak_gflops}, {"tile_peak_gflops", f.tile_peak_gflops}}},
                         {"prefill", nlohmann::json::array()},
                         {"decode", nlohmann::json::array()}};
+  if (!dev.how.empty()) out["machine"]["measured"] = dev.how;
   if (!a.json) {
     if (cpu_floors) {
       std::printf("backend %s | machine: %d threads, %s, memory %.1f GB/s, fp32 FMA peak %.1f GFLOP/s",
                   be->name().c_str(), f.threads, f.isa.c_str(), f.mem_gbps, f.peak_gflops);
       if (f.tile_peak_gflops > 0) std::printf(", AMX bf16 peak %.0f GFLOP/s", f.tile_peak_gflops);
       std::printf("\n");
+    } else if (f.peak_gflops > 0) {
+      std::printf("backend %s | device: memory %.0f GB/s, matrix peak %.1f TFLOP/s (%s)\n", be->name().c_str(),
+                  f.mem_gbps, f.peak_gflops / 1e3, dev.how.c_str());
     } else {
       std::printf("backend %s (no floors measured: 'of floor' shows 0)\n", be->name().c_str());
     }

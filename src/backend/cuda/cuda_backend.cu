@@ -492,6 +492,15 @@ __global__ void from_bf16x2_kernel(const __nv_bfloat16* x, int64_t T, int64_t K,
   }
 }
 
+// Pseudo-random bf16 values in [-1, 1) (a GEMM on zeros draws less power and clocks higher than on data).
+__global__ void fill_noise_bf16_kernel(__nv_bfloat16* x, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    x[i] = __float2bfloat16_rn(float(h >> 8) * (2.0f / 16777216.0f) - 1.0f);
+  }
+}
+
 // W [N, K] → [N, 2K] with rows [W_n | W_n].
 __global__ void double_rows_kernel(const __nv_bfloat16* w, int64_t N, int64_t K, __nv_bfloat16* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N * K; i += int64_t(gridDim.x) * blockDim.x) {
@@ -915,6 +924,50 @@ void CudaBackend::linear(const Tensor& x, const Tensor& W, Tensor& out) {
   if (T == 0) return;
   // Column-major view: out^T [N, T] = (W stored [K, N] col-major)^T · x^T [K, T].
   weight_gemm(true, x, W, out, T, K, N);
+}
+
+Backend::DeviceFloors CudaBackend::measure_floors() {
+  cudaEvent_t e0 = profile_event(), e1 = profile_event();
+  // Best time of `reps` runs of f, each timed alone.
+  auto best_ms = [&](int reps, auto&& f) {
+    float best = 0;
+    for (int r = 0; r < reps; ++r) {
+      RWKVX_CUDA_CHECK(cudaEventRecord(e0, stream_));
+      f();
+      RWKVX_CUDA_CHECK(cudaEventRecord(e1, stream_));
+      RWKVX_CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms = 0;
+      RWKVX_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      if (r == 0 || ms < best) best = ms;
+    }
+    return double(best);
+  };
+  DeviceFloors f;
+  {
+    const size_t bytes = size_t(1) << 30;
+    Tensor a = scratch(bytes), b = scratch(bytes);
+    const double ms = best_ms(6, [&] {
+      RWKVX_CUDA_CHECK(cudaMemcpyAsync(b.data, a.data, bytes, cudaMemcpyDeviceToDevice, stream_));
+    });
+    f.mem_gbps = 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
+  }
+  {
+    const int64_t n = 8192;
+    Tensor a = alloc_uninit(DType::bf16, {n, n}), b = alloc_uninit(DType::bf16, {n, n});
+    Tensor d = alloc_uninit(DType::f32, {n, n});
+    fill_noise_bf16_kernel<<<ew_grid(n * n), kThreads, 0, stream_>>>(static_cast<__nv_bfloat16*>(a.data), n * n, 1u);
+    fill_noise_bf16_kernel<<<ew_grid(n * n), kThreads, 0, stream_>>>(static_cast<__nv_bfloat16*>(b.data), n * n, 2u);
+    RWKVX_CUDA_LAUNCHED();
+    const double ms = best_ms(6, [&] {
+      gemm(false, a.data, CUDA_R_16BF, b.data, CUDA_R_16BF, static_cast<float*>(d.data), n, n, n);
+    });
+    f.matrix_gflops = 2.0 * double(n) * double(n) * double(n) / (ms * 1e-3) / 1e9;
+  }
+  profile_events_.push_back(e0);
+  profile_events_.push_back(e1);
+  synchronize();
+  f.how = "HBM copy (read + write); bf16 tensor-core GEMM 8192^3 on random data, fp32 accumulate";
+  return f;
 }
 
 DType CudaBackend::gemm_input_dtype(std::span<const Tensor* const> weights, int64_t rows) const {

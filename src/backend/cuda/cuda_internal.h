@@ -84,6 +84,9 @@ class CudaBackend final : public Backend {
   void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) override;
   void linear(const Tensor& x, const Tensor& W, Tensor& out) override;
   void linear_add(const Tensor& x, const Tensor& W, Tensor& out) override;
+  // HBM bandwidth from a device-to-device copy (read + write) and the bf16 tensor-core rate from a cuBLASLt
+  // GEMM of 8192³ with fp32 accumulation, best of several runs each.
+  DeviceFloors measure_floors() override;
   // bf16x2 for prefill rows against bf16 weights whose doubled copies are allowed (the split GEMM's operand).
   DType gemm_input_dtype(std::span<const Tensor* const> weights, int64_t rows) const override;
   void relu_square_ffn(const Tensor& x, const Tensor& key, const Tensor& value, Tensor& out) override;
