@@ -456,6 +456,21 @@ __device__ __forceinline__ float relu_sq(float v) {
   v = fmaxf(v, 0.f);
   return v * v;
 }
+// One value / four consecutive values (16-byte aligned source, even column) of a bf16x2 row of K columns:
+// hi = bf16(v) at column c, lo = bf16(v - hi) at K + c.
+__device__ __forceinline__ void store_split(__nv_bfloat16* row, int64_t K, int64_t c, float v) {
+  const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+  row[c] = hi;
+  row[K + c] = __float2bfloat16_rn(v - __bfloat162float(hi));
+}
+__device__ __forceinline__ void store_split4(__nv_bfloat16* row, int64_t K, int64_t c, float4 v) {
+  const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
+  const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+  *reinterpret_cast<__nv_bfloat162*>(row + c) = h01, *reinterpret_cast<__nv_bfloat162*>(row + c + 2) = h23;
+  *reinterpret_cast<__nv_bfloat162*>(row + K + c) = __floats2bfloat162_rn(v.x - f01.x, v.y - f01.y);
+  *reinterpret_cast<__nv_bfloat162*>(row + K + c + 2) = __floats2bfloat162_rn(v.z - f23.x, v.w - f23.y);
+}
+
 template <bool kReluSquare>
 __global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, bool vec4, __nv_bfloat16* y) {
   const int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
@@ -466,19 +481,9 @@ __global__ void to_bf16_split_rows_kernel(const float* x, int64_t T, int64_t K, 
     if (vec4 && j + 4 <= K) {
       float4 v = *reinterpret_cast<const float4*>(xr + j);
       if (kReluSquare) v = make_float4(relu_sq(v.x), relu_sq(v.y), relu_sq(v.z), relu_sq(v.w));
-      const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
-      const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-      const __nv_bfloat162 l01 = __floats2bfloat162_rn(v.x - f01.x, v.y - f01.y);
-      const __nv_bfloat162 l23 = __floats2bfloat162_rn(v.z - f23.x, v.w - f23.y);
-      *reinterpret_cast<__nv_bfloat162*>(hr + j) = h01, *reinterpret_cast<__nv_bfloat162*>(hr + j + 2) = h23;
-      *reinterpret_cast<__nv_bfloat162*>(hr + K + j) = l01, *reinterpret_cast<__nv_bfloat162*>(hr + K + j + 2) = l23;
+      store_split4(hr, K, j, v);
     } else {
-      for (int64_t c = j; c < j + 4 && c < K; ++c) {
-        const float v = kReluSquare ? relu_sq(xr[c]) : xr[c];
-        const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-        hr[c] = hi;
-        hr[K + c] = __float2bfloat16_rn(v - __bfloat162float(hi));
-      }
+      for (int64_t c = j; c < j + 4 && c < K; ++c) store_split(hr, K, c, kReluSquare ? relu_sq(xr[c]) : xr[c]);
     }
   }
 }
@@ -574,14 +579,8 @@ struct MixSet {
 };
 // Value v of column c of row t into a mix output, fp32 or bf16x2.
 __device__ __forceinline__ void store_mix(void* out, bool split, int64_t t, int64_t C, int64_t c, float v) {
-  if (!split) {
-    static_cast<float*>(out)[t * C + c] = v;
-    return;
-  }
-  __nv_bfloat16* row = static_cast<__nv_bfloat16*>(out) + t * 2 * C;
-  const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-  row[c] = hi;
-  row[C + c] = __float2bfloat16_rn(v - __bfloat162float(hi));
+  if (split) store_split(static_cast<__nv_bfloat16*>(out) + t * 2 * C, C, c, v);
+  else static_cast<float*>(out)[t * C + c] = v;
 }
 __global__ void token_shift_mix_kernel(const float* x, const float* shift, DeviceBatch b, MixSet m, int64_t C,
                                        bool vec4) {
@@ -598,16 +597,8 @@ __global__ void token_shift_mix_kernel(const float* x, const float* shift, Devic
       for (int i = 0; i < m.n; ++i) {
         const float4 mu = *reinterpret_cast<const float4*>(m.mu[i] + j);
         const float4 o = make_float4(xv.x + dv.x * mu.x, xv.y + dv.y * mu.y, xv.z + dv.z * mu.z, xv.w + dv.w * mu.w);
-        if (m.split >> i & 1) {
-          __nv_bfloat16* row = static_cast<__nv_bfloat16*>(m.out[i]) + t * 2 * C;
-          const __nv_bfloat162 h01 = __floats2bfloat162_rn(o.x, o.y), h23 = __floats2bfloat162_rn(o.z, o.w);
-          const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-          *reinterpret_cast<__nv_bfloat162*>(row + j) = h01, *reinterpret_cast<__nv_bfloat162*>(row + j + 2) = h23;
-          *reinterpret_cast<__nv_bfloat162*>(row + C + j) = __floats2bfloat162_rn(o.x - f01.x, o.y - f01.y);
-          *reinterpret_cast<__nv_bfloat162*>(row + C + j + 2) = __floats2bfloat162_rn(o.z - f23.x, o.w - f23.y);
-        } else {
-          *reinterpret_cast<float4*>(static_cast<float*>(m.out[i]) + t * C + j) = o;
-        }
+        if (m.split >> i & 1) store_split4(static_cast<__nv_bfloat16*>(m.out[i]) + t * 2 * C, C, j, o);
+        else *reinterpret_cast<float4*>(static_cast<float*>(m.out[i]) + t * C + j) = o;
       }
     } else {
       for (int64_t c = j; c < j + 4 && c < C; ++c) {
