@@ -929,7 +929,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
     if (f32_kv) {
       OpTimer convert_timer(this, "sparse_attention.kv_bf16");
       const int64_t L = cache.len, n = L * C;
-      // Sized for the cache's capacity (the rows a reserved prefill will reach), so it is made once.
+      // Sized for the cache's capacity, so it is made again only when the cache has grown.
       auto* b = static_cast<__nv_bfloat16*>(kv_split_buffer(size_t(n) * 2 * (kv_lo ? 4 : 2),
                                                             size_t(cache.k.rows() * C) * 2 * (kv_lo ? 4 : 2)));
       kvs = {b, b + n, kv_lo ? b + 2 * n : nullptr, kv_lo ? b + 3 * n : nullptr};
@@ -973,7 +973,7 @@ void CudaBackend::sparse_attention(const Tensor& q, const KvCache& cache, const 
   // Decode / other head sizes: split each query's keys over S blocks (≈ 512 keys each, enough blocks to
   // fill the GPU when few queries are in flight), then merge. Prefill's bf16 copy of the cache is not
   // needed here: give its memory back.
-  kv_split_ = Tensor{};
+  drop_prefill_scratch();
   const int64_t max_keys = int64_t(Kmax) * c + c;
   int64_t S = std::min<int64_t>((max_keys + 511) / 512, std::max<int64_t>(1, 4 * sm_count() / (T * H)));
   S = std::max<int64_t>(1, std::min<int64_t>(S, 64));
