@@ -88,19 +88,28 @@ void BM_cpu_linear(benchmark::State& st) {
 }
 BENCHMARK(BM_cpu_linear)->ArgNames({"T", "int8"})->Args({1, 0})->Args({1, 1})->Args({512, 0})->Args({512, 1});
 
-// The last 512 queries of a prefill of `context` tokens through one sparse-attention layer (C = 768,
+// The last `queries` queries of a prefill of `context` tokens through one sparse-attention layer (C = 768,
 // chunk 2048, top-k 3): per-query cost should level off once every query has 2 past chunks to choose.
+// FLOP/s counts 4·C per (query, attended key): the score and weighted-value products of every head.
 void BM_cpu_sparse_attention_prefill(benchmark::State& st) {
-  const int64_t L = st.range(0), C = 768, T = 512;
+  const int64_t L = st.range(0), T = st.range(1), C = 768;
   auto be = cpu_backend(false);
   SparseAttnParams p;
   KvCache cache;
   be->kv_append(cache, random_tensor(*be, {L, C}, 1, 1), random_tensor(*be, {L, C}, 1, 2), p.chunk);
   Tensor q = random_tensor(*be, {T, C}, 1, 3), out = be->alloc(DType::f32, {T, C});
+  double keys = 0;
+  for (int64_t t = L - T; t < L; ++t) keys += double(t % p.chunk + 1 + std::min<int64_t>(p.top_k - 1, t / p.chunk) * p.chunk);
   for (auto _ : st) be->sparse_attention(q, cache, p, out);
   st.SetItemsProcessed(st.iterations() * T);
+  st.counters["FLOP/s"] = benchmark::Counter(4 * double(C) * keys, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_cpu_sparse_attention_prefill)->ArgName("context")->Arg(4096)->Arg(16384)->Arg(65536);
+BENCHMARK(BM_cpu_sparse_attention_prefill)
+    ->ArgNames({"context", "queries"})
+    ->Args({4096, 512})
+    ->Args({65536, 512})
+    ->Args({4096, 4096})
+    ->Args({65536, 8192});
 
 }  // namespace
 }  // namespace rwkvx

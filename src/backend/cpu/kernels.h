@@ -67,7 +67,8 @@ struct Kernels {
   // Prefill attention of one head: a group of queries against a block of nk key slots (slot j at k + j·ld
   // and v + j·ld, f32 or bf16), under an online softmax. The queries sit in lanes: qT [D][mp] (query q in
   // column q; mp a multiple of attn_lanes), running max m [mp], sum l [mp] and accumulators accT [D][mp]
-  // are updated; query q sees the block's first valid[q] keys (0 for padding columns). s: scratch [nk][mp].
+  // are updated; query q sees the block's first valid[q] keys (0 for padding columns), or all nk keys when
+  // valid is null (padding columns then hold zero queries, whose state is never read). s: scratch [nk][mp].
   void (*attend_block)(const float* qT, int64_t mp, int64_t D, const void* k, const void* v, WFormat kv, int64_t ld,
                        int64_t nk, const float* valid, float scale, float* s, float* m, float* l, float* accT);
   int attn_lanes;

@@ -911,10 +911,12 @@ inline int panel_vectors(int64_t left) {
   return n >= 2 ? 2 : 1;
 }
 
-// s[j0 + i][q0 ..] = Σ_d k[j0 + i][d] · qT[d][q0 ..] for i < jr (rows ≥ jr repeat the last key, unstored).
+// s[j0 + i][q0 ..] = scale · Σ_d k[j0 + i][d] · qT[d][q0 ..] for i < jr (rows ≥ jr repeat the last key,
+// unstored); with bmax, also bmax[q0 ..] = max(bmax[q0 ..], those scores), so an unmasked block needs no
+// separate pass for its maximum.
 template <int NV, class KV>
 inline void qk_panel(const float* qT, int64_t mp, int64_t D, const KV* const* rows, int jr, int64_t j0, int64_t q0,
-                     float* s) {
+                     float scale, float* s, float* bmax) {
   vf acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
@@ -926,8 +928,18 @@ inline void qk_panel(const float* qT, int64_t mp, int64_t D, const KV* const* ro
       for (int v = 0; v < NV; ++v) acc[i][v] = vfma(a, b[v], acc[i][v]);
     }
   }
+  const vf sc = vset1(scale);
   for (int i = 0; i < jr; ++i)
-    for (int v = 0; v < NV; ++v) vstore(s + (j0 + i) * mp + q0 + v * W, acc[i][v]);
+    for (int v = 0; v < NV; ++v) {
+      acc[i][v] = vmul(acc[i][v], sc);
+      vstore(s + (j0 + i) * mp + q0 + v * W, acc[i][v]);
+    }
+  if (bmax)
+    for (int v = 0; v < NV; ++v) {
+      vf mx = vload(bmax + q0 + v * W);
+      for (int i = 0; i < jr; ++i) mx = vmax(mx, acc[i][v]);
+      vstore(bmax + q0 + v * W, mx);
+    }
 }
 
 // accT[d0 + i][q0 ..] += Σ_j v[j][d0 + i] · s[j][q0 ..] for i < dr.
@@ -953,39 +965,76 @@ inline void pv_panel(const float* s, int64_t mp, const KV* v, int64_t ld, int64_
 template <class KV>
 void attend_block_t(const float* qT, int64_t mp, int64_t D, const KV* k, const KV* v, int64_t ld, int64_t nk,
                     const float* valid, float scale, float* s, float* m, float* l, float* accT) {
-  // The block's K and V rows are usually in DRAM at long contexts: ask for all of them now, so the misses
-  // overlap instead of stalling the register blocks one row at a time.
-  prefetch_rows(k, ld, nk, D);
-  prefetch_rows(v, ld, nk, D);
-  // Scores, MR keys × (up to) two vectors of queries per register block.
+  // Rows C apart (one page each) are usually in DRAM at long contexts and defeat the hardware prefetcher:
+  // ask for all of them now, so the misses overlap. Packed rows (ld = D) stream without it.
+  if (ld != D) {
+    prefetch_rows(k, ld, nk, D);
+    prefetch_rows(v, ld, nk, D);
+  }
+  // Scores, MR keys × (up to) three vectors of queries per register block. Unmasked (valid == nullptr):
+  // the block's maximum per query comes with them, in bmax.
+  thread_local std::vector<float> bmax_buf;
+  float* bmax = nullptr;
+  if (!valid) {
+    bmax_buf.assign(size_t(mp), -INFINITY);
+    bmax = bmax_buf.data();
+  }
   for (int64_t j0 = 0; j0 < nk; j0 += MR) {
     const int jr = int(std::min<int64_t>(MR, nk - j0));
     const KV* rows[MR];
     for (int i = 0; i < MR; ++i) rows[i] = k + (j0 + std::min(i, jr - 1)) * ld;
     for (int64_t q0 = 0; q0 < mp;) {
       const int nv = panel_vectors(mp - q0);
-      if (nv == 3) qk_panel<3>(qT, mp, D, rows, jr, j0, q0, s);
-      else if (nv == 2) qk_panel<2>(qT, mp, D, rows, jr, j0, q0, s);
-      else qk_panel<1>(qT, mp, D, rows, jr, j0, q0, s);
+      if (nv == 3) qk_panel<3>(qT, mp, D, rows, jr, j0, q0, scale, s, bmax);
+      else if (nv == 2) qk_panel<2>(qT, mp, D, rows, jr, j0, q0, scale, s, bmax);
+      else qk_panel<1>(qT, mp, D, rows, jr, j0, q0, scale, s, bmax);
       q0 += nv * W;
     }
   }
-  // Online softmax per query lane over its first valid[q] keys; the others get weight 0.
-  const vf sc = vset1(scale), lowest = vset1(-3.4028235e38f);
+  // Online softmax per query lane over its first valid[q] keys (all nk without `valid`); the others get
+  // weight 0. Row by row through s (one key's scores across the lanes are contiguous), with each lane's
+  // maximum, base and sum in small arrays that stay in L1.
+  if (valid) {
+    bmax_buf.assign(size_t(mp), -INFINITY);
+    bmax = bmax_buf.data();
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t q0 = 0; q0 < mp; q0 += W) {
+        const vf mx = vload(bmax + q0);
+        vstore(bmax + q0, vselect_lt(vset1(float(j)), vload(valid + q0), vmax(mx, vload(s + j * mp + q0)), mx));
+      }
+  }
+  thread_local std::vector<float> base_buf, sum_buf;
+  base_buf.resize(size_t(mp));
+  sum_buf.assign(size_t(mp), 0.f);
+  float* base = base_buf.data();
+  float* sum = sum_buf.data();
+  const vf lowest = vset1(-3.4028235e38f);
   for (int64_t q0 = 0; q0 < mp; q0 += W) {
-    const vf lim = vload(valid + q0), m_old = vload(m + q0);
-    vf mx = m_old;
-    for (int64_t j = 0; j < nk; ++j) mx = vselect_lt(vset1(float(j)), lim, vmax(mx, vmul(vload(s + j * mp + q0), sc)), mx);
-    const vf base = vmax(mx, lowest);  // finite even for a lane with no key yet (its weights are all 0)
-    vf sum = vzero();
-    for (int64_t j = 0; j < nk; ++j) {
-      const vf e = vselect_lt(vset1(float(j)), lim, vexp(vsub(vmul(vload(s + j * mp + q0), sc), base)), vzero());
-      vstore(s + j * mp + q0, e);
-      sum = vadd(sum, e);
+    const vf mx = vmax(vload(m + q0), vload(bmax + q0));
+    vstore(bmax + q0, mx);
+    vstore(base + q0, vmax(mx, lowest));  // finite even for a lane with no key yet (its weights are all 0)
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+    float* sj = s + j * mp;
+    if (valid) {
+      for (int64_t q0 = 0; q0 < mp; q0 += W) {
+        const vf e = vselect_lt(vset1(float(j)), vload(valid + q0), vexp(vsub(vload(sj + q0), vload(base + q0))), vzero());
+        vstore(sj + q0, e);
+        vstore(sum + q0, vadd(vload(sum + q0), e));
+      }
+    } else {
+      for (int64_t q0 = 0; q0 < mp; q0 += W) {
+        const vf e = vexp(vsub(vload(sj + q0), vload(base + q0)));
+        vstore(sj + q0, e);
+        vstore(sum + q0, vadd(vload(sum + q0), e));
+      }
     }
-    const vf corr = vexp(vsub(m_old, base));  // ~0 when m_old = -inf (then l and acc are 0 anyway)
-    vstore(m + q0, mx);
-    vstore(l + q0, vfma(vload(l + q0), corr, sum));
+  }
+  for (int64_t q0 = 0; q0 < mp; q0 += W) {
+    const vf m_old = vload(m + q0), b = vload(base + q0);
+    const vf corr = vexp(vsub(m_old, b));  // ~0 when m_old = -inf (then l and acc are 0 anyway)
+    vstore(m + q0, vload(bmax + q0));
+    vstore(l + q0, vfma(vload(l + q0), corr, vload(sum + q0)));
     for (int64_t d = 0; d < D; ++d) vstore(accT + d * mp + q0, vmul(vload(accT + d * mp + q0), corr));
   }
   // Weighted values, MR dimensions × (up to) two vectors of queries (a panel of s stays in L1 across the
