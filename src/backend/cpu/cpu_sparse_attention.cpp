@@ -3,8 +3,9 @@
 //  * decode (few queries): one flash-style pass per (query, head) over the selected chunks + own chunk;
 //  * prefill: per (head, block of queries), the queries that chose a chunk are gathered and attend to
 //    it 256 keys at a time under an online softmax (Kernels::attend_block: the queries sit in vector
-//    lanes, so K and V are read in place, unpacked), and the causal own chunk likewise. Prefill cost per
-//    token is then flat in the context length.
+//    lanes; the head's slice of the chunk is first copied contiguous when 32 or more queries share it),
+//    and the causal own chunk likewise. Prefill cost per token is then flat in the context length, once
+//    every query has its past chunks to choose.
 #include <algorithm>
 #include <cmath>
 #include <cstring>

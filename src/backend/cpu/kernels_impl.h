@@ -1037,7 +1037,7 @@ void attend_block_t(const float* qT, int64_t mp, int64_t D, const KV* k, const K
     vstore(l + q0, vfma(vload(l + q0), corr, vload(sum + q0)));
     for (int64_t d = 0; d < D; ++d) vstore(accT + d * mp + q0, vmul(vload(accT + d * mp + q0), corr));
   }
-  // Weighted values, MR dimensions × (up to) two vectors of queries (a panel of s stays in L1 across the
+  // Weighted values, MR dimensions × (up to) three vectors of queries (a panel of s stays in L1 across the
   // dimension blocks).
   for (int64_t q0 = 0; q0 < mp;) {
     const int nv = panel_vectors(mp - q0);
