@@ -125,7 +125,7 @@ void register_bench_commands(CLI::App& app) {
   cmd->add_option("--threads", a.threads, "worker threads (0: all hardware threads)")->default_val(0);
   cmd->add_option("--repeat", a.repeat, "prefill repetitions (median reported; runs >= 32K tokens once)")->default_val(3);
   cmd->add_option("--slice", a.slice,
-                  "prefill tokens per call (0: 4096, or the model's window if larger: 16384 rows with CUDA)")
+                  "prefill tokens per call (0: 4096, or the model's window if larger: 8192 rows on the fast CPU backend, 16384 with CUDA)")
       ->check(CLI::Range(int64_t(0), int64_t(1) << 30))
       ->default_val(0);
   cmd->add_flag("--int8", a.int8, "quantize Linear weights to int8 (one scale per output channel)");
