@@ -3,6 +3,7 @@
 // Sizes include ones that are not multiples of the vector width, the register tile or the cache block.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <random>
 
 #include "backend/cpu/cpu_backend.h"
@@ -399,6 +400,27 @@ TEST(AmxTiles, AsAccurateAsFmaKernels) {
       const double l_amx = test::rel_max_err(host(*amx, ya), want_lr), l_fma = test::rel_max_err(host(*fma, yf), want_lr);
       EXPECT_LE(l_amx, 2 * l_fma + 1e-7) << "matmul T=" << T << " K=" << K << " N=" << N << ": amx " << l_amx
                                          << ", fma " << l_fma;
+    }
+  }
+}
+
+// The prefill window: 8192 rows unless RWKVX_CPU_ROWS_PER_CALL says otherwise; a bad value is an error
+// that names the variable.
+TEST(CpuBackendWindow, DefaultAndEnvironmentOverride) {
+  struct Restore {
+    ~Restore() { unsetenv("RWKVX_CPU_ROWS_PER_CALL"); }
+  } restore;
+  unsetenv("RWKVX_CPU_ROWS_PER_CALL");
+  EXPECT_EQ(make_cpu_backend()->preferred_rows_per_call(), 8192);
+  setenv("RWKVX_CPU_ROWS_PER_CALL", "1000", 1);
+  EXPECT_EQ(make_cpu_backend()->preferred_rows_per_call(), 1000);
+  for (const char* bad : {"0", "-5", "12x", "abc", "99999999"}) {
+    setenv("RWKVX_CPU_ROWS_PER_CALL", bad, 1);
+    try {
+      make_cpu_backend();
+      ADD_FAILURE() << "accepted RWKVX_CPU_ROWS_PER_CALL=" << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("RWKVX_CPU_ROWS_PER_CALL"), std::string::npos) << e.what();
     }
   }
 }

@@ -3,8 +3,9 @@
 #include "backend/cpu/cpu_backend.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
+
+#include "core/parse.h"
 
 namespace rwkvx {
 
@@ -40,15 +41,10 @@ WeightView weight_view(const Tensor& t) {
 }
 
 CpuBackend::CpuBackend(const CpuBackendOptions& o)
-    : opt_(o), k_(&kernels_for(pick_isa(o.isa))), pool_(o.n_threads) {
-  if (const char* rows = std::getenv("RWKVX_CPU_ROWS_PER_CALL"); rows && *rows) {
-    char* end = nullptr;
-    const long n = std::strtol(rows, &end, 10);
-    if (*end != '\0' || n < 1 || n > (1L << 24))
-      throw Error(std::string("RWKVX_CPU_ROWS_PER_CALL='") + rows + "': expected a row count from 1 to 16777216");
-    rows_per_call_ = n;
-  }
-}
+    : opt_(o),
+      rows_per_call_(env_row_count("RWKVX_CPU_ROWS_PER_CALL", 8192)),
+      k_(&kernels_for(pick_isa(o.isa))),
+      pool_(o.n_threads) {}
 
 std::string CpuBackend::name() const {
   return std::string("cpu-") + isa_name(k_->isa) + " x" + std::to_string(const_cast<ThreadPool&>(pool_).size()) +

@@ -59,7 +59,7 @@ class CpuBackend final : public ref::ReferenceBackend {
   // x [T, K] into a_tiles_ for the AMX tile GEMMs (rows split over the pool).
   void pack_tiles(const Tensor& x, int64_t T, int64_t K);
   CpuBackendOptions opt_;
-  int64_t rows_per_call_ = 8192;
+  int64_t rows_per_call_;
   const Kernels* k_;
   ThreadPool pool_;
   std::vector<float> a_panels_;  // linear's packed activations (ops run one at a time)

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "backend/cuda/cuda_internal.h"
+#include "core/parse.h"
 
 namespace rwkvx {
 
@@ -148,13 +149,7 @@ CudaBackend::CudaBackend(const CudaBackendOptions& o) : opt_(o), device_(o.devic
     opt_.wkv_segment_rows = int(rows);
   }
   if (const char* pin = std::getenv("RWKVX_CUDA_PINNED_COPY"); pin && std::string(pin) == "0") pinned_to_host_ = false;
-  if (const char* rows = std::getenv("RWKVX_CUDA_ROWS_PER_CALL"); rows && *rows) {
-    char* end = nullptr;
-    const long n = std::strtol(rows, &end, 10);
-    if (*end != '\0' || n < 1 || n > (1L << 24))
-      throw Error(std::string("RWKVX_CUDA_ROWS_PER_CALL='") + rows + "': expected a row count from 1 to 16777216");
-    rows_per_call_ = n;
-  }
+  rows_per_call_ = env_row_count("RWKVX_CUDA_ROWS_PER_CALL", rows_per_call_);
   workspace_ = scratch(size_t(32) << 20);
   if (const char* c = std::getenv("RWKVX_CUDA_WEIGHT_COPIES"); c && std::string(c) == "0")
     opt_.split_gemm_weight_copies = false;
