@@ -1130,7 +1130,7 @@ const GemvVariant kGemvVariants[] = {
     {gemv_row_kernel<3, 1, false>, 3, 1, -1}, {gemv_row_kernel<3, 2, false>, 3, 2, -1}, {gemv_row_kernel<3, 4, false>, 3, 4, -1},
     {gemv_row_kernel<12, 1, false>, 12, 1, -1}, {gemv_row_kernel<12, 2, false>, 12, 2, -1},
     {gemv_kernel<3, 1, 1>, 3, 1, 1},       {gemv_kernel<3, 4, 1>, 3, 4, 1},       {gemv_kernel<12, 1, 1>, 12, 1, 1},
-    {gemv_kernel<3, 1, kRT>, 3, 1, kRT}, {gemv_kernel<3, 4, kRT>, 3, 4, kRT}, {gemv_kernel<12, 1, kRT>, 12, 1, kRT},
+    {gemv_kernel<3, 2, kRT>, 3, 2, kRT},   {gemv_kernel<3, 4, kRT>, 3, 4, kRT},   {gemv_kernel<12, 2, kRT>, 12, 2, kRT},
 };
 
 int is_bf16(const Tensor& t) { return t.dtype == DType::bf16 ? 1 : 0; }
@@ -1407,7 +1407,7 @@ class CudaStepDecoder final : public StepDecoder {
   // Variant: 3 pieces per lane for K ≤ 768 (a whole row in flight), else 12 (K > 3072 loops over chunks).
   // Single stream: the register-resident row kernel with the fewest rows per warp that still puts every
   // task's weights in flight at once (all warps resident); the tall head gets 4 rows per warp and a
-  // persistent grid. Batches: 8 rows per tile, one matrix row per warp (4 for the head).
+  // persistent grid. Batches: 8 rows per tile, 2 or 4 matrix rows per warp (below).
   void run(Gemv& g, const Bufs& b) {
     g.a.C = int(c_.n_embd);
     g.a.kv_bf16 = c_.kv_dtype == DType::bf16;
@@ -1433,7 +1433,11 @@ class CudaStepDecoder final : public StepDecoder {
       }
     } else {
       tile = b.B == 1 ? 1 : kRT;
-      const int rw = loads == 3 && rows >= 16384 ? 4 : 1;
+      // Batches: a warp streams 2 matrix rows (one tile: enough tasks to fill the GPU), or 4 once there are
+      // several tiles (12 pieces a lane × 4 rows would spill: 2). More weight bytes in flight per warp: the
+      // weights are re-read once per tile, and with one row per warp those reads were latency-bound (RWKV-X
+      // 0.2B on an H100: batch 8 / 64 / 256 2.00 / 7.6 / 25.2 → 1.77 / 5.06 / 16.6 ms per step).
+      const int rw = b.B == 1 ? (loads == 3 && rows >= 16384 ? 4 : 1) : (b.B <= kRT || loads == 12 ? 2 : 4);
       for (const GemvVariant& c : kGemvVariants)
         if (c.loads == loads && c.rw == rw && c.rows == tile) v = &c;
       smem = (size_t(std::min(tile, b.B)) * (mix ? 2 : 1) + (g.a.in ? 0 : 2)) * size_t(g.a.K) * 4;

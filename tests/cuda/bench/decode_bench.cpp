@@ -6,7 +6,8 @@
 // floor, with the bandwidth measured in the same run (device-to-device copy, bytes read + written).
 //
 // rwkvx_cuda_decode_bench MODEL [--contexts 4096,131072] [--op-contexts 131072] [--long 1048000]
-//                               [--batches 1,8,64,256] [--batch-context 2000] [--steps 64] [--no-graph]
+//                               [--batches 1,8,64,256] [--op-batches 64,256] [--batch-context 2000] [--steps 64]
+//                               [--no-graph]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -104,12 +105,12 @@ size_t state_bytes(const State& s, int slot) { return state_slot_bytes(s, slot);
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL [--contexts L] [--op-contexts L] [--long N] [--batches L] [--batch-context N] "
-                         "[--steps N] [--no-graph]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODEL [--contexts L] [--op-contexts L] [--long N] [--batches L] [--op-batches L] "
+                         "[--batch-context N] [--steps N] [--no-graph]\n", argv[0]);
     return 2;
   }
   std::string model_path = argv[1];
-  std::vector<int64_t> contexts{4096, 131072}, op_contexts{131072}, batches{1, 8, 64, 256};
+  std::vector<int64_t> contexts{4096, 131072}, op_contexts{131072}, batches{1, 8, 64, 256}, op_batches{};
   int64_t long_ctx = 0, batch_ctx = 2000, steps = 64;
   bool graph = true;
   for (int i = 2; i < argc; ++i) {
@@ -119,6 +120,7 @@ int main(int argc, char** argv) {
     else if (a == "--op-contexts") op_contexts = parse_list(next());
     else if (a == "--long") long_ctx = std::stoll(next());
     else if (a == "--batches") batches = parse_list(next());
+    else if (a == "--op-batches") op_batches = parse_list(next());
     else if (a == "--batch-context") batch_ctx = std::stoll(next());
     else if (a == "--steps") steps = std::stoll(next());
     else if (a == "--no-graph") graph = false;
@@ -210,8 +212,10 @@ int main(int argc, char** argv) {
   for (int64_t ctx : op_contexts) single(ctx, false, std::min<int64_t>(steps, 16));
   if (long_ctx > 0) single(long_ctx, true, steps);
 
-  // Batched decode: B streams at batch_ctx tokens each (one prefill copied to every slot), one step for all.
-  for (int64_t B : batches) {
+  // Batched decode: B streams at batch_ctx tokens each (one prefill copied to every slot), one step for all;
+  // through the whole-step decoder, and for --op-batches op by op (GEMMs of B rows on the tensor cores).
+  auto batched = [&](int64_t B, bool fused) {
+    model->set_step_decoder(fused);
     const std::vector<int32_t> ids = tokens(batch_ctx + steps + 4, V, 99);
     State st = model->new_state(int(B));
     prefill(*model, st, ids, batch_ctx, 0);
@@ -237,12 +241,15 @@ int main(int argc, char** argv) {
     const double floor_s = bytes / (bw * 1e9);
     std::snprintf(line, sizeof line,
                   "| batch %lld @ %lld | %s | %.3f ms/step | %.0f tokens/s | floor %.3f ms (%.0f MB/step) | %.2fx | device in use %.2f GB |",
-                  (long long)B, (long long)batch_ctx, graph ? "fused+graph" : "fused, no graph", sec * 1e3, double(B) / sec, floor_s * 1e3, bytes / 1e6, sec / floor_s,
+                  (long long)B, (long long)batch_ctx, fused ? (graph ? "fused+graph" : "fused, no graph") : "op by op", sec * 1e3, double(B) / sec, floor_s * 1e3, bytes / 1e6, sec / floor_s,
                   used_gb());
     std::printf("%s\n", line);
     std::fflush(stdout);
     table.push_back(line);
-  }
+    model->set_step_decoder(true);
+  };
+  for (int64_t B : batches) batched(B, true);
+  for (int64_t B : op_batches) batched(B, false);
   std::printf("\npeak device memory in use (cudaMemGetInfo samples, whole process): %.2f GB\n", peak_gb);
   std::printf("| run | path | time | throughput | floor (bytes / measured bandwidth) | ratio | memory |\n|---|---|---|---|---|---|---|\n");
   for (const std::string& s : table) std::printf("%s\n", s.c_str());
