@@ -1,5 +1,5 @@
-// Integer parsing for user input (CLI options, token files, checkpoint metadata): the callers decide
-// what is valid and word their own error, naming the option, file or field.
+// Integer parsing for user input (CLI options, token files, checkpoint metadata, environment variables): the
+// callers decide what is valid and word their own error, naming the option, file, field or variable.
 #pragma once
 #include <cstddef>
 #include <cstdlib>
