@@ -325,19 +325,35 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
         }
       }
     }
+    // The kRW × kRows sums over the warp as one reduce-scatter: at each xor distance a lane keeps half of its
+    // values and adds the partner's copy of them, so 31 shuffles instead of 31 per value. Every sum is the
+    // same xor tree as warp_sum's (v_l + v_{l^o} at o = 16 … 1), so the results are bitwise those of warp_sum.
+    // Afterwards value index lane >> (5 − log2 kN) is complete in every lane of its group of 32 / kN.
+    constexpr int kN = kRW * kRows;
+    static_assert((kN & (kN - 1)) == 0 && kN <= 32, "gemv: reduce-scatter needs a power of two ≤ 32 sums");
+    float v[kN];
 #pragma unroll
-    for (int rr = 0; rr < kRW; ++rr) {
-      const int o = o0 + rr;
-      if (o >= jb.N) break;  // warp-uniform
-      float v = 0.f;
+    for (int rr = 0; rr < kRW; ++rr)
 #pragma unroll
-      for (int t = 0; t < kRows; ++t) {
-        if (t >= nr) break;
-        const float s = warp_sum(acc[rr][t]);
-        if (lane == t) v = s;
+      for (int t = 0; t < kRows; ++t) v[rr * kRows + t] = acc[rr][t];
+    int split = 0;  // halving steps done: log2 kN at the end
+#pragma unroll
+    for (int i = 0; i < 5; ++i) {
+      const int o = 16 >> i, live = kN >> i;
+      if (live >= 2) {
+        const bool upper = (lane & o) != 0;
+#pragma unroll
+        for (int j = 0; j < live / 2; ++j) {
+          const float send = upper ? v[j] : v[j + live / 2], keep = upper ? v[j + live / 2] : v[j];
+          v[j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+        ++split;
+      } else {
+        v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
       }
-      if (lane < nr) gemv_epilogue(a, tb, jb, r0 + lane, o, v);
     }
+    const int idx = lane >> (5 - split), rr = idx / kRows, t = idx % kRows, o = o0 + rr;
+    if ((lane & ((1 << (5 - split)) - 1)) == 0 && t < nr && o < jb.N) gemv_epilogue(a, tb, jb, r0 + t, o, v[0]);
   }
 }
 
