@@ -326,7 +326,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
       }
     }
     // The kRW × kRows sums over the warp as one reduce-scatter: at each xor distance a lane keeps half of its
-    // values and adds the partner's copy of them, so 31 shuffles instead of 31 per value. Every sum is the
+    // values and adds the partner's copy of them: 31 shuffles in all instead of 5 per value. Every sum is the
     // same xor tree as warp_sum's (v_l + v_{l^o} at o = 16 … 1), so the results are bitwise those of warp_sum.
     // Afterwards value index lane >> (5 − log2 kN) is complete in every lane of its group of 32 / kN.
     constexpr int kN = kRW * kRows;
