@@ -972,22 +972,20 @@ void attend_block_t(const float* qT, int64_t mp, int64_t D, const KV* k, const K
     prefetch_rows(v, ld, nk, D);
   }
   // Scores, MR keys × (up to) three vectors of queries per register block. Unmasked (valid == nullptr):
-  // the block's maximum per query comes with them, in bmax.
+  // the block's maximum per query comes with them, into bmax; masked, a pass below finds it.
   thread_local std::vector<float> bmax_buf;
-  float* bmax = nullptr;
-  if (!valid) {
-    bmax_buf.assign(size_t(mp), -INFINITY);
-    bmax = bmax_buf.data();
-  }
+  bmax_buf.assign(size_t(mp), -INFINITY);
+  float* bmax = bmax_buf.data();
+  float* panel_max = valid ? nullptr : bmax;
   for (int64_t j0 = 0; j0 < nk; j0 += MR) {
     const int jr = int(std::min<int64_t>(MR, nk - j0));
     const KV* rows[MR];
     for (int i = 0; i < MR; ++i) rows[i] = k + (j0 + std::min(i, jr - 1)) * ld;
     for (int64_t q0 = 0; q0 < mp;) {
       const int nv = panel_vectors(mp - q0);
-      if (nv == 3) qk_panel<3>(qT, mp, D, rows, jr, j0, q0, scale, s, bmax);
-      else if (nv == 2) qk_panel<2>(qT, mp, D, rows, jr, j0, q0, scale, s, bmax);
-      else qk_panel<1>(qT, mp, D, rows, jr, j0, q0, scale, s, bmax);
+      if (nv == 3) qk_panel<3>(qT, mp, D, rows, jr, j0, q0, scale, s, panel_max);
+      else if (nv == 2) qk_panel<2>(qT, mp, D, rows, jr, j0, q0, scale, s, panel_max);
+      else qk_panel<1>(qT, mp, D, rows, jr, j0, q0, scale, s, panel_max);
       q0 += nv * W;
     }
   }
@@ -995,8 +993,6 @@ void attend_block_t(const float* qT, int64_t mp, int64_t D, const KV* k, const K
   // weight 0. Row by row through s (one key's scores across the lanes are contiguous), with each lane's
   // maximum, base and sum in small arrays that stay in L1.
   if (valid) {
-    bmax_buf.assign(size_t(mp), -INFINITY);
-    bmax = bmax_buf.data();
     for (int64_t j = 0; j < nk; ++j)
       for (int64_t q0 = 0; q0 < mp; q0 += W) {
         const vf mx = vload(bmax + q0);
